@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates and fills .venv/ once; later runs return at once unless pyproject.toml or this script changed.
+# Everything a fresh clone needs is installed from here: CI and `make demo` call nothing else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE="${KUBEDISTILL_CACHE:-$HOME/.cache/kubedistill}"
+LLAMA_VERSION=0.3.36
+PY="${PYTHON:-python3}"
+stamp=.venv/.bootstrap-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+[ -f "$stamp" ] && exit 0
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+pip install -q --upgrade pip==25.3
+# torch first, pinned: the other ML packages must not pull a different build.
+pip install -q torch==2.13.0
+
+# llama-cpp-python has no wheel: build it once per machine without native CPU flags (the native
+# build dies with SIGILL on AMX hosts), and keep the sdist, whose vendor/llama.cpp holds the
+# GGUF converter that the export stage runs.
+mkdir -p "$CACHE/wheels" "$CACHE/sdist"
+sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+[ -f "$sdist" ] || pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$LLAMA_VERSION"
+if ! ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "building llama-cpp-python $LLAMA_VERSION (once per machine, ~10 min on 2 cores)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    pip wheel -q --no-deps --no-cache-dir -w "$CACHE/wheels" "$sdist"
+fi
+conv="$CACHE/llama.cpp-$LLAMA_VERSION"
+if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
+  tmp=$(mktemp -d)
+  tar -xzf "$sdist" -C "$tmp"
+  rm -rf "$conv" && mv "$tmp"/llama_cpp_python-"$LLAMA_VERSION"/vendor/llama.cpp "$conv"
+  rm -rf "$tmp"
+fi
+
+pip install -q --find-links "$CACHE/wheels" -e ".[operator,trainer,gguf,dev]"
+# The converter needs llama.cpp's own gguf-py, not PyPI's gguf; it is put on its path by the export stage.
+rm -f .venv/.bootstrap-*
+touch "$stamp"
+echo "bootstrap: .venv ready"
