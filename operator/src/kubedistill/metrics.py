@@ -1,0 +1,186 @@
+"""Prometheus metrics of the operator, and the small recording calls its handlers make.
+
+Handlers call the ``record_*``/``observe_*`` functions at the moments the operator already detects
+(a stage Job created, a stage seen finished, a handler raising); nothing here talks to the API
+server. Counters are only ever fed by transitions the operator persists in the job's status, so an
+operator restart does not count a finished stage twice.
+
+The operator serves these on ``--metrics-port`` (the chart's ``metrics.port``) with
+`start_metrics_server`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from kubedistill.api.models import Metrics, Phase
+
+NAMESPACE = "kubedistill"
+# Stages run from seconds (tests, tiny jobs) to a day (big generations, long training runs).
+STAGE_DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
+# From the DistillationJob's creation to its first stage Job: estimation plus the operator's latency.
+FIRST_JOB_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 1800)
+
+
+@dataclass
+class OperatorMetrics:
+    """Every metric the operator exports, registered in one registry (the process default unless given)."""
+
+    registry: CollectorRegistry = field(default_factory=lambda: REGISTRY)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.jobs = Gauge(
+            "jobs",
+            "DistillationJobs this operator watches, by namespace and phase.",
+            ["namespace", "phase"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "stage_duration_seconds",
+            "Wall time of finished stages, first attempt start to end.",
+            ["stage", "outcome"],
+            namespace=NAMESPACE,
+            buckets=STAGE_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.stage_attempts = Counter(
+            "stage_attempts",
+            "Stage Jobs created (every attempt, retries included).",
+            ["stage"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.stage_failures = Counter(
+            "stage_failures",
+            "Failed stage attempts, by the reason the stage or Kubernetes gave.",
+            ["stage", "reason"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.teacher_cost = Counter(
+            "teacher_cost_usd",
+            "Dollars spent on teacher requests, as reported by finished stages.",
+            ["teacher"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.teacher_tokens = Counter(
+            "teacher_tokens",
+            "Teacher tokens billed, as reported by finished stages.",
+            ["teacher", "direction"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "reconcile_errors",
+            "Handler runs that raised, by handler and exception type.",
+            ["handler", "error"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.time_to_first_job = Histogram(
+            "time_to_first_job_seconds",
+            "From a DistillationJob's creation to its first stage Job.",
+            namespace=NAMESPACE,
+            buckets=FIRST_JOB_BUCKETS,
+            registry=r,
+        )
+        self._phases: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    # -- jobs by phase -------------------------------------------------------------------------------
+
+    def observe_job_phase(self, namespace: str, name: str, phase: Phase | str | None) -> None:
+        """Remember the job's current phase; the gauge always equals the count of jobs per phase."""
+        value = str(phase or Phase.PENDING)
+        with self._lock:
+            previous = self._phases.get((namespace, name))
+            if previous == value:
+                return
+            if previous is not None:
+                self.jobs.labels(namespace, previous).dec()
+            self._phases[(namespace, name)] = value
+            self.jobs.labels(namespace, value).inc()
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        with self._lock:
+            previous = self._phases.pop((namespace, name), None)
+            if previous is not None:
+                self.jobs.labels(namespace, previous).dec()
+
+    # -- stages --------------------------------------------------------------------------------------
+
+    def record_stage_attempt(self, stage: str) -> None:
+        self.stage_attempts.labels(stage).inc()
+
+    def record_stage_failure(self, stage: str, reason: str) -> None:
+        self.stage_failures.labels(stage, reason or "Unknown").inc()
+
+    def record_stage_finished(
+        self,
+        stage: str,
+        *,
+        succeeded: bool,
+        duration_seconds: float | None,
+        teacher: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """A stage reached Succeeded or Failed (for good): its duration and the teacher usage it reported."""
+        if duration_seconds is not None and duration_seconds >= 0:
+            self.stage_duration.labels(stage, "succeeded" if succeeded else "failed").observe(
+                duration_seconds
+            )
+        if metrics is not None and teacher:
+            self.record_teacher_usage(teacher, metrics)
+
+    def record_teacher_usage(self, teacher: str, metrics: Metrics) -> None:
+        for direction, tokens in (
+            ("input", metrics.teacher_input_tokens),
+            ("output", metrics.teacher_output_tokens),
+        ):
+            if tokens:
+                self.teacher_tokens.labels(teacher, direction).inc(tokens)
+        if metrics.teacher_cost_total:
+            self.teacher_cost.labels(teacher).inc(metrics.teacher_cost_total)
+
+    def observe_time_to_first_job(self, seconds: float) -> None:
+        if seconds >= 0:
+            self.time_to_first_job.observe(seconds)
+
+    def record_reconcile_error(self, handler: str, error: BaseException) -> None:
+        self.reconcile_errors.labels(handler, type(error).__name__).inc()
+
+    def phase_counts(self) -> Mapping[str, int]:
+        """Jobs per phase across namespaces (for logs and tests)."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for phase in self._phases.values():
+                counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
+
+_default: OperatorMetrics | None = None
+_default_lock = threading.Lock()
+
+
+def default_metrics() -> OperatorMetrics:
+    """The process-wide instance the handlers record into (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = OperatorMetrics()
+        return _default
+
+
+def start_metrics_server(
+    port: int, addr: str = "0.0.0.0", registry: CollectorRegistry | None = None
+) -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics on a daemon thread; port 0 picks a free port (``server.server_port``)."""
+    return start_http_server(port, addr=addr, registry=registry or REGISTRY)
