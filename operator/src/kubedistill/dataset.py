@@ -1,0 +1,243 @@
+"""Dataset rows: parsing with reasons, the train/test split, and the three sources of a job.
+
+A row is one JSON object per line: `{id, prompt | messages, system?, reference?}`. `parse_lines`
+keeps the valid rows and returns every invalid one with its line number and a reason; a job fails
+only when more than `MAX_INVALID_FRACTION` of its rows are invalid (`check_invalid_share`).
+
+The split is a pure function of the id (`is_test`), so it never changes between attempts, stages
+or machines, and adding rows never moves an existing row to the other side.
+
+Sources (`DatasetSpec`): `uri` (read through the store), inline `prompts` (ids derived from the
+text), `configMapRef` — the operator mounts the ConfigMap key as a file in the stage pod and passes
+its path in env KUBEDISTILL_DATASET_FILE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubedistill import store
+from kubedistill.api.models import DatasetSpec
+
+DATASET_FILE_ENV = "KUBEDISTILL_DATASET_FILE"
+MAX_INVALID_FRACTION = 0.5
+MAX_ID_LENGTH = 256
+ROLES = ("system", "user", "assistant")
+
+
+class DatasetInvalid(Exception):
+    reason = "DatasetInvalid"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    system: str | None = None
+    reference: str | None = None
+
+    def student_messages(self) -> list[dict[str, str]]:
+        """What the student sees: the row's own system text and prompt/messages."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        if self.messages is not None:
+            return head + [dict(m) for m in self.messages]
+        return [*head, {"role": "user", "content": self.prompt or ""}]
+
+    def teacher_messages(self, instruction: str | None = None) -> list[dict[str, str]]:
+        """What the teacher sees: the teacher-only instruction ahead of the row's system text."""
+        messages = self.student_messages()
+        if not instruction:
+            return messages
+        if messages[0]["role"] == "system":
+            return [
+                {"role": "system", "content": f"{instruction}\n\n{messages[0]['content']}"},
+                *messages[1:],
+            ]
+        return [{"role": "system", "content": instruction}, *messages]
+
+    def prompt_text(self) -> str:
+        """The last user turn: what a judge is shown as "the question"."""
+        if self.messages is None:
+            return self.prompt or ""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id}
+        if self.messages is not None:
+            out["messages"] = [dict(m) for m in self.messages]
+        else:
+            out["prompt"] = self.prompt
+        if self.system is not None:
+            out["system"] = self.system
+        if self.reference is not None:
+            out["reference"] = self.reference
+        return out
+
+
+@dataclass
+class Rejected:
+    line: int
+    reason: str
+    raw: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "reason": self.reason, "raw": self.raw[:2000]}
+
+
+@dataclass
+class Parsed:
+    rows: list[Row] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.rows) + len(self.rejected)
+
+
+def text_id(text: str) -> str:
+    return "p-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _messages(value: Any) -> tuple[Mapping[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be {{role: system|user|assistant, content: string}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user":
+        raise ValueError("the last message must have role user")
+    return tuple(out)
+
+
+def row_from_obj(obj: Any) -> Row:
+    """A validated Row, or ValueError with a reason a user can act on."""
+    if not isinstance(obj, dict):
+        raise ValueError("row is not a JSON object")
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        raise ValueError("exactly one of prompt or messages must be set")
+    prompt = obj.get("prompt")
+    if has_prompt and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ValueError("prompt must be a non-empty string")
+    messages = _messages(obj["messages"]) if has_messages else None
+    for key in ("system", "reference"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise ValueError(f"{key} must be a string")
+    raw_id = obj.get("id")
+    if raw_id is None:
+        raw_id = text_id(json.dumps([obj.get("system"), prompt, obj.get("messages")], sort_keys=True))
+    if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or not str(raw_id).strip():
+        raise ValueError("id must be a non-empty string or an integer")
+    if len(str(raw_id)) > MAX_ID_LENGTH:
+        raise ValueError(f"id longer than {MAX_ID_LENGTH} characters")
+    return Row(
+        id=str(raw_id),
+        prompt=prompt,
+        messages=messages,
+        system=obj.get("system"),
+        reference=obj.get("reference"),
+    )
+
+
+def parse_lines(lines: Iterable[str]) -> Parsed:
+    parsed = Parsed()
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = row_from_obj(json.loads(line))
+        except json.JSONDecodeError as exc:
+            parsed.rejected.append(Rejected(number, f"not valid JSON ({exc.msg})", line))
+            continue
+        except ValueError as exc:
+            parsed.rejected.append(Rejected(number, str(exc), line))
+            continue
+        if row.id in seen:
+            parsed.rejected.append(Rejected(number, f"duplicate id {row.id!r}", line))
+            continue
+        seen.add(row.id)
+        parsed.rows.append(row)
+    return parsed
+
+
+def check_invalid_share(parsed: Parsed, max_fraction: float = MAX_INVALID_FRACTION) -> None:
+    if not parsed.rows:
+        hint = (
+            f"; first: line {parsed.rejected[0].line}: {parsed.rejected[0].reason}" if parsed.rejected else ""
+        )
+        raise DatasetInvalid(f"the dataset has no valid rows ({len(parsed.rejected)} invalid{hint})")
+    share = len(parsed.rejected) / parsed.total
+    if share > max_fraction:
+        first = parsed.rejected[0]
+        raise DatasetInvalid(
+            f"{len(parsed.rejected)} of {parsed.total} dataset rows are invalid ({share:.0%} > "
+            f"{max_fraction:.0%} allowed); first: line {first.line}: {first.reason}"
+        )
+
+
+def is_test(row_id: str, test_fraction: float) -> bool:
+    digest = hashlib.sha256(row_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+def split(rows: Iterable[Row], test_fraction: float) -> tuple[list[Row], list[Row]]:
+    train: list[Row] = []
+    test: list[Row] = []
+    for row in rows:
+        (test if is_test(row.id, test_fraction) else train).append(row)
+    return train, test
+
+
+def inline_lines(prompts: Iterable[str]) -> list[str]:
+    return [json.dumps({"id": text_id(p), "prompt": p}) for p in prompts]
+
+
+def source_lines(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The raw JSONL lines of the job's dataset, from whichever source it names."""
+    env = os.environ if environ is None else environ
+    if spec.prompts is not None:
+        return inline_lines(spec.prompts)
+    if spec.uri is not None:
+        try:
+            return store.read_text(spec.uri).splitlines()
+        except store.NotFound:
+            raise DatasetInvalid(f"dataset {spec.uri} does not exist") from None
+        except UnicodeDecodeError:
+            raise DatasetInvalid(f"dataset {spec.uri} is not UTF-8 text") from None
+    assert spec.config_map_ref is not None
+    ref = spec.config_map_ref
+    path = env.get(DATASET_FILE_ENV)
+    if not path:
+        raise DatasetInvalid(
+            f"dataset configMapRef {ref.name}/{ref.key} is not mounted: {DATASET_FILE_ENV} is not set"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except OSError as exc:
+        raise DatasetInvalid(
+            f"cannot read dataset configMapRef {ref.name}/{ref.key}: {exc.strerror}"
+        ) from None
+
+
+def load(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> Parsed:
+    """Parse the job's dataset, fail past the invalid threshold, cap at numPrompts (file order)."""
+    parsed = parse_lines(source_lines(spec, environ))
+    check_invalid_share(parsed)
+    if spec.num_prompts is not None:
+        parsed.rows = parsed.rows[: spec.num_prompts]
+    return parsed
+
+
+def rows_from_json(objs: Iterable[Any]) -> list[Row]:
+    """Rows read back from a normalised dataset file written by the generate stage."""
+    return [row_from_obj(o) for o in objs]
