@@ -1,0 +1,1 @@
+"""Pure logic of the operator: phases, conditions, naming, estimate. No I/O in here."""

@@ -1,0 +1,660 @@
+"""The phase machine: (job, what was observed, now) → what to do next and the status to report.
+
+Pure: no I/O, no clock. The handlers observe (child Jobs and their pods, Secrets, the estimate, the
+progress object, the alias) and apply what this decides. The phase is derived from observation each
+time; only facts are kept from the previous status: an estimate already computed, stages already
+succeeded (with the metrics and artifacts they reported) and the terminal Complete/Failed
+conditions, because children may be gone by then (ttlSecondsAfterFinished, manual deletion) and a
+finished stage must never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+
+from kubedistill.api.models import (
+    STAGE_PHASE,
+    STAGES,
+    Artifacts,
+    DistillationJob,
+    DistillationJobStatus,
+    Estimate,
+    Metrics,
+    Phase,
+    Progress,
+    Stage,
+    StageState,
+    StageStatus,
+)
+from kubedistill.api.stage import StageProgress, StageResult
+from kubedistill.domain import conditions as cond
+from kubedistill.domain.conditions import Reason, parse_time, rfc3339
+from kubedistill.domain.naming import child_job_name
+from kubedistill.settings import Settings
+
+# Share of the whole pipeline each stage stands for in status.progress.percent.
+STAGE_WEIGHT: dict[Stage, float] = {
+    Stage.GENERATE: 35.0,
+    Stage.CURATE: 15.0,
+    Stage.TRAIN: 35.0,
+    Stage.EXPORT: 10.0,
+    Stage.EVALUATE: 5.0,
+}
+# Secrets and unscheduled pods change without an event the operator watches: look again this often.
+BLOCKED_REQUEUE_S = 15.0
+# Pod waiting reasons that are normal on the way to Running, as opposed to ones a user must fix.
+BENIGN_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+MAX_MESSAGE = 1024
+
+
+# ------------------------------------------------------------------------------------ observation
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    phase: str = "Pending"
+    unschedulable: str | None = None
+    waiting_reason: str | None = None
+    waiting_message: str | None = None
+    termination_message: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """One batch/v1 Job of one stage attempt, reduced to what the decision needs."""
+
+    name: str
+    stage: Stage
+    attempt: int
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    succeeded: bool = False
+    failed: bool = False
+    failure_reason: str | None = None
+    suspended: bool = False
+    pod: PodSummary | None = None
+    result: StageResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.succeeded or self.failed
+
+
+@dataclass(frozen=True)
+class Observed:
+    children: tuple[ChildJob, ...] = ()
+    missing_secrets: tuple[str, ...] = ()
+    estimate: Estimate | None = None
+    estimate_error: str | None = None
+    progress: StageProgress | None = None
+    # Name of the DistillationJob the promotion alias points at now (None: no alias or another target).
+    alias_target_job: str | None = None
+
+
+# -------------------------------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    stage: Stage
+    attempt: int
+    active_deadline_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class SetSuspend:
+    job_name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class DeleteJobs:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Promote:
+    alias: str
+    quantization: str
+
+
+Action = CreateJob | SetSuspend | DeleteJobs | Promote
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: DistillationJobStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def parse_termination_message(text: str | None) -> StageResult | None:
+    """The compact StageResult a stage writes to its termination log; None for anything else."""
+    if not text or not text.lstrip().startswith("{"):
+        return None
+    try:
+        return StageResult.model_validate(json.loads(text))
+    except (json.JSONDecodeError, ValidationError):
+        return None
+
+
+def failure_message(child: ChildJob) -> str:
+    """The pod's own words first: its StageResult, its termination message/log tail, then the Job's."""
+    if child.result is not None and not child.result.ok:
+        text = (
+            f"{child.result.reason}: {child.result.message}" if child.result.message else child.result.reason
+        )
+    elif child.pod is not None and child.pod.termination_message:
+        text = child.pod.termination_message.strip()
+    elif (
+        child.pod is not None and child.pod.waiting_reason and child.pod.waiting_reason not in BENIGN_WAITING
+    ):
+        text = f"{child.pod.waiting_reason}: {child.pod.waiting_message or ''}".strip()
+    elif child.pod is not None and child.pod.exit_code is not None:
+        text = f"exit code {child.pod.exit_code}"
+    else:
+        text = child.failure_reason or "the stage's Job failed"
+    return text[-MAX_MESSAGE:] if len(text) > MAX_MESSAGE else text
+
+
+def merge_metrics(base: Metrics | None, update: Metrics) -> Metrics:
+    data = (base or Metrics()).model_dump()
+    data.update({k: v for k, v in update.model_dump().items() if v is not None})
+    return Metrics.model_validate(data)
+
+
+def merge_artifacts(base: Artifacts | None, update: Artifacts) -> Artifacts:
+    data = (base or Artifacts()).model_dump()
+    for key, value in update.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Artifacts.model_validate(data)
+
+
+def skipped_stages(job: DistillationJob) -> frozenset[Stage]:
+    return frozenset() if job.spec.evaluation.enabled else frozenset({Stage.EVALUATE})
+
+
+def _by_stage(children: Sequence[ChildJob]) -> dict[Stage, list[ChildJob]]:
+    grouped: dict[Stage, list[ChildJob]] = {stage: [] for stage in STAGES}
+    for child in children:
+        grouped[child.stage].append(child)
+    for kids in grouped.values():
+        kids.sort(key=lambda c: c.attempt)
+    return grouped
+
+
+def _stage_statuses(status: DistillationJobStatus) -> dict[Stage, StageStatus]:
+    known = {s.name: s for s in status.stages}
+    return {stage: known.get(stage, StageStatus(name=stage)).model_copy() for stage in STAGES}
+
+
+def _earliest(times: Sequence[datetime | None]) -> datetime | None:
+    present = [t for t in times if t is not None]
+    return min(present) if present else None
+
+
+# ----------------------------------------------------------------------------------------- decide
+
+
+@dataclass
+class _Ctx:
+    job: DistillationJob
+    observed: Observed
+    now: datetime
+    settings: Settings
+    decision: Decision
+    generation: int | None
+
+    @property
+    def status(self) -> DistillationJobStatus:
+        return self.decision.status
+
+    def set(self, type_: str, status: cond.Status, reason: str, message: str) -> None:
+        self.status.conditions = cond.set_condition(
+            self.status.conditions, type_, status, reason, message, now=self.now, generation=self.generation
+        )
+
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        self.status.conditions = cond.clear_condition(
+            self.status.conditions, type_, reason, message, now=self.now, generation=self.generation
+        )
+
+
+def decide(job: DistillationJob, observed: Observed, now: datetime, settings: Settings) -> Decision:
+    """The next actions and the status to report; `settings` gives retry backoff and poll interval."""
+    previous = job.status or DistillationJobStatus()
+    status = previous.model_copy(deep=True)
+    status.observed_generation = job.metadata.generation
+    ctx = _Ctx(
+        job=job,
+        observed=observed,
+        now=now,
+        settings=settings,
+        decision=Decision(status=status),
+        generation=job.metadata.generation,
+    )
+    if cond.is_true(status.conditions, cond.COMPLETE) or cond.is_true(status.conditions, cond.FAILED):
+        _finished(ctx)
+    else:
+        _reconcile(ctx)
+    ctx.decision.events = transition_events(previous, status) + ctx.decision.events
+    return ctx.decision
+
+
+def _finished(ctx: _Ctx) -> None:
+    """A finished job only stops leftovers and honours ttlSecondsAfterFinished."""
+    status = ctx.status
+    status.phase = Phase.SUCCEEDED if cond.is_true(status.conditions, cond.COMPLETE) else Phase.FAILED
+    children = ctx.observed.children
+    for child in children:
+        if not child.finished and not child.suspended:
+            ctx.decision.actions.append(SetSuspend(child.name, True))
+    ttl = ctx.job.spec.ttl_seconds_after_finished
+    done_at = parse_time(status.completion_time)
+    if ttl is None or done_at is None or not children:
+        return
+    remaining = (done_at + timedelta(seconds=ttl) - ctx.now).total_seconds()
+    if remaining <= 0:
+        ctx.decision.actions.append(DeleteJobs(tuple(c.name for c in children)))
+    else:
+        ctx.decision.requeue(remaining)
+
+
+def _reconcile(ctx: _Ctx) -> None:
+    job, status, observed = ctx.job, ctx.status, ctx.observed
+    spec = job.spec
+    grouped = _by_stage(observed.children)
+    stages = _stage_statuses(status)
+    status.start_time = status.start_time or _start_time(observed.children)
+
+    may_start = _gates(ctx)
+    if status.estimate is None:
+        status.stages = [stages[s] for s in STAGES]
+        return
+
+    deadline_left = _deadline_left(ctx)
+    if deadline_left is not None and deadline_left <= 0:
+        _fail(
+            ctx,
+            stages,
+            grouped,
+            Reason.DEADLINE_EXCEEDED,
+            f"activeDeadlineSeconds ({spec.active_deadline_seconds}) exceeded",
+        )
+        return
+    if deadline_left is not None:
+        ctx.decision.requeue(deadline_left)
+
+    suspended = _suspension(ctx, grouped)
+    may_start = may_start and not suspended
+
+    skipped = skipped_stages(job)
+    current: Stage | None = None
+    for stage in STAGES:
+        entry = stages[stage]
+        if stage in skipped:
+            entry.state, entry.message = StageState.SKIPPED, "evaluation.enabled is false"
+            continue
+        if entry.state == StageState.SUCCEEDED:
+            continue
+        kids = grouped[stage]
+        winner = next((c for c in kids if c.succeeded), None)
+        if winner is not None:
+            _stage_succeeded(ctx, entry, winner, kids)
+            continue
+        current = stage
+        outcome = _advance_stage(ctx, entry, kids, may_start, deadline_left)
+        if outcome is not None:
+            _fail(ctx, stages, grouped, Reason.STAGE_FAILED, outcome)
+            return
+        break
+    status.stages = [stages[s] for s in STAGES]
+
+    if suspended:
+        status.phase = Phase.SUSPENDED
+    elif current is not None:
+        started = any(stages[s].attempts for s in STAGES)
+        status.phase = STAGE_PHASE[current] if started or may_start else Phase.PENDING
+    else:
+        _complete(ctx)
+    _progress(ctx, stages, current)
+
+
+def _start_time(children: Sequence[ChildJob]) -> str | None:
+    first = _earliest([c.created_at for c in children])
+    return rfc3339(first) if first is not None else None
+
+
+def _gates(ctx: _Ctx) -> bool:
+    """Estimate, budget and Secrets: whether a new stage Job may start."""
+    status, observed, spec = ctx.status, ctx.observed, ctx.job.spec
+    if status.estimate is None and observed.estimate is not None:
+        status.estimate = observed.estimate
+    if status.estimate is None:
+        if observed.estimate_error:
+            status.phase = Phase.PENDING
+            ctx.set(cond.READY, "False", Reason.ESTIMATE_FAILED, observed.estimate_error)
+            ctx.decision.requeue(BLOCKED_REQUEUE_S)
+        else:
+            status.phase = Phase.ESTIMATING
+            ctx.set(cond.READY, "Unknown", Reason.ESTIMATING, "estimating cost before starting any stage")
+            ctx.decision.requeue(1.0)
+        return False
+
+    estimate = status.estimate
+    cost = estimate.teacher_cost_usd + estimate.judge_cost_usd
+    budget = spec.budget.max_teacher_cost_usd
+    fits = budget is None or cost <= budget
+    status.estimate = estimate.model_copy(update={"fits_budget": fits})
+    ready_ok = True
+    if budget is not None:
+        if fits:
+            ctx.set(
+                cond.BUDGET_EXCEEDED,
+                "False",
+                Reason.WITHIN_BUDGET,
+                f"estimated ${cost:.2f} ≤ budget ${budget:.2f}",
+            )
+        else:
+            message = (
+                f"estimated teacher cost ${cost:.2f} exceeds budget.maxTeacherCostUSD ${budget:.2f}; "
+                "no stage starts until the budget is raised"
+            )
+            ctx.set(cond.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED, message)
+            ctx.set(cond.READY, "False", Reason.BUDGET_EXCEEDED, message)
+            ready_ok = False
+    else:
+        ctx.clear(cond.BUDGET_EXCEEDED, Reason.WITHIN_BUDGET, "no budget set")
+
+    if observed.missing_secrets:
+        message = "; ".join(observed.missing_secrets)
+        ctx.set(cond.SECRET_MISSING, "True", Reason.SECRET_NOT_FOUND, message)
+        ctx.set(cond.READY, "False", Reason.SECRET_NOT_FOUND, message)
+        ctx.decision.requeue(BLOCKED_REQUEUE_S)
+        ready_ok = False
+    else:
+        ctx.clear(cond.SECRET_MISSING, Reason.SECRETS_FOUND, "all referenced Secrets exist")
+    return ready_ok
+
+
+def _deadline_left(ctx: _Ctx) -> float | None:
+    limit = ctx.job.spec.active_deadline_seconds
+    started = parse_time(ctx.status.start_time)
+    if limit is None or started is None:
+        return None
+    return (started + timedelta(seconds=limit) - ctx.now).total_seconds()
+
+
+def _suspension(ctx: _Ctx, grouped: dict[Stage, list[ChildJob]]) -> bool:
+    active = [c for kids in grouped.values() for c in kids if not c.finished]
+    if ctx.job.spec.suspend:
+        for child in active:
+            if not child.suspended:
+                ctx.decision.actions.append(SetSuspend(child.name, True))
+        ctx.set(
+            cond.SUSPENDED, "True", Reason.SUSPENDED, "spec.suspend is true: the running stage is stopped"
+        )
+        ctx.set(cond.READY, "False", Reason.SUSPENDED, "suspended")
+        return True
+    for child in active:
+        if child.suspended:
+            ctx.decision.actions.append(SetSuspend(child.name, False))
+    ctx.clear(cond.SUSPENDED, Reason.RESUMED, "spec.suspend is false")
+    return False
+
+
+def _stage_succeeded(ctx: _Ctx, entry: StageStatus, winner: ChildJob, kids: Sequence[ChildJob]) -> None:
+    status = ctx.status
+    entry.state = StageState.SUCCEEDED
+    entry.job_name = winner.name
+    entry.attempts = max(entry.attempts, winner.attempt, *(c.attempt for c in kids))
+    entry.start_time = entry.start_time or _rfc(_earliest([c.created_at for c in kids]))
+    entry.completion_time = _rfc(winner.finished_at) or rfc3339(ctx.now)
+    if winner.result is not None:
+        status.metrics = merge_metrics(status.metrics, winner.result.metrics)
+        status.artifacts = merge_artifacts(status.artifacts, winner.result.artifacts)
+        entry.message = (winner.result.message or "completed")[:MAX_MESSAGE]
+    else:
+        entry.message = "completed; no result was reported"
+
+
+def _rfc(moment: datetime | None) -> str | None:
+    return rfc3339(moment) if moment is not None else None
+
+
+def _advance_stage(
+    ctx: _Ctx, entry: StageStatus, kids: Sequence[ChildJob], may_start: bool, deadline_left: float | None
+) -> str | None:
+    """Drive one unfinished stage; returns the failure message when its retries are spent."""
+    latest = kids[-1] if kids else None
+    entry.attempts = max(entry.attempts, latest.attempt if latest else 0)
+    entry.start_time = entry.start_time or _rfc(_earliest([c.created_at for c in kids]))
+    entry.completion_time = None
+    if latest is not None:
+        entry.job_name = latest.name
+
+    if latest is not None and latest.failed:
+        failures = entry.attempts
+        message = failure_message(latest)
+        if failures > ctx.job.spec.retries:
+            entry.state = StageState.FAILED
+            entry.completion_time = _rfc(latest.finished_at) or rfc3339(ctx.now)
+            entry.message = f"attempt {latest.attempt} failed: {message}"
+            return f"stage {entry.name.value} failed after {failures} attempt(s): {message}"
+        delay = ctx.settings.backoff_s(failures)
+        retry_at = (latest.finished_at or ctx.now) + timedelta(seconds=delay)
+        wait = (retry_at - ctx.now).total_seconds()
+        entry.state = StageState.BACKOFF
+        entry.message = f"attempt {latest.attempt} failed: {message}"
+        if wait > 0 or not may_start:
+            ctx.decision.requeue(wait if wait > 0 else BLOCKED_REQUEUE_S)
+            if may_start:
+                entry.message += f"; retrying in {math.ceil(wait)}s"
+                ctx.set(cond.READY, "True", Reason.BACKOFF, entry.message[:MAX_MESSAGE])
+            return None
+        _start(ctx, entry, entry.attempts + 1, deadline_left)
+        return None
+
+    if latest is not None:
+        _observe_running(ctx, entry, latest)
+        return None
+
+    entry.state = StageState.PENDING
+    entry.message = None
+    if may_start:
+        _start(ctx, entry, entry.attempts + 1, deadline_left)
+    return None
+
+
+def _start(ctx: _Ctx, entry: StageStatus, attempt: int, deadline_left: float | None) -> None:
+    deadline = (
+        max(1, math.ceil(deadline_left))
+        if deadline_left is not None
+        else ctx.job.spec.active_deadline_seconds
+    )
+    ctx.decision.actions.append(CreateJob(entry.name, attempt, deadline))
+    entry.attempts = attempt
+    entry.job_name = child_job_name(ctx.job.metadata.name, entry.name, attempt)
+    entry.state = StageState.PENDING
+    entry.start_time = entry.start_time or rfc3339(ctx.now)
+    entry.message = f"attempt {attempt} created"
+    ctx.status.start_time = ctx.status.start_time or rfc3339(ctx.now)
+    ctx.set(cond.READY, "True", Reason.RUNNING, f"{entry.name.value} attempt {attempt} starting")
+    ctx.decision.requeue(ctx.settings.progress_interval_s)
+
+
+def _observe_running(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> None:
+    pod = child.pod
+    if child.suspended:
+        entry.state, entry.message = StageState.PENDING, f"attempt {child.attempt} suspended"
+        return
+    if pod is not None and pod.unschedulable:
+        entry.state = StageState.PENDING
+        entry.message = f"Unschedulable: {pod.unschedulable}"[:MAX_MESSAGE]
+        ctx.set(cond.READY, "False", Reason.UNSCHEDULABLE, f"{entry.name.value}: {pod.unschedulable}")
+        ctx.decision.requeue(BLOCKED_REQUEUE_S)
+        return
+    if pod is not None and pod.waiting_reason and pod.waiting_reason not in BENIGN_WAITING:
+        entry.state = StageState.PENDING
+        entry.message = f"{pod.waiting_reason}: {pod.waiting_message or ''}".strip()[:MAX_MESSAGE]
+        ctx.set(cond.READY, "False", pod.waiting_reason, f"{entry.name.value}: {entry.message}")
+        ctx.decision.requeue(BLOCKED_REQUEUE_S)
+        return
+    running = pod is not None and pod.phase == "Running"
+    entry.state = StageState.RUNNING if running else StageState.PENDING
+    entry.message = f"attempt {child.attempt} {'running' if running else 'waiting for its pod'}"
+    ctx.set(cond.READY, "True", Reason.RUNNING, f"{entry.name.value} attempt {child.attempt} running")
+
+
+def _fail(
+    ctx: _Ctx,
+    stages: dict[Stage, StageStatus],
+    grouped: dict[Stage, list[ChildJob]],
+    reason: str,
+    message: str,
+) -> None:
+    status = ctx.status
+    status.stages = [stages[s] for s in STAGES]
+    status.phase = Phase.FAILED
+    status.completion_time = rfc3339(ctx.now)
+    ctx.set(cond.FAILED, "True", reason, message)
+    ctx.set(cond.READY, "False", reason, message)
+    for kids in grouped.values():
+        for child in kids:
+            if not child.finished and not child.suspended:
+                ctx.decision.actions.append(SetSuspend(child.name, True))
+    ttl = ctx.job.spec.ttl_seconds_after_finished
+    if ttl is not None:
+        ctx.decision.requeue(float(ttl))
+
+
+def _complete(ctx: _Ctx) -> None:
+    status, spec = ctx.status, ctx.job.spec
+    alias = spec.promotion.alias
+    if alias is not None and not cond.is_true(status.conditions, cond.PROMOTION_SKIPPED):
+        score = status.metrics.eval_score if status.metrics else None
+        minimum = spec.promotion.min_eval_score
+        if score is None and minimum > 0:
+            ctx.set(
+                cond.PROMOTION_SKIPPED,
+                "True",
+                Reason.NO_EVAL_SCORE,
+                f"alias {alias} not re-pointed: no evalScore was reported, minEvalScore is {minimum:g}",
+            )
+        elif score is not None and score < minimum:
+            ctx.set(
+                cond.PROMOTION_SKIPPED,
+                "True",
+                Reason.SCORE_BELOW_MINIMUM,
+                f"alias {alias} not re-pointed: evalScore {score:.4g} < minEvalScore {minimum:.4g}",
+            )
+        elif ctx.observed.alias_target_job == ctx.job.metadata.name:
+            ctx.set(cond.PROMOTED, "True", Reason.PROMOTED, f"ModelAlias {alias} points at this job")
+        else:
+            quantization = spec.export.quantizations[0] if spec.export.quantizations else "q4_k_m"
+            ctx.decision.actions.append(Promote(alias, quantization))
+            ctx.set(cond.PROMOTED, "False", Reason.PROMOTING, f"re-pointing ModelAlias {alias}")
+            status.phase = Phase.PROMOTING
+            ctx.decision.requeue(1.0)
+            return
+    status.phase = Phase.SUCCEEDED
+    status.completion_time = status.completion_time or rfc3339(ctx.now)
+    ctx.set(cond.COMPLETE, "True", Reason.SUCCEEDED, "all stages succeeded")
+    ctx.set(cond.READY, "True", Reason.SUCCEEDED, "all stages succeeded")
+    ttl = spec.ttl_seconds_after_finished
+    if ttl is not None:
+        ctx.decision.requeue(float(ttl))
+
+
+def _progress(ctx: _Ctx, stages: dict[Stage, StageStatus], current: Stage | None) -> None:
+    status = ctx.status
+    done = sum(
+        STAGE_WEIGHT[s] for s in STAGES if stages[s].state in (StageState.SUCCEEDED, StageState.SKIPPED)
+    )
+    if current is None:
+        status.progress = Progress(stage=None, percent=100.0 if status.phase == Phase.SUCCEEDED else done)
+        return
+    reported = ctx.observed.progress
+    previous = status.progress
+    if reported is not None and reported.stage == current:
+        status.progress = Progress(
+            stage=current,
+            percent=round(min(100.0, done + STAGE_WEIGHT[current] * reported.fraction), 1),
+            detail=(reported.detail or None) and reported.detail[:MAX_MESSAGE],
+            updated_at=reported.updated_at,
+        )
+    elif previous is not None and previous.stage == current:
+        status.progress = previous
+    else:
+        status.progress = Progress(stage=current, percent=round(done, 1))
+    if stages[current].state == StageState.RUNNING:
+        ctx.decision.requeue(ctx.settings.progress_interval_s)
+
+
+# ---------------------------------------------------------------------------------------- events
+
+
+def transition_events(old: DistillationJobStatus, new: DistillationJobStatus) -> list[Event]:
+    """Kubernetes Events for what changed between two statuses: one per transition, never repeated."""
+    events: list[Event] = []
+    old_stages = {s.name: s for s in old.stages}
+    for entry in new.stages:
+        before = old_stages.get(entry.name, StageStatus(name=entry.name))
+        if entry.attempts > before.attempts:
+            events.append(
+                Event(
+                    "Normal",
+                    "StageStarted",
+                    f"{entry.name.value} attempt {entry.attempts}: Job {entry.job_name}",
+                )
+            )
+        if entry.state != before.state and entry.state in (StageState.BACKOFF, StageState.FAILED):
+            events.append(
+                Event("Warning", f"Stage{entry.state.value}", f"{entry.name.value}: {entry.message or ''}")
+            )
+        if entry.state != before.state and entry.state == StageState.SUCCEEDED:
+            events.append(
+                Event("Normal", "StageSucceeded", f"{entry.name.value}: {entry.message or 'completed'}")
+            )
+    for condition in new.conditions:
+        was = cond.find(old.conditions, condition.type)
+        flipped = was is None or was.status != condition.status or was.reason != condition.reason
+        if not flipped or condition.type in (cond.READY, cond.COMPLETE) or condition.status != "True":
+            continue
+        warning = condition.type in (
+            cond.FAILED,
+            cond.BUDGET_EXCEEDED,
+            cond.SECRET_MISSING,
+            cond.PROMOTION_SKIPPED,
+        )
+        events.append(Event("Warning" if warning else "Normal", condition.reason, condition.message))
+    if new.phase is not None and new.phase != old.phase:
+        events.append(Event("Normal", f"Phase{new.phase.value}", f"phase is now {new.phase.value}"))
+    return events
