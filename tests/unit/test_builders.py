@@ -64,7 +64,7 @@ def test_job_identity_owner_and_labels() -> None:
         assert labels[LABEL_JOB] == "bot" and labels[LABEL_STAGE] == "curate" and labels[LABEL_ATTEMPT] == "2"
     assert job["spec"]["backoffLimit"] == 0
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    assert container(job)["args"] == ["curate"]
+    assert container(job)["args"] == ["curate"] and "command" not in container(job)
     assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 

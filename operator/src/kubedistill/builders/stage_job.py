@@ -226,7 +226,8 @@ def build_stage_manifests(
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "kubedistill_trainer"],
+        # No command: the image's entrypoint (python -m kubedistill_trainer) takes the stage as its argument,
+        # so an image override may bring its own runtime.
         "args": [stage.value],
         "env": _env(job, stage, settings, invocation_env),
         "resources": resources,

@@ -1,0 +1,3 @@
+from kubedistill.handlers.main import main
+
+main()

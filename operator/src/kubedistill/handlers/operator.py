@@ -1,0 +1,109 @@
+"""The kopf handlers: thin on purpose. Each parses what kopf hands it and calls the service in memo.
+
+Handlers return None (kopf would store a returned value in status.<handler>) and patch status
+themselves through the status subresource.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+
+from kubedistill.api.models import GROUP, VERSION
+from kubedistill.catalog import load_catalog
+from kubedistill.domain.naming import LABEL_MANAGED_BY, MANAGED_BY
+from kubedistill.handlers.alias import reconcile_alias
+from kubedistill.handlers.service import Reconciler
+from kubedistill.k8s.client import Kube
+from kubedistill.metrics import default_metrics
+from kubedistill.settings import Settings, from_env
+
+DJ = (GROUP, VERSION, "distillationjobs")
+ALIAS = (GROUP, VERSION, "modelaliases")
+FINALIZER = f"{GROUP}/finalizer"
+
+
+def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
+    # Handler progress and the diff-base live in our own annotations; the diff-base leaves out the
+    # dataset, whose inline prompts could outgrow the 256 KiB annotation budget.
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration", ignored_fields=["spec.dataset"]
+    )
+    # Our own transition events are the ones users read; kopf's per-handler chatter stays in logs.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "kubedistill-operator"
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.peering.standalone = ours.peering is None
+    if ours.peering is not None:
+        settings.peering.name = ours.peering
+        settings.peering.mandatory = True
+    settings.execution.max_workers = 8
+
+
+def _post_event(body: dict[str, Any], *, type: str, reason: str, message: str) -> None:
+    kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=type, reason=reason, message=message)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours = from_env()
+    configure_kopf(settings, ours)
+    memo.service = Reconciler(
+        kube=Kube.from_env(),
+        settings=ours,
+        catalog=load_catalog(),
+        post_event=_post_event,
+        metrics=default_metrics(),
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.service.kube.close()
+
+
+@kopf.daemon(*DJ, cancellation_timeout=1.0)
+async def distillation_job(
+    namespace: str | None, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    """One reconcile loop per job for as long as it exists."""
+    await memo.service.run(namespace or "default", name, stopped)
+
+
+@kopf.on.event(*DJ)
+async def distillation_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta = body.get("metadata", {})
+    memo.service.wake(meta.get("namespace"), meta.get("name"), meta.get("resourceVersion"))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def child_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    meta = body.get("metadata", {})
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("kind") == "DistillationJob" and owner.get("controller"):
+            memo.service.wake(meta.get("namespace"), owner.get("name"))
+
+
+@kopf.on.delete(*DJ)
+async def distillation_job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if not await memo.service.finalize(dict(body)):
+        raise kopf.TemporaryError("waiting for the stage Jobs to go", delay=1)
+
+
+@kopf.on.create(*ALIAS)
+@kopf.on.resume(*ALIAS)
+async def alias_resolved(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile_alias(memo.service.kube, dict(body), datetime.now(UTC))
+
+
+@kopf.on.update(*ALIAS, field="spec.target")
+async def alias_repointed(body: kopf.Body, old: Any, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile_alias(
+        memo.service.kube, dict(body), datetime.now(UTC), previous=dict(old) if old else None
+    )

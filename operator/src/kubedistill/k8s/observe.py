@@ -1,0 +1,189 @@
+"""Observation: turn child Jobs, their pods, Secrets, the dataset and stage files into `phases.Observed`.
+
+`summarise_*` are pure (dicts in, dataclasses out) so they are tested without a cluster; the async
+functions around them do the reads. Stage files (result.json, progress.json) and S3/file datasets
+go through `kubedistill.store`, which is blocking, so they run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubedistill import dataset as datasets
+from kubedistill import store
+from kubedistill.api.models import DistillationJob, Estimate, Stage
+from kubedistill.api.stage import PROGRESS_FILE, RESULT_FILE, StageProgress, StageResult
+from kubedistill.builders import build_invocation, referenced_secrets
+from kubedistill.builders.stage_job import CONTAINER
+from kubedistill.domain.conditions import parse_time
+from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_STAGE
+from kubedistill.domain.phases import ChildJob, PodSummary, parse_termination_message, skipped_stages
+from kubedistill.k8s import resources
+from kubedistill.k8s.client import Kube
+from kubedistill.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+
+def _true(conditions: Sequence[Obj], type_: str) -> Obj | None:
+    return next((c for c in conditions if c.get("type") == type_ and c.get("status") == "True"), None)
+
+
+def summarise_pod(pod: Obj) -> PodSummary:
+    status = pod.get("status") or {}
+    scheduled = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+    unschedulable = None
+    if (
+        scheduled is not None
+        and scheduled.get("status") == "False"
+        and scheduled.get("reason") == "Unschedulable"
+    ):
+        unschedulable = scheduled.get("message") or "Unschedulable"
+    containers = status.get("containerStatuses") or []
+    mine = next((c for c in containers if c.get("name") == CONTAINER), containers[0] if containers else {})
+    state = mine.get("state") or {}
+    waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+    return PodSummary(
+        phase=status.get("phase") or "Pending",
+        unschedulable=unschedulable,
+        waiting_reason=waiting.get("reason"),
+        waiting_message=waiting.get("message"),
+        termination_message=terminated.get("message"),
+        exit_code=terminated.get("exitCode"),
+    )
+
+
+def summarise_job(job: Obj, pods: Sequence[Obj]) -> ChildJob | None:
+    """One child Job with its newest pod; None for a Job without our stage/attempt labels."""
+    meta = job.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    try:
+        stage, attempt = Stage(labels.get(LABEL_STAGE, "")), int(labels.get(LABEL_ATTEMPT, ""))
+    except ValueError:
+        return None
+    status = job.get("status") or {}
+    conditions = status.get("conditions") or []
+    complete = _true(conditions, "Complete") or _true(conditions, "SuccessCriteriaMet")
+    failed = _true(conditions, "Failed") or _true(conditions, "FailureTarget")
+    uid = meta.get("uid")
+    own = [
+        p
+        for p in pods
+        if any(o.get("uid") == uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])
+    ]
+    newest = max(own, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", default=None)
+    pod = summarise_pod(newest) if newest is not None else None
+    finished = status.get("completionTime") or (failed or complete or {}).get("lastTransitionTime")
+    return ChildJob(
+        name=meta.get("name", ""),
+        stage=stage,
+        attempt=attempt,
+        created_at=parse_time(meta.get("creationTimestamp")),
+        finished_at=parse_time(finished) if (complete or failed) else None,
+        succeeded=complete is not None,
+        failed=failed is not None and complete is None,
+        failure_reason=(failed or {}).get("reason"),
+        suspended=bool((job.get("spec") or {}).get("suspend")),
+        pod=pod,
+        result=parse_termination_message(pod.termination_message) if pod is not None else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------- reads
+
+
+def _read_json_model(uri: str, model: type[StageResult] | type[StageProgress]) -> Any:
+    try:
+        return model.model_validate_json(store.read_bytes(uri))
+    except store.NotFound:
+        return None
+    except (store.StoreError, ValidationError, UnicodeDecodeError) as err:
+        log.warning("cannot read %s: %s", uri, type(err).__name__)
+        return None
+
+
+async def observe_children(kube: Kube, job: DistillationJob, settings: Settings) -> tuple[ChildJob, ...]:
+    namespace, name = job.metadata.namespace or "default", job.metadata.name
+    jobs, pods = await asyncio.gather(
+        resources.list_child_jobs(kube, namespace, name), resources.list_child_pods(kube, namespace, name)
+    )
+    children = [c for c in (summarise_job(j, pods) for j in jobs) if c is not None]
+    recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded"}
+    completed: list[ChildJob] = []
+    for child in children:
+        # A finished stage without a parsable termination message: its result.json says what it did.
+        if child.finished and child.result is None and child.stage not in recorded:
+            uri = f"{build_invocation(job, child.stage, child.attempt, settings).stage_uri()}/{RESULT_FILE}"
+            result = await asyncio.to_thread(_read_json_model, uri, StageResult)
+            child = ChildJob(**{**child.__dict__, "result": result})
+        completed.append(child)
+    return tuple(completed)
+
+
+async def missing_secrets(kube: Kube, job: DistillationJob, settings: Settings) -> tuple[str, ...]:
+    """Secrets the remaining stages reference that do not exist (names only, values are never read)."""
+    namespace = job.metadata.namespace or "default"
+    wanted: dict[str, str | None] = {}
+    for stage in Stage:
+        if stage not in skipped_stages(job):
+            for secret, key in referenced_secrets(job, stage, settings):
+                wanted.setdefault(secret, key)
+    found = await asyncio.gather(*(resources.secret_exists(kube, namespace, s) for s in wanted))
+    missing = []
+    for (secret, key), exists in zip(wanted.items(), found, strict=True):
+        if not exists:
+            what = f"key {key}" if key else "keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+            missing.append(f"Secret {secret} ({what}) not found in namespace {namespace}")
+    return tuple(missing)
+
+
+async def read_progress(
+    job: DistillationJob, stage: Stage, attempt: int, settings: Settings
+) -> StageProgress | None:
+    uri = f"{build_invocation(job, stage, attempt, settings).stage_uri()}/{PROGRESS_FILE}"
+    progress: StageProgress | None = await asyncio.to_thread(_read_json_model, uri, StageProgress)
+    return progress
+
+
+async def dataset_lines(kube: Kube, job: DistillationJob) -> list[str]:
+    spec = job.spec.dataset
+    ref = spec.config_map_ref
+    if ref is None:
+        return await asyncio.to_thread(datasets.source_lines, spec)
+    configmap = await resources.get_configmap(kube, job.metadata.namespace or "default", ref.name)
+    if configmap is None:
+        raise datasets.DatasetInvalid(f"dataset ConfigMap {ref.name} not found")
+    text = (configmap.get("data") or {}).get(ref.key)
+    if text is None:
+        raise datasets.DatasetInvalid(f"dataset ConfigMap {ref.name} has no key {ref.key}")
+    lines: list[str] = text.splitlines()
+    return lines
+
+
+async def compute_estimate(
+    kube: Kube, job: DistillationJob, catalog: Any
+) -> tuple[Estimate | None, str | None]:
+    """(estimate, None) or (None, why not): a bad dataset is the user's to fix, so it is a message."""
+    from kubedistill.domain.estimate import estimate
+
+    try:
+        parsed = datasets.parse_lines(await dataset_lines(kube, job))
+        datasets.check_invalid_share(parsed)
+    except (datasets.DatasetInvalid, store.StoreError) as err:
+        return None, str(err)
+    rows = parsed.rows
+    if job.spec.dataset.num_prompts is not None:
+        rows = rows[: job.spec.dataset.num_prompts]
+    if not rows:
+        return None, "the dataset has no valid rows"
+    try:
+        return estimate(job.spec, rows, catalog), None
+    except (KeyError, ValueError) as err:
+        return None, f"cannot estimate: {err}"

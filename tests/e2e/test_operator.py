@@ -1,0 +1,446 @@
+"""The operator end to end on the real control plane: kube-apiserver, the Job controller, the garbage
+collector and the local kubelet run everything; stage pods run the contract-honouring fake stage.
+
+Each test starts its own operator process (`python -m kubedistill.handlers -n <ns>`) so it can script the
+fake stage through KUBEDISTILL_STAGE_ENV, and kill and restart it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kubedistill.testing.kubelet import LocalKubelet
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION = "kubedistill.io", "v1alpha1"
+FAKE_IMAGE = "kubedistill.test/fake-stage"
+LABEL_JOB = "kubedistill.io/job"
+WAIT_S = 60.0
+
+
+@pytest.fixture
+def fake_stage_image(kubelet: LocalKubelet) -> Iterator[str]:
+    """Map a test image to the fake stage program in the shared local kubelet."""
+    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
+    yield f"{FAKE_IMAGE}:1"
+
+
+@dataclass
+class Operator:
+    """One operator process watching one namespace."""
+
+    kubeconfig: Path
+    namespace: str
+    workdir: Path
+    image: str
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def artifacts(self) -> Path:
+        return self.workdir / "artifacts"
+
+    def start(self, **stage_env: str) -> Operator:
+        if stage_env:
+            self.env["KUBEDISTILL_STAGE_ENV"] = json.dumps(stage_env)
+        self.starts += 1
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBEDISTILL_TRAINER_IMAGE": self.image,
+            "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
+            "KUBEDISTILL_ARTIFACT_ROOT": self.artifacts.as_uri(),
+            "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
+            "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
+            "KUBEDISTILL_PROGRESS_INTERVAL_S": "1",
+            **self.env,
+        }
+        log = (self.workdir / f"operator-{self.starts}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kubedistill.handlers", "-n", self.namespace],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node dies under the operator."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("operator-*.log")))
+
+
+@pytest.fixture
+def operator(
+    control_plane: Path, namespace: str, fake_stage_image: str, tmp_path: Path
+) -> Iterator[Operator]:
+    running = Operator(control_plane, namespace, tmp_path, fake_stage_image)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def custom(k8s_api: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(k8s_api)
+
+
+@pytest.fixture
+def batch(k8s_api: client.ApiClient) -> client.BatchV1Api:
+    return client.BatchV1Api(k8s_api)
+
+
+def job_body(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "teacher": {"model": "openai/gpt-4o-mini"},
+            "student": {"model": "qwen3-0.6b"},
+            "dataset": {"prompts": ["What is 2+2?", "Name a colour.", "Say hi."]},
+            "generation": {"nSamples": 2},
+            "curation": {"judge": {"majority": {}}, "topK": 1},
+            "training": {"steps": 2},
+            **spec,
+        },
+    }
+
+
+def create_job(custom: client.CustomObjectsApi, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    created: dict[str, Any] = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "distillationjobs", job_body(name, **spec)
+    )
+    return created
+
+
+def get_job(custom: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = custom.get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "distillationjobs", name
+    )
+    return found
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def stage_status(obj: dict[str, Any], stage: str) -> dict[str, Any]:
+    return next(s for s in obj["status"]["stages"] if s["name"] == stage)
+
+
+def running_stage(obj: dict[str, Any]) -> str | None:
+    stages = (obj.get("status") or {}).get("stages") or []
+    return next((s["name"] for s in stages if s["state"] == "Running"), None)
+
+
+def child_jobs(batch: client.BatchV1Api, namespace: str, name: str) -> list[str]:
+    jobs = batch.list_namespaced_job(namespace, label_selector=f"{LABEL_JOB}={name}").items
+    return sorted(j.metadata.name for j in jobs)
+
+
+def wait_phase(
+    custom: client.CustomObjectsApi, operator: Operator, name: str, phases: set[str], timeout: float = WAIT_S
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        assert operator.alive(), f"operator exited:\n{operator.logs()[-4000:]}"
+        obj = get_job(custom, operator.namespace, name)
+        return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+    try:
+        found: dict[str, Any] = wait_until(reached, f"{name} to reach {phases}", timeout)
+    except AssertionError:
+        obj = get_job(custom, operator.namespace, name)
+        raise AssertionError(
+            f"{name} never reached {phases}: {json.dumps(obj.get('status'), indent=1)}\n{operator.logs()[-3000:]}"
+        ) from None
+    return found
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def events_for(k8s_api: client.ApiClient, namespace: str, name: str) -> list[str]:
+    events = client.CoreV1Api(k8s_api).list_namespaced_event(namespace).items
+    return [e.reason for e in events if e.involved_object.name == name]
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_happy_path_succeeds_and_repoints_the_alias(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api, k8s_api: client.ApiClient
+) -> None:
+    ns = operator.namespace
+    old_target = {"ggufURI": "file:///models/previous.gguf", "baseModel": "qwen3-0.6b"}
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        "modelaliases",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ModelAlias",
+            "metadata": {"name": "smart"},
+            "spec": {"target": old_target},
+        },
+    )
+    operator.start(KUBEDISTILL_FAKE_SCORE="0.91")
+    create_job(custom, ns, "happy", promotion={"alias": "smart", "minEvalScore": 0.5})
+    done = wait_phase(custom, operator, "happy", {"Succeeded", "Failed"})
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    assert child_jobs(batch, ns, "happy") == sorted(
+        f"happy-{s}-1" for s in ("generate", "curate", "train", "export", "evaluate")
+    )
+    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * 5
+    assert status["metrics"]["evalScore"] == 0.91 and status["metrics"]["teacherCalls"] == 6
+    gguf = status["artifacts"]["ggufURIs"]["q4_k_m"]
+    assert gguf.startswith(operator.artifacts.as_uri()) and gguf.endswith("student-q4_k_m.gguf")
+    assert status["estimate"]["prompts"] == 3
+    assert status["progress"]["percent"] == 100.0
+    assert condition(done, "Complete")["status"] == "True"  # type: ignore[index]
+    assert condition(done, "Promoted")["status"] == "True"  # type: ignore[index]
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+    assert (operator.artifacts / ns / "happy" / done["metadata"]["uid"] / "train" / "result.json").is_file()
+
+    def alias_resolved() -> dict[str, Any] | None:
+        alias = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "modelaliases", "smart")
+        ready = condition(alias, "Ready")
+        return alias if ready and ready["status"] == "True" and alias["status"].get("history") else None
+
+    alias = wait_until(alias_resolved, "alias smart to resolve to the new student")
+    assert alias["spec"]["target"] == {"distillationJob": "happy", "quantization": "q4_k_m"}
+    assert alias["status"]["ggufURI"] == gguf and alias["status"]["model"] == "qwen3-0.6b"
+    assert alias["status"]["history"][0]["target"]["ggufURI"] == old_target["ggufURI"]
+    reasons = events_for(k8s_api, ns, "happy")
+    assert reasons.count("StageStarted") == 5 and "PhaseSucceeded" in reasons
+
+
+def test_a_stage_failing_once_is_retried(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    operator.start(KUBEDISTILL_FAKE_FAIL="curate:1")
+    create_job(custom, operator.namespace, "flaky")
+    done = wait_phase(custom, operator, "flaky", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    curate = stage_status(done, "curate")
+    assert curate["attempts"] == 2 and curate["jobName"] == "flaky-curate-2"
+    assert {"flaky-curate-1", "flaky-curate-2"} <= set(child_jobs(batch, operator.namespace, "flaky"))
+
+
+def test_retries_exhausted_fail_with_the_pods_message(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    operator.start(KUBEDISTILL_FAKE_FAIL="train:9", KUBEDISTILL_FAKE_FAIL_MESSAGE="CUDA out of memory (fake)")
+    create_job(custom, operator.namespace, "doomed", retries=1)
+    done = wait_phase(custom, operator, "doomed", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Failed"
+    failed = condition(done, "Failed")
+    assert failed is not None and failed["status"] == "True" and failed["reason"] == "StageFailed"
+    assert "CUDA out of memory (fake)" in failed["message"] and "train" in failed["message"]
+    assert stage_status(done, "train")["attempts"] == 2
+    assert not [j for j in child_jobs(batch, operator.namespace, "doomed") if "export" in j]
+
+
+def test_operator_killed_mid_stage_restarts_without_duplicates(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    operator.start(KUBEDISTILL_FAKE_SLEEP="train:6")
+    create_job(custom, operator.namespace, "restart")
+    wait_until(
+        lambda: running_stage(get_job(custom, operator.namespace, "restart")) == "train", "train to run"
+    )
+    operator.kill()
+    operator.start()
+    done = wait_phase(custom, operator, "restart", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded"
+    assert child_jobs(batch, operator.namespace, "restart") == sorted(
+        f"restart-{s}-1" for s in ("generate", "curate", "train", "export", "evaluate")
+    )
+
+
+def test_suspend_stops_the_stage_and_resume_finishes(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    ns = operator.namespace
+    operator.start(KUBEDISTILL_FAKE_SLEEP="curate:4")
+    create_job(custom, ns, "pausable")
+    wait_phase(custom, operator, "pausable", {"Curating"})
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, "distillationjobs", "pausable", {"spec": {"suspend": True}}
+    )
+    suspended = wait_phase(custom, operator, "pausable", {"Suspended"})
+    assert condition(suspended, "Suspended")["status"] == "True"  # type: ignore[index]
+    wait_until(
+        lambda: batch.read_namespaced_job("pausable-curate-1", ns).spec.suspend,
+        "the curate Job to be suspended",
+    )
+    wait_until(
+        lambda: not (batch.read_namespaced_job("pausable-curate-1", ns).status.active or 0),
+        "the curate pod to stop",
+    )
+    assert "pausable-train-1" not in child_jobs(batch, ns, "pausable")
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, "distillationjobs", "pausable", {"spec": {"suspend": False}}
+    )
+    done = wait_phase(custom, operator, "pausable", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded"
+    assert condition(done, "Suspended")["status"] == "False"  # type: ignore[index]
+    assert stage_status(done, "curate")["attempts"] == 1
+
+
+def test_deletion_mid_run_removes_the_children(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api, k8s_api: client.ApiClient
+) -> None:
+    ns = operator.namespace
+    operator.start(KUBEDISTILL_FAKE_SLEEP="generate:30")
+    create_job(custom, ns, "doomed-early", storage={"deleteOnJobDeletion": True})
+    wait_until(lambda: running_stage(get_job(custom, ns, "doomed-early")) == "generate", "generate to run")
+    uid = get_job(custom, ns, "doomed-early")["metadata"]["uid"]
+    assert (operator.artifacts / ns / "doomed-early" / uid / "generate" / "progress.json").is_file()
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", "doomed-early")
+
+    def gone() -> bool:
+        try:
+            get_job(custom, ns, "doomed-early")
+        except ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_until(gone, "the DistillationJob to be deleted")
+    assert child_jobs(batch, ns, "doomed-early") == []
+    core = client.CoreV1Api(k8s_api)
+    wait_until(
+        lambda: not core.list_namespaced_pod(ns, label_selector=f"{LABEL_JOB}=doomed-early").items,
+        "pods to go",
+    )
+    assert not (operator.artifacts / ns / "doomed-early" / uid).exists()
+
+
+def test_budget_exceeded_starts_nothing_until_raised(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    ns = operator.namespace
+    operator.start()
+    create_job(
+        custom, ns, "pricey", teacher={"model": "openai/gpt-4o"}, budget={"maxTeacherCostUSD": 0.000001}
+    )
+    blocked = wait_until(
+        lambda: (lambda o: o if (condition(o, "BudgetExceeded") or {}).get("status") == "True" else None)(
+            get_job(custom, ns, "pricey")
+        ),
+        "BudgetExceeded",
+    )
+    assert blocked["status"]["phase"] == "Pending"
+    assert blocked["status"]["estimate"]["teacherCostUSD"] > 0.000001
+    assert "exceeds budget.maxTeacherCostUSD" in condition(blocked, "BudgetExceeded")["message"]  # type: ignore[index]
+    assert child_jobs(batch, ns, "pricey") == []
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, "distillationjobs", "pricey", {"spec": {"budget": {"maxTeacherCostUSD": 1000}}}
+    )
+    done = wait_phase(custom, operator, "pricey", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded"
+    assert condition(done, "BudgetExceeded")["status"] == "False"  # type: ignore[index]
+
+
+def test_missing_secret_is_named_and_the_operator_keeps_running(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api, k8s_api: client.ApiClient
+) -> None:
+    ns = operator.namespace
+    operator.start()
+    create_job(
+        custom,
+        ns,
+        "keyless",
+        teacher={"model": "openai/gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "api-key"}},
+    )
+    blocked = wait_until(
+        lambda: (lambda o: o if (condition(o, "SecretMissing") or {}).get("status") == "True" else None)(
+            get_job(custom, ns, "keyless")
+        ),
+        "SecretMissing",
+    )
+    message = condition(blocked, "SecretMissing")["message"]  # type: ignore[index]
+    assert "Secret openai" in message and "api-key" in message
+    assert child_jobs(batch, ns, "keyless") == []
+    assert operator.alive()
+    client.CoreV1Api(k8s_api).create_namespaced_secret(
+        ns, {"metadata": {"name": "openai"}, "stringData": {"api-key": "sk-test-not-real"}}
+    )
+    done = wait_phase(custom, operator, "keyless", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded"
+    assert "sk-test-not-real" not in json.dumps(done) and "sk-test-not-real" not in operator.logs()
+
+
+def test_gpu_stage_without_gpus_is_pending_with_the_reason(
+    operator: Operator, custom: client.CustomObjectsApi
+) -> None:
+    ns = operator.namespace
+    operator.env["KUBEDISTILL_DEFAULT_TRAIN_GPUS"] = "1"
+    operator.start()
+    create_job(custom, ns, "gpu")
+
+    def unschedulable() -> dict[str, Any] | None:
+        obj = get_job(custom, ns, "gpu")
+        ready = condition(obj, "Ready")
+        return obj if ready and ready["reason"] == "Unschedulable" else None
+
+    blocked = wait_until(unschedulable, "the train stage to report Unschedulable")
+    assert blocked["status"]["phase"] == "Training"
+    train = stage_status(blocked, "train")
+    assert train["state"] == "Pending" and "nvidia.com/gpu" in train["message"]
+    assert "nvidia.com/gpu" in condition(blocked, "Ready")["message"]  # type: ignore[index]
+
+
+def test_low_score_skips_promotion_with_both_numbers(
+    operator: Operator, custom: client.CustomObjectsApi
+) -> None:
+    ns = operator.namespace
+    operator.start(KUBEDISTILL_FAKE_SCORE="0.2")
+    create_job(custom, ns, "weak", promotion={"alias": "smart", "minEvalScore": 0.8})
+    done = wait_phase(custom, operator, "weak", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded"
+    skipped = condition(done, "PromotionSkipped")
+    assert skipped is not None and skipped["status"] == "True"
+    assert "0.2" in skipped["message"] and "0.8" in skipped["message"]
+    with pytest.raises(ApiException) as err:
+        custom.get_namespaced_custom_object(GROUP, VERSION, ns, "modelaliases", "smart")
+    assert err.value.status == 404
