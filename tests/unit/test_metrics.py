@@ -16,8 +16,8 @@ def metrics() -> OperatorMetrics:
     return OperatorMetrics(CollectorRegistry())
 
 
-def value(m: OperatorMetrics, name: str, **labels: str) -> float | None:
-    return m.registry.get_sample_value(name, labels)
+def value(m: OperatorMetrics, metric: str, /, **labels: str) -> float | None:
+    return m.registry.get_sample_value(metric, labels)
 
 
 def test_jobs_by_phase_counts_each_job_once(metrics: OperatorMetrics) -> None:
@@ -31,6 +31,25 @@ def test_jobs_by_phase_counts_each_job_once(metrics: OperatorMetrics) -> None:
     metrics.forget_job("a", "unknown")
     assert value(metrics, "kubedistill_jobs", namespace="a", phase="Generating") == 0
     assert metrics.phase_counts() == {"Pending": 1}
+
+
+def test_pending_since_tracks_only_jobs_still_pending(metrics: OperatorMetrics) -> None:
+    metrics.observe_job_phase("a", "old", Phase.PENDING, since=1000.0)
+    metrics.observe_job_phase("a", "old", Phase.PENDING, since=2000.0)  # still the same Pending spell
+    metrics.observe_job_phase("a", "moving", Phase.PENDING, since=1500.0)
+    metrics.observe_job_phase("a", "moving", Phase.GENERATING)
+    metrics.observe_job_phase("a", "gone", Phase.PENDING, since=1700.0)
+    metrics.forget_job("a", "gone")
+    assert (
+        value(metrics, "kubedistill_job_pending_since_timestamp_seconds", namespace="a", name="old") == 1000.0
+    )
+    assert (
+        value(metrics, "kubedistill_job_pending_since_timestamp_seconds", namespace="a", name="moving")
+        is None
+    )
+    assert (
+        value(metrics, "kubedistill_job_pending_since_timestamp_seconds", namespace="a", name="gone") is None
+    )
 
 
 def test_a_job_without_phase_counts_as_pending(metrics: OperatorMetrics) -> None:

@@ -12,6 +12,7 @@ The operator serves these on ``--metrics-port`` (the chart's ``metrics.port``) w
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
@@ -39,6 +40,13 @@ class OperatorMetrics:
             "jobs",
             "DistillationJobs this operator watches, by namespace and phase.",
             ["namespace", "phase"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+        self.pending_since = Gauge(
+            "job_pending_since_timestamp_seconds",
+            "When each DistillationJob now Pending became Pending (Unix time); no series once it moves on.",
+            ["namespace", "name"],
             namespace=NAMESPACE,
             registry=r,
         )
@@ -97,8 +105,14 @@ class OperatorMetrics:
 
     # -- jobs by phase -------------------------------------------------------------------------------
 
-    def observe_job_phase(self, namespace: str, name: str, phase: Phase | str | None) -> None:
-        """Remember the job's current phase; the gauge always equals the count of jobs per phase."""
+    def observe_job_phase(
+        self, namespace: str, name: str, phase: Phase | str | None, *, since: float | None = None
+    ) -> None:
+        """Remember the job's current phase; the gauge always equals the count of jobs per phase.
+
+        `since` (Unix time) is when the job entered this phase if known, e.g. its creation for a new
+        job: after an operator restart, "Pending since" must not restart from now.
+        """
         value = str(phase or Phase.PENDING)
         with self._lock:
             previous = self._phases.get((namespace, name))
@@ -108,12 +122,18 @@ class OperatorMetrics:
                 self.jobs.labels(namespace, previous).dec()
             self._phases[(namespace, name)] = value
             self.jobs.labels(namespace, value).inc()
+            if value == Phase.PENDING:
+                self.pending_since.labels(namespace, name).set(since if since is not None else time.time())
+            elif previous == Phase.PENDING:
+                self.pending_since.remove(namespace, name)
 
     def forget_job(self, namespace: str, name: str) -> None:
         with self._lock:
             previous = self._phases.pop((namespace, name), None)
             if previous is not None:
                 self.jobs.labels(namespace, previous).dec()
+            if previous == Phase.PENDING:
+                self.pending_since.remove(namespace, name)
 
     # -- stages --------------------------------------------------------------------------------------
 

@@ -1,0 +1,147 @@
+"""Helm for the chart tests: built once per machine from its Go module at a pinned version.
+
+    python -m kubedistill.testing.helm build     # build or find helm; prints its path
+
+``KUBEDISTILL_HELM`` names an existing helm binary instead (it must be the pinned major version).
+The build goes to ``$KUBEDISTILL_CACHE/helm-<version>/helm`` (default ``~/.cache/kubedistill``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+HELM_MODULE = "helm.sh/helm/v3"
+HELM_VERSION = "v3.21.4"
+
+
+class HelmError(RuntimeError):
+    """helm could not be built or run; the message says what is missing."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KUBEDISTILL_CACHE") or Path.home() / ".cache" / "kubedistill")
+
+
+def helm_path(version: str = HELM_VERSION) -> Path:
+    return cache_root() / f"helm-{version}" / "helm"
+
+
+def _go() -> str:
+    for candidate in (os.environ.get("GO"), shutil.which("go"), "/usr/local/go/bin/go"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise HelmError("the Go toolchain was not found (helm is built from its Go module); set GO=/path/to/go")
+
+
+def kube_version(go_mod: str) -> tuple[int, int]:
+    """The Kubernetes version helm's client-go stands for (v0.36.x -> 1.36), as helm's Makefile derives it."""
+    match = re.search(r"^\s*k8s\.io/client-go\s+v(\d+)\.(\d+)\.", go_mod, re.MULTILINE)
+    if not match:
+        raise HelmError("helm's go.mod does not require k8s.io/client-go")
+    return int(match.group(1)) + 1, int(match.group(2))
+
+
+def ldflags(version: str, env: Mapping[str, str]) -> str:
+    """Helm's release ldflags: its version, and the Kubernetes version `helm template` and lint assume
+    (without them helm claims Kubernetes v1.20 and refuses charts needing newer)."""
+    result = subprocess.run(
+        [_go(), "mod", "download", "-json", f"{HELM_MODULE}@{version}"],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+    )
+    try:
+        go_mod = Path(json.loads(result.stdout)["GoMod"]).read_text()
+    except (ValueError, KeyError, OSError) as err:
+        raise HelmError(
+            f"go mod download {HELM_MODULE}@{version} failed: {result.stderr.strip() or err}"
+        ) from None
+    major, minor = kube_version(go_mod)
+    flags = ["-s", "-w", f"-X helm.sh/helm/v3/internal/version.version={version}"]
+    for package in ("pkg/lint/rules", "pkg/chartutil"):
+        flags += [
+            f"-X helm.sh/helm/v3/{package}.k8sVersionMajor={major}",
+            f"-X helm.sh/helm/v3/{package}.k8sVersionMinor={minor}",
+        ]
+    return " ".join(flags)
+
+
+def build(version: str = HELM_VERSION) -> Path:
+    """The pinned helm binary, built with `go install` on first use (a few minutes on 2 cores)."""
+    override = os.environ.get("KUBEDISTILL_HELM")
+    if override:
+        return Path(override)
+    target = helm_path(version)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent.parent / f"helm-{version}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target  # another process built it while we waited
+        partial = target.parent / "partial"
+        partial.mkdir(exist_ok=True)
+        print(f"kubedistill: building helm {version} (once per machine)", file=sys.stderr)
+        env = {**os.environ, "GOBIN": str(partial), "GOTOOLCHAIN": "local"}
+        result = subprocess.run(
+            [_go(), "install", f"-ldflags={ldflags(version, env)}", f"{HELM_MODULE}/cmd/helm@{version}"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            last = next((ln for ln in reversed(result.stderr.splitlines()) if ln.strip()), "no output")
+            raise HelmError(f"go install {HELM_MODULE}/cmd/helm@{version} failed: {last.strip()}")
+        (partial / "helm").rename(target)
+        partial.rmdir()
+    return target
+
+
+def run(
+    args: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 300,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run helm with a private HELM_* home, so a developer's repositories and plugins do not leak in."""
+    home = cache_root() / "helm-home"
+    full_env = {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+        **(env or {}),
+    }
+    result = subprocess.run(
+        [str(build()), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd
+    )
+    if check and result.returncode != 0:
+        raise HelmError(f"helm {' '.join(args[:1])} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubedistill.testing.helm")
+    parser.add_argument("command", choices=["build"])
+    parser.parse_args(argv)
+    try:
+        print(build())
+    except HelmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
