@@ -41,5 +41,17 @@ def crds(
         typer.echo(f"wrote {out / name}", err=True)
 
 
+@app.command(
+    "operator",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def operator_command(ctx: typer.Context) -> None:
+    """Run the operator (kopf): -n NS (repeatable), -A, --peering NAME, --liveness URL, --metrics-port N."""
+    from kubedistill.handlers.main import main as run_operator
+
+    run_operator(list(ctx.args))
+
+
 def main() -> None:
     app()
