@@ -1,0 +1,391 @@
+"""generate: the teacher answers every dataset prompt `nSamples` times.
+
+Writes below `<artifactBase>/generate/`:
+- `dataset/train.jsonl`, `dataset/test.jsonl` — the normalised rows, split by a hash of id;
+  `dataset/rejected.jsonl` — invalid rows with their line number and reason.
+- `candidates/shard-NNNNN.jsonl` — one row per answered prompt, written in shards as answers arrive:
+  `{id, split, prompt|messages, system?, reference?, candidates: [text...], finishReasons, usage:
+  {calls, inputTokens, outputTokens}, costUSD, model}`. Held-out (test) prompts are answered too:
+  evaluation compares the student with them.
+
+Resumable: a rerun reads the shards, skips every prompt already in them (so it never pays twice
+for an answer it kept) and continues the numbering. The budget (`budget.maxTeacherCostUSD`) counts
+what earlier attempts spent; a prompt is started only while spent + in flight + its projected cost
+stays within it, so the stage stops before overspending, keeps what it has and fails with
+BudgetExceeded. A prompt whose retries are exhausted is left for the next attempt; the stage then
+fails with TeacherUnavailable and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubedistill import dataset, store
+from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
+from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
+from kubedistill.catalog import ResolvedTeacher, load_catalog
+from kubedistill_trainer.runtime import ProgressReporter, StageFailure
+from kubedistill_trainer.teacher import (
+    TeacherAuthFailed,
+    TeacherClient,
+    TeacherError,
+    TeacherRejected,
+    Usage,
+    estimate_tokens,
+)
+
+log = logging.getLogger(__name__)
+
+SHARD_ROWS = 100
+SHARD_SECONDS = 3.0
+SHARD_PREFIX = "candidates/shard-"
+# Consecutive failed prompts (after their own retries) that mean the teacher is down, not flaky.
+MAX_CONSECUTIVE_FAILURES = 16
+
+
+@dataclass
+class Work:
+    row: dataset.Row
+    split: str
+
+
+@dataclass
+class Outcome:
+    usage: Usage = field(default_factory=Usage)
+    answered: int = 0
+    failed: list[str] = field(default_factory=list)
+    budget_stopped: bool = False
+    fatal: TeacherError | None = None
+    seconds: float = 0.0
+    retries: dict[str, int] = field(default_factory=dict)
+
+
+def candidate_row(
+    work: Work, texts: list[str], finish: list[str], usage: Usage, model: str
+) -> dict[str, Any]:
+    return {
+        **work.row.to_json(),
+        "split": work.split,
+        "candidates": texts,
+        "finishReasons": finish,
+        "usage": {
+            "calls": usage.calls,
+            "inputTokens": usage.input_tokens,
+            "outputTokens": usage.output_tokens,
+        },
+        "costUSD": usage.cost_usd,
+        "model": model,
+    }
+
+
+def usage_of(row: dict[str, Any]) -> Usage:
+    u = row.get("usage", {})
+    return Usage(
+        u.get("calls", 0), u.get("inputTokens", 0), u.get("outputTokens", 0), row.get("costUSD", 0.0)
+    )
+
+
+def shard_index(uri: str) -> int:
+    return int(uri.rsplit(SHARD_PREFIX, 1)[1].split(".", 1)[0])
+
+
+def read_candidates(stage_uri: str) -> tuple[list[dict[str, Any]], int]:
+    """All candidate rows kept so far (first occurrence of an id wins) and the next shard index."""
+    uris = [
+        u for u in store.list_uris(f"{stage_uri}/candidates/") if SHARD_PREFIX in u and u.endswith(".jsonl")
+    ]
+    rows: dict[str, dict[str, Any]] = {}
+    for uri in uris:
+        for row in store.read_jsonl(uri):
+            rows.setdefault(row["id"], row)
+    return list(rows.values()), max((shard_index(u) for u in uris), default=-1) + 1
+
+
+class ShardWriter:
+    """Buffers answered rows and writes them as a new shard every `rows` rows or `seconds` seconds."""
+
+    def __init__(
+        self, stage_uri: str, next_index: int, *, rows: int = SHARD_ROWS, seconds: float = SHARD_SECONDS
+    ):
+        self.stage_uri = stage_uri
+        self.index = next_index
+        self.max_rows = rows
+        self.max_seconds = seconds
+        self.buffer: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+        self.written = 0
+
+    def due(self) -> bool:
+        return len(self.buffer) >= self.max_rows or (
+            bool(self.buffer) and time.monotonic() - self.last_flush >= self.max_seconds
+        )
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        rows, self.buffer = self.buffer, []
+        uri = f"{self.stage_uri}/{SHARD_PREFIX}{self.index:05d}.jsonl"
+        self.index += 1
+        self.last_flush = time.monotonic()
+        await asyncio.to_thread(store.write_jsonl, uri, rows)
+        self.written += len(rows)
+
+
+class BudgetGate:
+    """Admits a prompt only while spent + in-flight projections + its projection fit the budget."""
+
+    def __init__(self, limit: float | None, spent: float, worst_case: float) -> None:
+        self.limit = limit
+        self.spent = spent
+        self.in_flight = 0.0
+        self.worst_case = worst_case
+        self._costs: list[float] = []
+
+    def projection(self) -> float:
+        # Before any answer the worst case (maxTokens); then twice the mean seen so far.
+        if not self._costs:
+            return self.worst_case
+        return min(self.worst_case, 2 * sum(self._costs) / len(self._costs))
+
+    def admit(self) -> float | None:
+        projected = self.projection()
+        if self.limit is not None and self.spent + self.in_flight + projected > self.limit:
+            return None
+        self.in_flight += projected
+        return projected
+
+    def settle(self, projected: float, cost: float | None) -> None:
+        self.in_flight -= projected
+        if cost is not None:
+            self.spent += cost
+            self._costs.append(cost)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.spent + self.projection() > self.limit
+
+
+async def generate_candidates(
+    todo: Sequence[Work],
+    client: TeacherClient,
+    gen: GenerationSpec,
+    gate: BudgetGate,
+    writer: ShardWriter,
+    *,
+    workers: int,
+    on_answer: Any = None,
+) -> Outcome:
+    """Answer `todo` with `workers` prompts in flight; rows go to `writer` as they arrive."""
+    outcome = Outcome()
+    queue: Iterator[Work] = iter(todo)
+    stop = asyncio.Event()
+    consecutive_failures = 0
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        nonlocal consecutive_failures
+        for work in queue:
+            if stop.is_set():
+                return
+            projected = gate.admit()
+            if projected is None:
+                outcome.budget_stopped = True
+                stop.set()
+                return
+            cost = None
+            try:
+                completion = await client.complete(
+                    work.row.teacher_messages(gen.system_prompt),
+                    n=gen.n_samples,
+                    temperature=gen.temperature,
+                    max_tokens=gen.max_tokens,
+                    seed=gen.seed,
+                )
+                cost = completion.usage.cost_usd
+            except (TeacherAuthFailed, TeacherRejected) as exc:
+                outcome.fatal = exc
+                stop.set()
+                return
+            except TeacherError as exc:
+                log.warning("prompt %s failed: %s", work.row.id, exc)
+                outcome.failed.append(work.row.id)
+                consecutive_failures += 1
+                if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                    outcome.fatal = TeacherError(
+                        f"{consecutive_failures} prompts in a row failed; last: {exc}"
+                    )
+                    stop.set()
+                    return
+                continue
+            finally:
+                gate.settle(projected, cost)
+            consecutive_failures = 0
+            outcome.usage.add(completion.usage)
+            outcome.answered += 1
+            writer.buffer.append(
+                candidate_row(
+                    work,
+                    completion.texts,
+                    completion.finish_reasons,
+                    completion.usage,
+                    client.teacher.api_model,
+                )
+            )
+            if writer.due():
+                await writer.flush()
+            if on_answer is not None:
+                on_answer(outcome)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    await writer.flush()
+    outcome.seconds = time.perf_counter() - start
+    outcome.retries = dict(client.retries)
+    return outcome
+
+
+def prepare_dataset(inv: StageInvocation, stage_uri: str) -> tuple[list[Work], dataset.Parsed]:
+    parsed = dataset.load(inv.spec.dataset)
+    train, test = dataset.split(parsed.rows, inv.spec.dataset.test_fraction)
+    store.write_jsonl(f"{stage_uri}/dataset/train.jsonl", [r.to_json() for r in train])
+    store.write_jsonl(f"{stage_uri}/dataset/test.jsonl", [r.to_json() for r in test])
+    store.write_jsonl(f"{stage_uri}/dataset/rejected.jsonl", [r.to_json() for r in parsed.rejected])
+    test_ids = {r.id for r in test}
+    return [Work(r, "test" if r.id in test_ids else "train") for r in parsed.rows], parsed
+
+
+def worst_case_cost(teacher: ResolvedTeacher, works: Sequence[Work], gen: GenerationSpec) -> float:
+    """The most one prompt can cost: the longest prompt, billed per request, and maxTokens per sample."""
+    if not works:
+        return 0.0
+    longest = max(
+        estimate_tokens(w.row.teacher_messages(gen.system_prompt), teacher.chars_per_token) for w in works
+    )
+    requests = 1 if teacher.supports_n else gen.n_samples
+    return teacher.cost(longest * requests, gen.max_tokens * gen.n_samples)
+
+
+def make_client(inv: StageInvocation, teacher: ResolvedTeacher) -> TeacherClient:
+    t = inv.spec.teacher
+    return TeacherClient(
+        teacher,
+        api_key=os.environ.get(TEACHER_API_KEY_ENV) or None,
+        max_concurrency=t.max_concurrency,
+        requests_per_minute=t.requests_per_minute,
+        tokens_per_minute=t.tokens_per_minute,
+        timeout=t.timeout_seconds,
+    )
+
+
+def run(inv: StageInvocation) -> StageResult:
+    stage_uri = inv.stage_uri()
+    spec = inv.spec
+    teacher = load_catalog().resolve_teacher(spec.teacher.model, spec.teacher.base_url)
+    if not teacher.base_url:
+        raise StageFailure(
+            "TeacherUnavailable", f"teacher {spec.teacher.model} is not in the catalog: set teacher.baseURL"
+        )
+    works, parsed = prepare_dataset(inv, stage_uri)
+    kept, next_shard = read_candidates(stage_uri)
+    previous = Usage()
+    for row in kept:
+        previous.add(usage_of(row))
+    done_ids = {row["id"] for row in kept}
+    todo = [w for w in works if w.row.id not in done_ids]
+    total = len(works)
+    log.info("%d prompts, %d already answered, %d to ask %s", total, total - len(todo), len(todo), teacher.id)
+
+    gate = BudgetGate(
+        spec.budget.max_teacher_cost_usd, previous.cost_usd, worst_case_cost(teacher, todo, spec.generation)
+    )
+    writer = ShardWriter(stage_uri, next_shard)
+    progress = ProgressReporter(stage_uri, inv.stage)
+    base_done = total - len(todo)
+
+    def report(outcome: Outcome, force: bool = False) -> None:
+        done = base_done + outcome.answered
+        progress.update(
+            done, total, detail=f"{done}/{total} prompts answered", cost_usd=gate.spent, force=force
+        )
+
+    report(Outcome(), force=True)
+
+    async def go() -> Outcome:
+        async with make_client(inv, teacher) as client:
+            return await generate_candidates(
+                todo,
+                client,
+                spec.generation,
+                gate,
+                writer,
+                workers=spec.teacher.max_concurrency,
+                on_answer=report,
+            )
+
+    outcome = asyncio.run(go()) if todo and not gate.exhausted else Outcome(budget_stopped=bool(todo))
+    report(outcome, force=True)
+
+    usage = Usage()
+    usage.add(previous)
+    usage.add(outcome.usage)
+    answered = base_done + outcome.answered
+    metrics = Metrics(
+        teacher_calls=usage.calls,
+        teacher_input_tokens=usage.input_tokens,
+        teacher_output_tokens=usage.output_tokens,
+        teacher_cost_total=round(usage.cost_usd, 6),
+        candidates=answered * spec.generation.n_samples,
+    )
+    artifacts = Artifacts(dataset_uri=f"{stage_uri}/dataset/", candidates_uri=f"{stage_uri}/candidates/")
+    details = {
+        "teacher": teacher.id,
+        "priceNote": teacher.note,
+        "prompts": total,
+        "answered": answered,
+        "answeredThisAttempt": outcome.answered,
+        "trainRows": sum(w.split == "train" for w in works),
+        "testRows": sum(w.split == "test" for w in works),
+        "rejectedRows": len(parsed.rejected),
+        "failedPrompts": outcome.failed[:20],
+        "retries": outcome.retries,
+        "generationSeconds": round(outcome.seconds, 3),
+        "requestsPerSecond": round(outcome.usage.calls / outcome.seconds, 2) if outcome.seconds else None,
+    }
+    rejected_note = f"; {len(parsed.rejected)} invalid dataset rows skipped" if parsed.rejected else ""
+    result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)
+    if outcome.fatal is not None:
+        return result.model_copy(
+            update={
+                "ok": False,
+                "reason": outcome.fatal.reason,
+                "message": f"{outcome.fatal}; {answered}/{total} prompts answered and kept",
+            }
+        )
+    if outcome.budget_stopped:
+        limit = spec.budget.max_teacher_cost_usd
+        return result.model_copy(
+            update={
+                "ok": False,
+                "reason": "BudgetExceeded",
+                "message": f"teacher budget ${limit:.4f} reached (${usage.cost_usd:.4f} spent): {answered}/{total} "
+                "prompts answered and kept; raise budget.maxTeacherCostUSD and rerun to continue",
+            }
+        )
+    if outcome.failed:
+        return result.model_copy(
+            update={
+                "ok": False,
+                "reason": "TeacherUnavailable",
+                "message": f"{len(outcome.failed)} prompts failed after retries; {answered}/{total} answered and "
+                "kept; a rerun asks only the missing ones",
+            }
+        )
+    message = (
+        f"{answered} prompts × {spec.generation.n_samples} samples, ${usage.cost_usd:.4f}{rejected_note}"
+    )
+    return result.model_copy(update={"message": message})
