@@ -91,29 +91,41 @@ def usage_of(row: dict[str, Any]) -> Usage:
     )
 
 
-def shard_index(uri: str) -> int:
-    return int(uri.rsplit(SHARD_PREFIX, 1)[1].split(".", 1)[0])
+def shard_index(uri: str, prefix: str = SHARD_PREFIX) -> int:
+    return int(uri.rsplit(prefix, 1)[1].split(".", 1)[0])
+
+
+def read_shards(stage_uri: str, prefix: str) -> tuple[list[dict[str, Any]], int]:
+    """Every row of `<stage_uri>/<prefix>NNNNN.jsonl` in shard order, and the next shard index."""
+    directory = prefix.rsplit("/", 1)[0]
+    uris = [u for u in store.list_uris(f"{stage_uri}/{directory}/") if prefix in u and u.endswith(".jsonl")]
+    rows = [row for uri in uris for row in store.read_jsonl(uri)]
+    return rows, max((shard_index(u, prefix) for u in uris), default=-1) + 1
 
 
 def read_candidates(stage_uri: str) -> tuple[list[dict[str, Any]], int]:
     """All candidate rows kept so far (first occurrence of an id wins) and the next shard index."""
-    uris = [
-        u for u in store.list_uris(f"{stage_uri}/candidates/") if SHARD_PREFIX in u and u.endswith(".jsonl")
-    ]
-    rows: dict[str, dict[str, Any]] = {}
-    for uri in uris:
-        for row in store.read_jsonl(uri):
-            rows.setdefault(row["id"], row)
-    return list(rows.values()), max((shard_index(u) for u in uris), default=-1) + 1
+    rows, next_index = read_shards(stage_uri, SHARD_PREFIX)
+    unique: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(row["id"], row)
+    return list(unique.values()), next_index
 
 
 class ShardWriter:
     """Buffers answered rows and writes them as a new shard every `rows` rows or `seconds` seconds."""
 
     def __init__(
-        self, stage_uri: str, next_index: int, *, rows: int = SHARD_ROWS, seconds: float = SHARD_SECONDS
-    ):
+        self,
+        stage_uri: str,
+        next_index: int,
+        *,
+        prefix: str = SHARD_PREFIX,
+        rows: int = SHARD_ROWS,
+        seconds: float = SHARD_SECONDS,
+    ) -> None:
         self.stage_uri = stage_uri
+        self.prefix = prefix
         self.index = next_index
         self.max_rows = rows
         self.max_seconds = seconds
@@ -130,7 +142,7 @@ class ShardWriter:
         if not self.buffer:
             return
         rows, self.buffer = self.buffer, []
-        uri = f"{self.stage_uri}/{SHARD_PREFIX}{self.index:05d}.jsonl"
+        uri = f"{self.stage_uri}/{self.prefix}{self.index:05d}.jsonl"
         self.index += 1
         self.last_flush = time.monotonic()
         await asyncio.to_thread(store.write_jsonl, uri, rows)
