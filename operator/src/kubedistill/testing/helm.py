@@ -16,8 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 HELM_MODULE = "helm.sh/helm/v3"
 HELM_VERSION = "v3.21.4"
@@ -129,6 +133,40 @@ def run(
     if check and result.returncode != 0:
         raise HelmError(f"helm {' '.join(args[:1])} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def chart_dir() -> Path:
+    # operator/src/kubedistill/testing/helm.py -> repository root
+    return Path(__file__).resolve().parents[4] / "charts" / "kubedistill"
+
+
+def template(
+    values: Mapping[str, Any] | None = None,
+    *,
+    release: str = "kd",
+    namespace: str = "kubedistill-system",
+    kube_version: str | None = None,
+    chart: Path | None = None,
+) -> list[dict[str, Any]]:
+    """`helm template` of the chart with these values, as a list of objects (empty documents dropped)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump(dict(values or {}), handle)
+    try:
+        args = [
+            "template",
+            release,
+            str(chart or chart_dir()),
+            "--namespace",
+            namespace,
+            "--values",
+            handle.name,
+        ]
+        if kube_version:
+            args += ["--kube-version", kube_version]
+        rendered = run(args).stdout
+    finally:
+        os.unlink(handle.name)
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,421 @@
+"""The Helm chart: lint, render three value sets through kubernetes-validate, RBAC shape, settings the
+operator really parses, CRDs equal to crds/, values.schema.json refusing bad values, README current."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubedistill.api.models import STAGES, ResourceRequirements, Stage
+from kubedistill.settings import from_mapping
+from kubedistill.testing import helm
+from kubedistill.testing.cluster import pinned_version, tools_module_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "kubedistill"
+NAMESPACE = "kubedistill-system"
+# Kinds of other projects' CRDs: kubernetes-validate knows only built-in kinds.
+THIRD_PARTY = {"ServiceMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced-minio": {
+        "watchNamespaces": ["ml", "research"],
+        "minio": {"enabled": True, "persistence": {"enabled": True, "size": "5Gi"}},
+        "networkPolicy": {
+            "enabled": True,
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}],
+        },
+    },
+    "gpu": {
+        "stages": {"train": {"gpus": 2, "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}}},
+        "gpu": {
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {
+                    "key": "cloud.google.com/gke-spot",
+                    "operator": "Equal",
+                    "value": "true",
+                    "effect": "NoSchedule",
+                },
+            ],
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        },
+        "trainer": {"image": {"tag": "0.1.0-cu128"}, "env": {"HF_HUB_OFFLINE": "1"}},
+        "storage": {
+            "bucket": "ml-artifacts",
+            "endpoint": "https://s3.eu-west-1.amazonaws.com",
+            "existingSecret": "s3",
+        },
+        "replicaCount": 2,
+        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    },
+}
+
+
+def kube_version() -> str:
+    """The Kubernetes version of the test control plane (k8s.io/kubernetes vX.Y.Z in its go.mod)."""
+    return pinned_version((tools_module_dir() / "go.mod").read_text()).lstrip("v")
+
+
+@pytest.fixture(scope="module")
+def render() -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    helm.build()
+    return lambda values: helm.template(values, namespace=NAMESPACE, kube_version=kube_version())
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    (found,) = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
+    return found
+
+
+def settings_of(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = one(docs, "ConfigMap", "-settings")["data"]
+    return data
+
+
+def rules_of(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+# ------------------------------------------------------------------------------------- lint, render
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_strict(name: str, tmp_path: Path) -> None:
+    helm.build()
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(VALUE_SETS[name]))
+    result = helm.run(["lint", "--strict", str(CHART), "--values", str(values)], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rendered_manifests_pass_kubernetes_validate(
+    name: str, render: Callable[..., list[dict[str, Any]]]
+) -> None:
+    docs = render(VALUE_SETS[name])
+    version = kube_version()
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in THIRD_PARTY:
+            continue
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {err.message} at {list(err.path)}")
+        checked += 1
+    assert checked >= 8
+
+
+def test_defaults_run_one_operator_cluster_wide(render: Callable[..., list[dict[str, Any]]]) -> None:
+    docs = render({})
+    deploy = one(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/kubedistill/operator:0.1.0"
+    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8080, "metrics": 9090}
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "KUBEDISTILL_PEERING" not in settings_of(docs)
+    assert (
+        not by_kind(docs, "Role")
+        and not by_kind(docs, "KopfPeering")
+        and not by_kind(docs, "ClusterKopfPeering")
+    )
+    service = one(docs, "Service", "-metrics")
+    assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PrometheusRule")
+    assert not by_kind(docs, "NetworkPolicy") and not by_kind(docs, "Secret")
+
+
+def test_defaults_are_the_operators_own_defaults(render: Callable[..., list[dict[str, Any]]]) -> None:
+    """The chart's per-stage defaults go through kubedistill.settings exactly as the operator reads them."""
+    settings = from_mapping(settings_of(render({})))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert settings.trainer_image == "ghcr.io/kubedistill/trainer:0.1.0"
+    for stage in STAGES:
+        expected = ResourceRequirements.model_validate(values["stages"][stage.value]["resources"])
+        assert settings.stage_resources[stage] == expected
+    assert settings.train_gpus == 1 and settings.default_gpus[Stage.GENERATE] == 0
+    assert settings.gpu_tolerations == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert settings.storage_bucket is None and settings.namespaces == ()
+
+
+def test_gpu_values_reach_the_operator_settings(render: Callable[..., list[dict[str, Any]]]) -> None:
+    values = VALUE_SETS["gpu"]
+    docs = render(values)
+    settings = from_mapping(settings_of(docs))
+    assert settings.train_gpus == 2
+    # Helm merges maps: the requests given, the default limit kept.
+    assert settings.stage_resources[Stage.TRAIN] == ResourceRequirements(
+        requests={"cpu": "8", "memory": "64Gi"}, limits={"memory": "32Gi"}
+    )
+    # Two replicas: kopf peering, cluster-wide, with its CRDs and the peering object created after them.
+    assert settings.peering == "kubedistill"
+    assert one(docs, "Deployment")["spec"]["replicas"] == 2
+    assert "strategy" not in one(docs, "Deployment")["spec"]
+    peering = one(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    crds = {d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(one(docs, "ClusterRole"))
+    rule = one(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert alerts["KubedistillJobStuckPending"]["expr"].endswith("> 1800")
+    assert one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_namespaced_install_with_minio(render: Callable[..., list[dict[str, Any]]]) -> None:
+    docs = render(VALUE_SETS["namespaced-minio"])
+    settings = from_mapping(settings_of(docs))
+    minio = "kd-kubedistill-minio"
+    assert settings.namespaces == ("ml", "research")
+    assert settings.storage_endpoint == f"http://{minio}.{NAMESPACE}.svc:9000"
+    assert (settings.storage_bucket, settings.storage_secret) == ("kubedistill", minio)
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["name"] == minio
+    assert len(secret["stringData"]["AWS_SECRET_ACCESS_KEY"]) == 32
+    assert secret["stringData"]["AWS_SECRET_ACCESS_KEY"] == secret["stringData"]["MINIO_ROOT_PASSWORD"]
+    service = one(docs, "Service", "-minio")
+    assert service["spec"]["ports"][0]["port"] == 9000
+    assert one(docs, "PersistentVolumeClaim")["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    bucket_job = one(docs, "Job", "-bucket")
+    assert "local/kubedistill" in bucket_job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    operator_env = {
+        e["name"]: e
+        for e in one(docs, "Deployment", "kd-kubedistill")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert operator_env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": minio,
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert operator_env["KUBEDISTILL_S3_ENDPOINT"]["value"] == settings.storage_endpoint
+    policies = {p["metadata"]["name"]: p for p in by_kind(docs, "NetworkPolicy")}
+    assert policies["kd-kubedistill"]["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"team": "obs"}}}
+    ]
+    assert minio in policies
+
+
+# -------------------------------------------------------------------------------------------- RBAC
+
+
+JOB_RULES = {
+    ("kubedistill.io", "distillationjobs", "watch"),
+    ("kubedistill.io", "distillationjobs/status", "patch"),
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "delete"),
+    ("", "pods", "list"),
+    ("", "pods/log", "get"),
+    ("", "events", "create"),
+}
+FORBIDDEN = {
+    (group, resource, verb)
+    for group, resource in (
+        ("", "nodes"),
+        ("rbac.authorization.k8s.io", "clusterroles"),
+        ("rbac.authorization.k8s.io", "roles"),
+    )
+    for verb in ("create", "update", "patch", "delete", "bind", "escalate")
+} | {("", "secrets", verb) for verb in ("get", "list", "watch", "create", "update", "patch", "delete")}
+
+
+def test_cluster_wide_rbac_has_no_secret_node_or_rbac_access(
+    render: Callable[..., list[dict[str, Any]]],
+) -> None:
+    docs = render({})
+    cluster = rules_of(one(docs, "ClusterRole"))
+    assert cluster >= JOB_RULES
+    assert ("", "namespaces", "watch") in cluster
+    assert ("apiextensions.k8s.io", "customresourcedefinitions", "watch") in cluster
+    assert not cluster & FORBIDDEN
+    assert all("*" not in rule for rule in cluster)
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kd-kubedistill", "namespace": NAMESPACE}
+    ]
+
+
+def test_namespaced_rbac_is_roles_in_the_watched_namespaces(
+    render: Callable[..., list[dict[str, Any]]],
+) -> None:
+    docs = render(VALUE_SETS["namespaced-minio"])
+    cluster = rules_of(one(docs, "ClusterRole"))
+    # Cluster-wide only what kopf needs to notice CRDs come and go: nothing about jobs or namespaces.
+    assert cluster == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): rules_of(r) for r in by_kind(docs, "Role")}
+    for ns in ("ml", "research"):
+        assert roles[(ns, "kd-kubedistill")] >= JOB_RULES
+        assert not roles[(ns, "kd-kubedistill")] & FORBIDDEN
+        assert roles[(ns, "kd-kubedistill-secrets")] == {("", "secrets", "get")}
+    assert {ns for ns, _ in roles} == {"ml", "research"}
+    bindings = by_kind(docs, "RoleBinding")
+    assert len(bindings) == 4 and all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+
+
+def test_secret_reads_only_where_listed(render: Callable[..., list[dict[str, Any]]]) -> None:
+    docs = render({"rbac": {"secretNamespaces": ["ml"]}})
+    (role,) = by_kind(docs, "Role")
+    assert (role["metadata"]["namespace"], rules_of(role)) == ("ml", {("", "secrets", "get")})
+    assert not rules_of(one(docs, "ClusterRole")) & FORBIDDEN
+    assert not [d for d in render({"rbac": {"create": False}}) if d["kind"].endswith(("Role", "RoleBinding"))]
+
+
+# -------------------------------------------------------------------------------------------- CRDs
+
+
+def test_chart_crds_equal_the_generated_crds(render: Callable[..., list[dict[str, Any]]]) -> None:
+    rendered = {d["metadata"]["name"]: d for d in by_kind(render({}), "CustomResourceDefinition")}
+    sources = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
+    assert len(sources) == 2 and set(rendered) == {s["metadata"]["name"] for s in sources}
+    for source in sources:
+        chart_crd = rendered[source["metadata"]["name"]]
+        assert chart_crd["spec"] == source["spec"]
+        assert source["metadata"]["labels"].items() <= chart_crd["metadata"]["labels"].items()
+        assert chart_crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    result = subprocess.run(
+        [sys.executable, str(CHART / "hack" / "sync-crds.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_crds_enabled_and_keep_switches(render: Callable[..., list[dict[str, Any]]]) -> None:
+    assert not by_kind(render({"crds": {"enabled": False, "keep": True}}), "CustomResourceDefinition")
+    unkept = by_kind(render({"crds": {"enabled": True, "keep": False}}), "CustomResourceDefinition")
+    assert len(unkept) == 2 and all("annotations" not in d["metadata"] for d in unkept)
+
+
+# ------------------------------------------------------------------------------------------ schema
+
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
+    ({"replicaCount": 0}, "at '/replicaCount': minimum: got 0, want 1"),
+    ({"replicaCount": "two"}, "at '/replicaCount'"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy': value must be one of"),
+    ({"image": {"tag": "latest please"}}, "at '/image/tag'"),
+    ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0': 'Team_A' does not match pattern"),
+    ({"watchNamespaces": ["ml", "ml"]}, "at '/watchNamespaces'"),
+    ({"crds": {"enabled": "yes", "keep": True}}, "at '/crds/enabled'"),
+    ({"stages": {"train": {"gpus": -1}}}, "at '/stages/train/gpus': minimum: got -1, want 0"),
+    ({"stages": {"train": {"gpu": 1}}}, "additional properties 'gpu' not allowed"),
+    (
+        {"stages": {"export": {"resources": {"limits": {"memory": "lots"}}}}},
+        "at '/stages/export/resources/limits/memory'",
+    ),
+    (
+        {"gpu": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Maybe"}]}},
+        "at '/gpu/tolerations/0/operator'",
+    ),
+    ({"storage": {"endpoint": "minio:9000"}}, "at '/storage/endpoint'"),
+    ({"storage": {"bucket": "My_Bucket"}}, "at '/storage/bucket'"),
+    ({"storage": {"artifactRoot": "/data/artifacts"}}, "at '/storage/artifactRoot'"),
+    ({"minio": {"rootPassword": "short"}}, "at '/minio/rootPassword'"),
+    ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "at '/metrics/serviceMonitor/interval'"),
+    (
+        {"metrics": {"prometheusRule": {"stageFailureRatio": 1.5}}},
+        "at '/metrics/prometheusRule/stageFailureRatio'",
+    ),
+    ({"metrics": {"port": 70000}}, "at '/metrics/port'"),
+    (
+        {"trainer": {"env": {"HF-HOME": "/tmp"}}},
+        "at '/trainer/env': additional properties 'HF-HOME' not allowed",
+    ),
+    ({"watchNamespace": ["ml"]}, "additional properties 'watchNamespace' not allowed"),
+    # Rules a JSON schema cannot say, enforced by the templates with a message of their own.
+    ({"metrics": {"port": 8080}}, "metrics.port and healthPort must differ"),
+    (
+        {"operator": {"retryBackoffBaseSeconds": 60, "retryBackoffMaxSeconds": 30}},
+        "retryBackoffMaxSeconds must be at least",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES, ids=[m.split(":")[0][:40] for _, m in BAD_VALUES])
+def test_bad_values_are_refused_with_a_clear_message(
+    values: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    helm.build()
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = helm.run(["template", "kd", str(CHART), "--values", str(path)], check=False)
+    assert result.returncode != 0, f"accepted: {values}"
+    assert message in result.stderr, result.stderr
+
+
+def test_the_gitops_example_values_are_valid(render: Callable[..., list[dict[str, Any]]]) -> None:
+    app = yaml.safe_load((ROOT / "examples" / "gitops" / "apps" / "operator.yaml").read_text())
+    docs = render(app["spec"]["source"]["helm"]["valuesObject"])
+    assert from_mapping(settings_of(docs)).storage_secret == "kubedistill-s3"
+    assert by_kind(docs, "ServiceMonitor")
+
+
+# ------------------------------------------------------------------------------------------ README
+
+
+def load_generator() -> Any:
+    spec = importlib.util.spec_from_file_location("chart_gen_readme", CHART / "hack" / "gen-readme.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chart_gen_readme"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def leaves(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node:
+        return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_readme_is_generated_from_values() -> None:
+    generator = load_generator()
+    assert (CHART / "README.md").read_text() == generator.render(), (
+        "run python charts/kubedistill/hack/gen-readme.py"
+    )
+    documented = {path for path, _ in generator.documented_keys((CHART / "values.yaml").read_text())}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    undocumented = [
+        leaf
+        for leaf in leaves(values)
+        if not any(leaf == path or leaf.startswith(path + ".") for path in documented)
+    ]
+    assert undocumented == [], "values without a `# --` comment"
+
+
+def test_every_value_is_allowed_by_the_schema() -> None:
+    """values.yaml itself passes values.schema.json, and the schema knows every key of values.yaml."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
