@@ -8,6 +8,7 @@ Secret, never held.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -136,6 +137,4 @@ def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Set
 
 
 def from_env() -> Settings:
-    import os
-
     return from_mapping(os.environ)

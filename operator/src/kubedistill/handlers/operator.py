@@ -7,7 +7,9 @@ themselves through the status subresource.
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -17,13 +19,15 @@ from kubedistill.catalog import load_catalog
 from kubedistill.domain.naming import LABEL_MANAGED_BY, MANAGED_BY
 from kubedistill.handlers.alias import reconcile_alias
 from kubedistill.handlers.service import Reconciler
+from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
 from kubedistill.metrics import default_metrics
-from kubedistill.settings import Settings, from_env
+from kubedistill.settings import Settings, from_env, from_mapping
 
 DJ = (GROUP, VERSION, "distillationjobs")
 ALIAS = (GROUP, VERSION, "modelaliases")
 FINALIZER = f"{GROUP}/finalizer"
+SETTINGS_CONFIGMAP_ENV = "KUBEDISTILL_SETTINGS_CONFIGMAP"
 
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
@@ -46,6 +50,23 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
     settings.execution.max_workers = 8
 
 
+async def settings_from_configmap(kube: Kube, base: Settings) -> Settings:
+    """KUBEDISTILL_SETTINGS_CONFIGMAP names a ConfigMap (in the operator's namespace) whose keys override env."""
+    name = os.environ.get(SETTINGS_CONFIGMAP_ENV)
+    if not name:
+        return base
+    namespace = os.environ.get("POD_NAMESPACE") or _incluster_namespace() or "default"
+    configmap = await resources.get_configmap(kube, namespace, name)
+    if configmap is None:
+        raise kopf.PermanentError(f"settings ConfigMap {namespace}/{name} not found")
+    return from_mapping(configmap.get("data") or {}, base)
+
+
+def _incluster_namespace() -> str | None:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text(encoding="utf-8").strip() if path.exists() else None
+
+
 def _post_event(body: dict[str, Any], *, type: str, reason: str, message: str) -> None:
     kopf.event(kopf.Body(cast(kopf.RawBody, body)), type=type, reason=reason, message=message)
 
@@ -53,9 +74,11 @@ def _post_event(body: dict[str, Any], *, type: str, reason: str, message: str) -
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     ours = from_env()
+    kube = Kube.from_env()
+    ours = await settings_from_configmap(kube, ours)
     configure_kopf(settings, ours)
     memo.service = Reconciler(
-        kube=Kube.from_env(),
+        kube=kube,
         settings=ours,
         catalog=load_catalog(),
         post_event=_post_event,

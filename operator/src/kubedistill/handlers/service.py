@@ -84,7 +84,10 @@ class Reconciler:
         key = (namespace, name)
         if resource_version is not None and resource_version == self._written.get(key):
             return
-        self._wakeups.setdefault(key, asyncio.Event()).set()
+        # No loop yet: it reconciles first thing when it starts, so there is nothing to remember.
+        wakeup = self._wakeups.get(key)
+        if wakeup is not None:
+            wakeup.set()
 
     async def run(self, namespace: str, name: str, stopped: Stopped) -> None:
         key = (namespace, name)
@@ -219,7 +222,11 @@ class Reconciler:
         new = decision.status.to_k8s()
         old = (job.status or DistillationJobStatus()).to_k8s()
         if new != old:
-            patched = await resources.patch_distillation_job_status(self.kube, namespace, name, new)
+            body_status = dict(new)
+            if decision.status.progress is not None:
+                # Explicit nulls: a merge patch would otherwise keep the previous stage's detail.
+                body_status["progress"] = decision.status.progress.model_dump(by_alias=True, mode="json")
+            patched = await resources.patch_distillation_job_status(self.kube, namespace, name, body_status)
             self._written[(namespace, name)] = patched["metadata"]["resourceVersion"]
         for event in decision.events:
             self._event(body, event, name, namespace)
