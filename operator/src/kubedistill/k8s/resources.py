@@ -109,8 +109,19 @@ async def delete_job(kube: Kube, namespace: str, name: str) -> None:
 
 
 async def secret_exists(kube: Kube, namespace: str, name: str) -> bool:
-    """Whether the Secret exists, asking for its metadata only: the operator never reads secret values."""
-    found = await get_or_none(kube, f"/api/v1/namespaces/{namespace}/secrets/{name}", accept=METADATA_ONLY)
+    """Whether the Secret exists, asking for its metadata only: the operator never reads secret values.
+
+    A 403 counts as "exists": a cluster-wide install may not read Secrets everywhere (the chart's
+    rbac.secretNamespaces), and then a missing Secret shows on the stage Pod instead of up front.
+    """
+    try:
+        found = await get_or_none(
+            kube, f"/api/v1/namespaces/{namespace}/secrets/{name}", accept=METADATA_ONLY
+        )
+    except ApiError as err:
+        if err.status == 403:
+            return True
+        raise
     return found is not None
 
 
