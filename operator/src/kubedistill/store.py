@@ -159,7 +159,8 @@ class S3Backend(Backend):
         from botocore.config import Config
 
         self.endpoint = endpoint
-        self.client = boto3.client(
+        # A session of its own: boto3's default session caches the first credentials it resolves.
+        self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
             region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",

@@ -27,7 +27,7 @@ import random
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -77,15 +77,16 @@ class Completion:
 class TokenBucket:
     """`rate_per_minute` units per minute, bursting up to one minute's worth; debt allowed."""
 
-    def __init__(self, rate_per_minute: float) -> None:
+    def __init__(self, rate_per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = float(rate_per_minute)
         self.rate = rate_per_minute / 60.0
         self.level = self.capacity
-        self.updated = time.monotonic()
+        self.clock = clock
+        self.updated = clock()
         self._lock = asyncio.Lock()
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
         self.updated = now
 
