@@ -57,7 +57,7 @@ def _examples(n: int) -> list[Example]:
 def _bond_median(model_dir: str, batch: Any, steps: int) -> float:
     torch.manual_seed(0)
     model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(**LORA)
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora()
     )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,7 +112,7 @@ def _sft_median(model_dir: str, rows: list[dict[str, list[int]]], steps: int) ->
             args=config,
             train_dataset=Dataset.from_list(rows),
             processing_class=AutoTokenizer.from_pretrained(model_dir),
-            peft_config=LoraConfig(**LORA),
+            peft_config=_lora(),
             callbacks=[timer],
         )
         trainer.train()
