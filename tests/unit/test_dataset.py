@@ -85,7 +85,7 @@ def test_split_is_deterministic_and_near_the_fraction() -> None:
     train, test = dataset.split(rows, 0.1)
     assert len(train) + len(test) == 4000
     assert 320 < len(test) < 480
-    again_train, again_test = dataset.split(list(reversed(rows)), 0.1)
+    _, again_test = dataset.split(list(reversed(rows)), 0.1)
     assert {r.id for r in again_test} == {r.id for r in test}
     # A larger fraction only moves rows from train to test, never the other way.
     _, bigger = dataset.split(rows, 0.2)
@@ -144,7 +144,7 @@ def test_config_map_source_reads_the_mounted_file(tmp_path: Path) -> None:
     mounted.write_text(json.dumps({"id": "cm", "prompt": "from a ConfigMap"}) + "\n")
     parsed = dataset.load(spec, environ={dataset.DATASET_FILE_ENV: str(mounted)})
     assert [r.id for r in parsed.rows] == ["cm"]
-    with pytest.raises(dataset.DatasetInvalid, match="prompts/rows.jsonl is not mounted"):
+    with pytest.raises(dataset.DatasetInvalid, match=r"prompts/rows\.jsonl is not mounted"):
         dataset.load(spec, environ={})
     with pytest.raises(dataset.DatasetInvalid, match="cannot read dataset configMapRef"):
         dataset.load(spec, environ={dataset.DATASET_FILE_ENV: str(tmp_path / "nope")})
