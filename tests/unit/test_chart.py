@@ -69,7 +69,9 @@ def kube_version() -> str:
 @pytest.fixture(scope="module")
 def render() -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
     helm.build()
-    return lambda values: helm.template(values, namespace=NAMESPACE, kube_version=kube_version())
+    return lambda values: helm.template(
+        values, namespace=NAMESPACE, kube_version=kube_version(), include_crds=True
+    )
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -133,7 +135,9 @@ def test_defaults_run_one_operator_cluster_wide(render: Callable[..., list[dict[
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/kubedistill/operator:0.1.0"
-    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz"]
+    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9090"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"] == {"fieldPath": "metadata.namespace"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"health": 8080, "metrics": 9090}
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
@@ -176,12 +180,11 @@ def test_gpu_values_reach_the_operator_settings(render: Callable[..., list[dict[
     assert settings.stage_resources[Stage.TRAIN] == ResourceRequirements(
         requests={"cpu": "8", "memory": "64Gi"}, limits={"memory": "32Gi"}
     )
-    # Two replicas: kopf peering, cluster-wide, with its CRDs and the peering object created after them.
+    # Two replicas: kopf peering, cluster-wide, with its CRDs (from the chart's crds/) and peering object.
     assert settings.peering == "kubedistill"
     assert one(docs, "Deployment")["spec"]["replicas"] == 2
     assert "strategy" not in one(docs, "Deployment")["spec"]
-    peering = one(docs, "ClusterKopfPeering")
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "kubedistill"
     crds = {d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
     assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(one(docs, "ClusterRole"))
@@ -226,13 +229,22 @@ def test_namespaced_install_with_minio(render: Callable[..., list[dict[str, Any]
 # -------------------------------------------------------------------------------------------- RBAC
 
 
+# Exactly the calls of kubedistill.k8s.resources plus kopf's watches, annotation patches and events.
 JOB_RULES = {
-    ("kubedistill.io", "distillationjobs", "watch"),
+    *{
+        ("kubedistill.io", resource, verb)
+        for resource in ("distillationjobs", "modelaliases")
+        for verb in ("get", "list", "watch", "patch")
+    },
+    ("kubedistill.io", "modelaliases", "create"),
     ("kubedistill.io", "distillationjobs/status", "patch"),
-    ("batch", "jobs", "create"),
-    ("batch", "jobs", "delete"),
+    ("kubedistill.io", "modelaliases/status", "patch"),
+    ("kubedistill.io", "distillationjobs/finalizers", "update"),
+    ("kubedistill.io", "modelaliases/finalizers", "update"),
+    *{("batch", "jobs", verb) for verb in ("create", "get", "list", "watch", "patch", "delete")},
     ("", "pods", "list"),
-    ("", "pods/log", "get"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "create"),
     ("", "events", "create"),
 }
 FORBIDDEN = {
@@ -251,9 +263,10 @@ def test_cluster_wide_rbac_has_no_secret_node_or_rbac_access(
 ) -> None:
     docs = render({})
     cluster = rules_of(one(docs, "ClusterRole"))
-    assert cluster >= JOB_RULES
-    assert ("", "namespaces", "watch") in cluster
-    assert ("apiextensions.k8s.io", "customresourcedefinitions", "watch") in cluster
+    assert cluster == JOB_RULES | {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
     assert not cluster & FORBIDDEN
     assert all("*" not in rule for rule in cluster)
     binding = one(docs, "ClusterRoleBinding")
@@ -267,14 +280,15 @@ def test_namespaced_rbac_is_roles_in_the_watched_namespaces(
 ) -> None:
     docs = render(VALUE_SETS["namespaced-minio"])
     cluster = rules_of(one(docs, "ClusterRole"))
-    # Cluster-wide only what kopf needs to notice CRDs come and go: nothing about jobs or namespaces.
+    # Cluster-wide only what kopf needs to notice CRDs and namespaces come and go: nothing about jobs.
     assert cluster == {
-        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        (group, resource, verb)
+        for group, resource in (("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces"))
+        for verb in ("list", "watch")
     }
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): rules_of(r) for r in by_kind(docs, "Role")}
     for ns in ("ml", "research"):
-        assert roles[(ns, "kd-kubedistill")] >= JOB_RULES
+        assert roles[(ns, "kd-kubedistill")] == JOB_RULES
         assert not roles[(ns, "kd-kubedistill")] & FORBIDDEN
         assert roles[(ns, "kd-kubedistill-secrets")] == {("", "secrets", "get")}
     assert {ns for ns, _ in roles} == {"ml", "research"}
@@ -293,8 +307,13 @@ def test_secret_reads_only_where_listed(render: Callable[..., list[dict[str, Any
 # -------------------------------------------------------------------------------------------- CRDs
 
 
+def ours(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kubedistill.io CRDs (kopf's peering CRDs come from the chart's crds/ directory regardless)."""
+    return [d for d in by_kind(docs, "CustomResourceDefinition") if d["spec"]["group"] == "kubedistill.io"]
+
+
 def test_chart_crds_equal_the_generated_crds(render: Callable[..., list[dict[str, Any]]]) -> None:
-    rendered = {d["metadata"]["name"]: d for d in by_kind(render({}), "CustomResourceDefinition")}
+    rendered = {d["metadata"]["name"]: d for d in ours(render({}))}
     sources = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
     assert len(sources) == 2 and set(rendered) == {s["metadata"]["name"] for s in sources}
     for source in sources:
@@ -309,8 +328,9 @@ def test_chart_crds_equal_the_generated_crds(render: Callable[..., list[dict[str
 
 
 def test_crds_enabled_and_keep_switches(render: Callable[..., list[dict[str, Any]]]) -> None:
-    assert not by_kind(render({"crds": {"enabled": False, "keep": True}}), "CustomResourceDefinition")
-    unkept = by_kind(render({"crds": {"enabled": True, "keep": False}}), "CustomResourceDefinition")
+    assert not ours(render({"crds": {"enabled": False, "keep": True}}))
+    assert len(by_kind(render({"crds": {"enabled": False, "keep": True}}), "CustomResourceDefinition")) == 2
+    unkept = ours(render({"crds": {"enabled": True, "keep": False}}))
     assert len(unkept) == 2 and all("annotations" not in d["metadata"] for d in unkept)
 
 

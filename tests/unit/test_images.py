@@ -162,7 +162,7 @@ def test_the_trainer_image_installs_the_ml_stack_and_builds_llama_cpp_portably()
 @pytest.mark.parametrize(
     ("dockerfile", "base", "entrypoint"),
     [
-        (OPERATOR, r"python:3\.11\.\d+-slim(-\w+)?", ["kubedistill", "operator"]),
+        (OPERATOR, r"python:3\.11\.\d+-slim(-\w+)?", ["python", "-m", "kubedistill.handlers"]),
         (
             TRAINER,
             r"nvidia/cuda:12\.\d+\.\d+-runtime-ubuntu\d+\.\d+",

@@ -93,7 +93,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   verbs: ["create"]
 - apiGroups: ["kubedistill.io"]
   resources: ["distillationjobs/status", "modelaliases/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["kubedistill.io"]
   # Owner references with blockOwnerDeletion need this where OwnerReferencesPermissionEnforcement is on.
   resources: ["distillationjobs/finalizers", "modelaliases/finalizers"]
@@ -102,16 +102,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["jobs"]
   verbs: ["create", "get", "list", "watch", "delete", "patch"]
 - apiGroups: [""]
+  # Stage Pods are listed for why a stage waits (unschedulable, image pull); logs are never read.
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["pods/log"]
-  verbs: ["get"]
+  verbs: ["list"]
 - apiGroups: [""]
   # Dataset ConfigMaps are read for the estimate; a large stage invocation travels in a ConfigMap.
   resources: ["configmaps"]
   verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}

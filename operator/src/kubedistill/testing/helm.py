@@ -147,8 +147,12 @@ def template(
     namespace: str = "kubedistill-system",
     kube_version: str | None = None,
     chart: Path | None = None,
+    include_crds: bool = False,
 ) -> list[dict[str, Any]]:
-    """`helm template` of the chart with these values, as a list of objects (empty documents dropped)."""
+    """`helm template` of the chart with these values, as a list of objects (empty documents dropped).
+
+    `include_crds` adds the chart's crds/ directory (kopf's peering CRDs), as `helm install` would.
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(dict(values or {}), handle)
     try:
@@ -163,6 +167,8 @@ def template(
         ]
         if kube_version:
             args += ["--kube-version", kube_version]
+        if include_crds:
+            args.append("--include-crds")
         rendered = run(args).stdout
     finally:
         os.unlink(handle.name)
