@@ -439,3 +439,19 @@ def test_every_value_is_allowed_by_the_schema() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
+
+
+def test_the_documented_alerts_are_the_charts() -> None:
+    """docs/observability.md shows the PrometheusRule the chart installs with its default thresholds,
+    for a release named like the README's `helm install kubedistill ...`."""
+    text = (ROOT / "docs" / "observability.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    documented = {r["alert"]: r for r in yaml.safe_load(block)["groups"][0]["rules"]}
+    helm.build()
+    docs = helm.template({"metrics": {"prometheusRule": {"enabled": True}}}, release="kubedistill")
+    installed = {r["alert"]: r for r in one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert set(documented) == set(installed)
+    for name, rule in installed.items():
+        assert " ".join(documented[name]["expr"].split()) == " ".join(rule["expr"].split()), name
+        assert documented[name].get("for") == rule.get("for"), name
+        assert documented[name]["labels"] == rule["labels"], name
