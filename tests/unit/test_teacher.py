@@ -1,0 +1,209 @@
+"""The teacher client against the loopback OpenAI-compatible server: n handling, retries, Retry-After,
+rate limits and exact cost accounting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from kubedistill.catalog import ResolvedTeacher
+from kubedistill.testing.fake_teacher import FakeTeacher, count_tokens, prompt_tokens
+from kubedistill_trainer import teacher as teacher_mod
+from kubedistill_trainer.teacher import (
+    TeacherAuthFailed,
+    TeacherClient,
+    TeacherError,
+    TeacherRejected,
+    TokenBucket,
+    retry_after_seconds,
+)
+
+KEY = "sk-unit-test-0123456789abcdef"
+PRICE_IN, PRICE_OUT = 2.0, 8.0
+
+
+def resolved(base_url: str, supports_n: bool = True) -> ResolvedTeacher:
+    return ResolvedTeacher(
+        id="acme/teacher",
+        provider="acme",
+        api_model="teacher-1",
+        base_url=base_url,
+        input_per_m_tok=PRICE_IN,
+        output_per_m_tok=PRICE_OUT,
+        price_date="2026-11-01",
+        supports_n=supports_n,
+        chars_per_token=4.0,
+        known_price=True,
+    )
+
+
+def ask(client_kwargs: dict[str, Any], prompts: list[str], n: int = 1, **complete: Any) -> Any:
+    async def go() -> tuple[list[Any], TeacherClient]:
+        async with TeacherClient(**client_kwargs) as client:
+            out = await asyncio.gather(
+                *(
+                    client.complete([{"role": "user", "content": p}], n=n, max_tokens=64, **complete)
+                    for p in prompts
+                )
+            )
+            return list(out), client
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def fast_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the client's backoff delays and wait a tiny fraction of them."""
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        # This patches asyncio itself; the zero-second yields of other libraries are not backoffs.
+        if delay > 0:
+            delays.append(delay)
+        await real_sleep(min(delay, 0.01))
+
+    monkeypatch.setattr(teacher_mod.asyncio, "sleep", sleep)
+    return delays
+
+
+@pytest.fixture
+def server() -> Iterator[FakeTeacher]:
+    with FakeTeacher(api_key=KEY) as fake:
+        yield fake
+
+
+def test_n_samples_in_one_request_and_exact_cost(server: FakeTeacher) -> None:
+    (completion,), client = ask({"teacher": resolved(server.base_url), "api_key": KEY}, ["What is 2+2?"], n=4)
+    assert [c.n for c in server.calls] == [4]
+    assert completion.texts == [f"Answer {i} to: What is 2+2?" for i in range(4)]
+    expected_in = prompt_tokens([{"role": "user", "content": "What is 2+2?"}])
+    expected_out = sum(count_tokens(t) for t in completion.texts)
+    assert (completion.usage.input_tokens, completion.usage.output_tokens) == (expected_in, expected_out)
+    assert completion.usage.cost_usd == pytest.approx(
+        (expected_in * PRICE_IN + expected_out * PRICE_OUT) / 1e6
+    )
+    assert client.usage.calls == 1 and client.usage.cost_usd == completion.usage.cost_usd
+
+
+def test_without_n_support_sends_n_requests_with_distinct_seeds() -> None:
+    with FakeTeacher(supports_n=False) as server:
+        (completion,), client = ask(
+            {"teacher": resolved(server.base_url, supports_n=False)}, ["q"], n=3, seed=7
+        )
+        assert sorted(c.n for c in server.calls) == [1, 1, 1]
+        assert len(completion.texts) == 3 and client.usage.calls == 3
+        # Input is billed once per request here: three prompts' worth.
+        assert completion.usage.input_tokens == 3 * prompt_tokens([{"role": "user", "content": "q"}])
+
+
+def test_seeds_differ_per_request() -> None:
+    seen: list[int] = []
+
+    def answer(prompt: str, sample: int, request: dict[str, Any]) -> str:
+        seen.append(request["seed"])
+        return "ok"
+
+    with FakeTeacher(answers=answer, supports_n=False) as server:
+        ask({"teacher": resolved(server.base_url, supports_n=False)}, ["q"], n=3, seed=7)
+    assert sorted(seen) == [7, 8, 9]
+
+
+def test_provider_rejecting_n_is_not_retried() -> None:
+    with (
+        FakeTeacher(supports_n=False) as server,
+        pytest.raises(TeacherRejected, match="n > 1 is not supported"),
+    ):
+        ask({"teacher": resolved(server.base_url, supports_n=True)}, ["q"], n=2)
+    assert len(server.calls) == 1
+
+
+def test_failures_are_retried_and_only_successes_are_counted(fast_sleep: list[float]) -> None:
+    with FakeTeacher(
+        fail_rate=0.3, failures=("429", "500", "timeout", "disconnect"), hang_seconds=2, seed=3
+    ) as server:
+        prompts = [f"prompt {i}" for i in range(40)]
+        completions, client = ask(
+            {"teacher": resolved(server.base_url), "timeout": 0.3, "max_concurrency": 8, "max_retries": 12},
+            prompts,
+            n=2,
+        )
+        kinds = {c.kind for c in server.calls}
+        assert {"429", "500", "timeout", "disconnect"} <= kinds
+        assert all(len(c.texts) == 2 for c in completions)
+        ok = server.ok_calls()
+        assert len(ok) == 40 == client.usage.calls
+        assert sorted(c.prompt for c in ok) == sorted(prompts)  # each prompt answered exactly once
+        tokens_in, tokens_out = server.usage_totals()
+        assert (client.usage.input_tokens, client.usage.output_tokens) == (tokens_in, tokens_out)
+        assert client.usage.cost_usd == pytest.approx((tokens_in * PRICE_IN + tokens_out * PRICE_OUT) / 1e6)
+        assert sum(client.retries.values()) == len(server.calls) - len(ok)
+
+
+def test_retry_after_is_honoured(fast_sleep: list[float]) -> None:
+    with FakeTeacher(fail_rate=1.0, failures=("429",), retry_after=2.5) as server:
+        with pytest.raises(TeacherError, match="failed after 3 attempts"):
+            ask({"teacher": resolved(server.base_url), "max_retries": 2}, ["q"])
+        assert len(server.calls) == 3
+    # Each wait is the server's retry-after-ms (2.5 s) plus at most 10% jitter, not the short backoff.
+    assert len(fast_sleep) == 2 and all(2.5 <= d <= 2.5 * 1.1 + 0.01 for d in fast_sleep)
+
+
+def test_backoff_grows_exponentially_with_jitter(fast_sleep: list[float]) -> None:
+    with FakeTeacher(fail_rate=1.0, failures=("500",)) as server, pytest.raises(TeacherError):
+        ask({"teacher": resolved(server.base_url), "max_retries": 5, "backoff_base": 1.0, "seed": 1}, ["q"])
+    caps = [min(30.0, 2**i) for i in range(5)]
+    assert all(0 <= d <= cap for d, cap in zip(fast_sleep, caps, strict=True))
+    assert len(set(fast_sleep)) == 5
+
+
+def test_wrong_key_fails_fast_without_leaking_it(server: FakeTeacher) -> None:
+    wrong = "sk-wrong-key-9876543210fedcba"
+    with pytest.raises(TeacherAuthFailed) as err:
+        ask({"teacher": resolved(server.base_url), "api_key": wrong}, ["q"])
+    assert len(server.calls) == 1
+    assert wrong not in str(err.value) and "HTTP 401" in str(err.value)
+
+
+def test_connection_refused_is_retried_then_unavailable(fast_sleep: list[float]) -> None:
+    from kubedistill.testing.s3 import free_port
+
+    with pytest.raises(TeacherError, match="connection error"):
+        ask({"teacher": resolved(f"http://127.0.0.1:{free_port()}/v1"), "max_retries": 2}, ["q"])
+    assert len(fast_sleep) == 2
+
+
+def test_retry_after_header_forms() -> None:
+    assert retry_after_seconds(httpx.Headers({"retry-after-ms": "250", "retry-after": "9"})) == 0.25
+    assert retry_after_seconds(httpx.Headers({"retry-after": "3"})) == 3.0
+    assert retry_after_seconds(httpx.Headers({"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"})) == 0.0
+    assert retry_after_seconds(httpx.Headers({"retry-after": "soon"})) is None
+    assert retry_after_seconds(httpx.Headers({})) is None
+
+
+def test_token_bucket_waits_for_refill(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    waits: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        waits.append(delay)
+        now[0] += delay
+
+    monkeypatch.setattr(teacher_mod.asyncio, "sleep", fake_sleep)
+    bucket = TokenBucket(60, clock=lambda: now[0])  # one per second, bursts of 60
+
+    async def go() -> None:
+        for _ in range(60):
+            await bucket.acquire(1)
+        assert waits == []
+        await bucket.acquire(1)
+        await bucket.acquire(2)
+        bucket.adjust(-5)  # five units given back (the real usage was lower)
+        await bucket.acquire(5)
+
+    asyncio.run(go())
+    assert waits == [pytest.approx(1.0), pytest.approx(2.0)]
