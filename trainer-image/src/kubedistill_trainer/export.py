@@ -13,6 +13,7 @@ found in env KUBEDISTILL_LLAMA_CPP_DIR, else `<cache>/llama.cpp-<version>`. Quan
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -90,10 +91,9 @@ def _copy_sentencepiece_model(source: models.StudentSource, out: Path) -> None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    try:
+    # Absent for BPE tokenizers, whose tokenizer.json is what the converter reads.
+    with contextlib.suppress(EntryNotFoundError):
         shutil.copyfile(hf_hub_download(source.path, "tokenizer.model"), out / "tokenizer.model")
-    except EntryNotFoundError:
-        pass  # a BPE tokenizer: tokenizer.json is what the converter reads
 
 
 def convert_to_gguf(merged: Path, out: Path, converter: Path, outtype: str) -> None:
