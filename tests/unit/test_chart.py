@@ -18,47 +18,13 @@ from kubedistill.api.models import STAGES, ResourceRequirements, Stage
 from kubedistill.settings import from_mapping
 from kubedistill.testing import helm
 from kubedistill.testing.cluster import pinned_version, tools_module_dir
+from kubedistill.testing.helm import VALUE_SETS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubedistill"
 NAMESPACE = "kubedistill-system"
 # Kinds of other projects' CRDs: kubernetes-validate knows only built-in kinds.
 THIRD_PARTY = {"ServiceMonitor", "PrometheusRule", "KopfPeering", "ClusterKopfPeering"}
-
-VALUE_SETS: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "namespaced-minio": {
-        "watchNamespaces": ["ml", "research"],
-        "minio": {"enabled": True, "persistence": {"enabled": True, "size": "5Gi"}},
-        "networkPolicy": {
-            "enabled": True,
-            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}],
-        },
-    },
-    "gpu": {
-        "stages": {"train": {"gpus": 2, "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}}},
-        "gpu": {
-            "tolerations": [
-                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-                {
-                    "key": "cloud.google.com/gke-spot",
-                    "operator": "Equal",
-                    "value": "true",
-                    "effect": "NoSchedule",
-                },
-            ],
-            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-        },
-        "trainer": {"image": {"tag": "0.1.0-cu128"}, "env": {"HF_HUB_OFFLINE": "1"}},
-        "storage": {
-            "bucket": "ml-artifacts",
-            "endpoint": "https://s3.eu-west-1.amazonaws.com",
-            "existingSecret": "s3",
-        },
-        "replicaCount": 2,
-        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
-    },
-}
 
 
 def kube_version() -> str:

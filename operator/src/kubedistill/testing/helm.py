@@ -27,6 +27,44 @@ HELM_MODULE = "helm.sh/helm/v3"
 HELM_VERSION = "v3.21.4"
 
 
+# The value sets the chart is tested with (tests/unit/test_chart.py renders them, tests/e2e/test_helm.py
+# sends them to the API server): the defaults; namespaced with MinIO; GPU placement, peering and alerts.
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced-minio": {
+        "watchNamespaces": ["ml", "research"],
+        "minio": {"enabled": True, "persistence": {"enabled": True, "size": "5Gi"}},
+        "networkPolicy": {
+            "enabled": True,
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "obs"}}}],
+        },
+    },
+    "gpu": {
+        "stages": {"train": {"gpus": 2, "resources": {"requests": {"cpu": "8", "memory": "64Gi"}}}},
+        "gpu": {
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                {
+                    "key": "cloud.google.com/gke-spot",
+                    "operator": "Equal",
+                    "value": "true",
+                    "effect": "NoSchedule",
+                },
+            ],
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        },
+        "trainer": {"image": {"tag": "0.1.0-cu128"}, "env": {"HF_HUB_OFFLINE": "1"}},
+        "storage": {
+            "bucket": "ml-artifacts",
+            "endpoint": "https://s3.eu-west-1.amazonaws.com",
+            "existingSecret": "s3",
+        },
+        "replicaCount": 2,
+        "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    },
+}
+
+
 class HelmError(RuntimeError):
     """helm could not be built or run; the message says what is missing."""
 
