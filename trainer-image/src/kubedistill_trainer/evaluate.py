@@ -1,0 +1,326 @@
+"""The evaluate stage: the student answers the held-out prompts; the judge scores it beside the teacher.
+
+In:  `<base>/curate/curated/test.jsonl` (held-out prompts; `chosen[0]` is the teacher's best
+     candidate, `chosen + rejected` all its candidates), and the student: the q4_k_m GGUF of the
+     export stage through llama.cpp when there is one (else another exported quantisation), else the
+     merged safetensors, else base + adapter, through transformers.
+Out: `<base>/evaluate/eval.jsonl`, one row per prompt: both answers, both scores with the judge's
+     reasons, agreement, latency and tokens. Metrics evalScore and teacherEvalScore (mean judge
+     score; an answer the judge could not score counts 0), retention = evalScore / teacherEvalScore.
+
+The judge is `spec.evaluation.judge`, else the curation judge. Answers are greedy (temperature 0)
+and get the teacher's token budget (`generation.maxTokens`).
+
+`baseline(inv)` scores the untrained student on the same rows the same way (nothing written): what
+local mode shows as "before".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubedistill import store
+from kubedistill.api.models import Artifacts, JudgeSpec, Metrics, Stage
+from kubedistill.api.stage import StageInvocation, StageResult
+from kubedistill.dataset import row_from_obj
+from kubedistill_trainer import models
+from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score, token_f1
+from kubedistill_trainer.runtime import ProgressReporter, StageFailure
+
+log = logging.getLogger(__name__)
+
+TEST_FILE = "curated/test.jsonl"
+GGUF_PREFERENCE = ("q4_k_m", "q5_k_m", "q8_0")
+MAX_GGUF_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    completion_tokens: int
+    seconds: float
+    error: str | None = None
+
+
+class Student(Protocol):
+    name: str
+
+    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> Answer: ...
+
+    def close(self) -> None: ...
+
+
+class GgufStudent:
+    """A GGUF through llama.cpp, chatting with the template stored in the file (plain prompt if none)."""
+
+    def __init__(self, path: Path, name: str, n_ctx: int) -> None:
+        import llama_cpp
+
+        self.name = name
+        self.llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, verbose=False
+        )
+        self.chat = bool(self.llm.metadata.get("tokenizer.chat_template"))
+
+    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> Answer:
+        start = time.perf_counter()
+        try:
+            if self.chat:
+                chat: Any = messages  # plain role/content dicts are what its TypedDicts describe
+                out: Any = self.llm.create_chat_completion(chat, max_tokens=max_tokens, temperature=0.0)
+                text = out["choices"][0]["message"]["content"] or ""
+            else:
+                prompt = "\n\n".join(m["content"] for m in messages) + "\n\n"
+                out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+                text = out["choices"][0]["text"]
+        except ValueError as exc:  # llama-cpp-python's "prompt exceeds context window"
+            return Answer("", 0, time.perf_counter() - start, str(exc))
+        return Answer(text.strip(), int(out["usage"]["completion_tokens"]), time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class TransformersStudent:
+    """A transformers model (merged, or base with the adapter merged in memory), greedy decoding."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+
+    def answer(self, messages: list[dict[str, str]], max_tokens: int) -> Answer:
+        import torch
+
+        start = time.perf_counter()
+        prompt = models.render_prompt(self.tokenizer, messages)
+        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids.to(self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[0, ids.shape[1] :].tolist()
+        eos = self.tokenizer.eos_token_id
+        if eos in new:
+            new = new[: new.index(eos)]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Answer(text.strip(), len(new), time.perf_counter() - start)
+
+    def close(self) -> None:
+        pass
+
+
+def open_trained_student(inv: StageInvocation, workdir: Path) -> Student:
+    """The exported GGUF if any, else merged weights, else base + adapter."""
+    export_uri = inv.stage_uri(Stage.EXPORT)
+    n_ctx = min(inv.spec.training.max_seq_length + inv.spec.generation.max_tokens, MAX_GGUF_CONTEXT)
+    for quant in GGUF_PREFERENCE:
+        uri = f"{export_uri}/gguf/model-{quant}.gguf"
+        if store.exists(uri):
+            path = workdir / f"model-{quant}.gguf"
+            store.get_file(uri, path)
+            return GgufStudent(path, f"llama.cpp {quant}", n_ctx)
+    if store.exists(f"{export_uri}/merged/config.json"):
+        store.get_tree(f"{export_uri}/merged", workdir / "merged")
+        source = models.StudentSource(str(workdir / "merged"))
+        return TransformersStudent(
+            models.load_causal_lm(source), models.load_tokenizer(source), "transformers merged"
+        )
+    adapter_uri = f"{inv.stage_uri(Stage.TRAIN)}/adapter"
+    if not store.exists(f"{adapter_uri}/adapter_config.json"):
+        raise StageFailure(
+            "MissingInput", f"no exported model under {export_uri} and no adapter at {adapter_uri}"
+        )
+    from peft import PeftModel
+
+    store.get_tree(adapter_uri, workdir / "adapter")
+    source = models.resolve_student(inv.spec.student.model)
+    model = PeftModel.from_pretrained(
+        models.load_causal_lm(source), str(workdir / "adapter")
+    ).merge_and_unload()
+    return TransformersStudent(model, models.load_tokenizer(source), "transformers base+adapter")
+
+
+def open_base_student(inv: StageInvocation) -> Student:
+    source = models.resolve_student(inv.spec.student.model)
+    return TransformersStudent(
+        models.load_causal_lm(source), models.load_tokenizer(source), "transformers base"
+    )
+
+
+# ------------------------------------------------------------------------------------- scoring
+
+
+def load_heldout(inv: StageInvocation) -> list[dict[str, Any]]:
+    uri = f"{inv.stage_uri(Stage.CURATE)}/{TEST_FILE}"
+    try:
+        rows = [r for r in store.read_jsonl(uri) if r.get("chosen")]
+    except store.NotFound as exc:
+        raise StageFailure("MissingInput", f"no held-out rows at {uri}: run curate first") from exc
+    cap = inv.spec.evaluation.max_rows
+    return rows[:cap] if cap else rows
+
+
+def judge_of(inv: StageInvocation) -> JudgeSpec:
+    return inv.spec.evaluation.judge or inv.spec.curation.judge
+
+
+def _items(rows: Sequence[dict[str, Any]], answers: Sequence[str]) -> list[JudgeItem]:
+    items = []
+    for row, answer in zip(rows, answers, strict=True):
+        parsed = row_from_obj(row)
+        peers = [*row["chosen"], *row.get("rejected", [])]
+        items.append(
+            JudgeItem(prompt=parsed.prompt_text(), answer=answer, reference=parsed.reference, peers=peers)
+        )
+    return items
+
+
+async def _score_all(
+    inv: StageInvocation, groups: Sequence[list[JudgeItem]]
+) -> tuple[list[list[Score]], dict[str, Any]]:
+    judge = judge_of(inv)
+    async with judge_client(inv.spec, judge) as client:
+        scored = [await score(judge, items, client=client) for items in groups]
+        usage: dict[str, Any] = {}
+        if client is not None:
+            usage = {"judgeCalls": client.usage.calls, "judgeCostUSD": round(client.usage.cost_usd, 6)}
+    return scored, usage
+
+
+def mean_score(scores: Sequence[Score]) -> float:
+    """Mean judge score; an unscorable answer counts 0 (it is not a pass)."""
+    return sum(s.value or 0.0 for s in scores) / len(scores) if scores else 0.0
+
+
+def answer_all(
+    student: Student,
+    rows: Sequence[dict[str, Any]],
+    max_tokens: int,
+    progress: ProgressReporter | None = None,
+) -> list[Answer]:
+    answers = []
+    for done, row in enumerate(rows, start=1):
+        answers.append(student.answer(row_from_obj(row).student_messages(), max_tokens))
+        if progress is not None:
+            progress.update(done, len(rows) + 1, detail=f"{done}/{len(rows)} answered by the student")
+    return answers
+
+
+def timing(answers: Sequence[Answer]) -> dict[str, Any]:
+    seconds = [a.seconds for a in answers]
+    tokens = sum(a.completion_tokens for a in answers)
+    ordered = sorted(seconds)
+    return {
+        "studentLatencyMeanSec": round(statistics.fmean(seconds), 4),
+        "studentLatencyP50Sec": round(ordered[len(ordered) // 2], 4),
+        "studentLatencyP95Sec": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 4),
+        "studentTokensPerSecond": round(tokens / max(sum(seconds), 1e-9), 2),
+        "studentTokensPerCall": round(tokens / len(answers), 2),
+    }
+
+
+def baseline(inv: StageInvocation) -> dict[str, Any]:
+    """Score the untrained student on the held-out rows like `run` does; writes nothing."""
+    rows = load_heldout(inv)
+    if not rows:
+        return {"baselineScore": None, "rows": 0}
+    student = open_base_student(inv)
+    try:
+        answers = answer_all(student, rows, inv.spec.generation.max_tokens)
+    finally:
+        student.close()
+    (scores,), usage = asyncio.run(_score_all(inv, [_items(rows, [a.text for a in answers])]))
+    return {"baselineScore": round(mean_score(scores), 4), "rows": len(rows), **timing(answers), **usage}
+
+
+def run(inv: StageInvocation) -> StageResult:
+    spec = inv.spec.evaluation
+    if not spec.enabled:
+        return StageResult(
+            stage=Stage.EVALUATE, ok=True, message="evaluation disabled", details={"skipped": True}
+        )
+    rows = load_heldout(inv)
+    if not rows:
+        return StageResult(
+            stage=Stage.EVALUATE,
+            ok=True,
+            message="no held-out prompt with a teacher answer: nothing to evaluate (dataset.testFraction?)",
+            details={"rows": 0},
+        )
+    progress = ProgressReporter(inv.stage_uri(), Stage.EVALUATE)
+    progress.update(0, len(rows) + 1, detail="loading the student", force=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        student = open_trained_student(inv, Path(tmp))
+        try:
+            answers = answer_all(student, rows, inv.spec.generation.max_tokens, progress)
+        finally:
+            student.close()
+    progress.update(len(rows), len(rows) + 1, detail="judging", force=True)
+    teacher_answers = [r["chosen"][0] for r in rows]
+    (student_scores, teacher_scores), usage = asyncio.run(
+        _score_all(inv, [_items(rows, [a.text for a in answers]), _items(rows, teacher_answers)])
+    )
+
+    per_row = []
+    for row, ans, teacher, s_score, t_score in zip(
+        rows, answers, teacher_answers, student_scores, teacher_scores, strict=True
+    ):
+        per_row.append(
+            {
+                "id": row["id"],
+                "prompt": row_from_obj(row).prompt_text(),
+                "studentAnswer": ans.text,
+                "teacherAnswer": teacher,
+                "studentScore": s_score.value,
+                "studentReason": s_score.reason,
+                "teacherScore": t_score.value,
+                "teacherReason": t_score.reason,
+                "agreementF1": round(token_f1(ans.text, teacher), 4),
+                "latencySec": round(ans.seconds, 4),
+                "completionTokens": ans.completion_tokens,
+                **({"error": ans.error} if ans.error else {}),
+            }
+        )
+    eval_uri = f"{inv.stage_uri()}/eval.jsonl"
+    store.write_jsonl(eval_uri, per_row)
+
+    eval_score, teacher_score = mean_score(student_scores), mean_score(teacher_scores)
+    retention = eval_score / teacher_score if teacher_score > 0 else None
+    progress.update(len(rows) + 1, len(rows) + 1, detail="evaluated", force=True)
+    details = {
+        "rows": len(rows),
+        "student": student.name,
+        "judge": judge_of(inv).kind,
+        "agreementF1": round(statistics.fmean(r["agreementF1"] for r in per_row), 4),
+        "agreementExact": round(sum(r["agreementF1"] == 1.0 for r in per_row) / len(per_row), 4),
+        "unscoredStudent": sum(s.value is None for s in student_scores),
+        "unscoredTeacher": sum(s.value is None for s in teacher_scores),
+        "answerErrors": sum(1 for a in answers if a.error),
+        **timing(answers),
+        **usage,
+    }
+    return StageResult(
+        stage=Stage.EVALUATE,
+        ok=True,
+        message=f"student {eval_score:.3f} vs teacher {teacher_score:.3f} on {len(rows)} held-out prompts",
+        metrics=Metrics(
+            eval_score=round(eval_score, 4),
+            teacher_eval_score=round(teacher_score, 4),
+            retention=round(retention, 4) if retention is not None else None,
+        ),
+        artifacts=Artifacts(eval_uri=eval_uri),
+        details=details,
+    )
