@@ -19,6 +19,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, ValidationError
 
+from kubedistill.api import crdgen
 from kubedistill.api import models as m
 
 PLURALS = {"DistillationJob": "distillationjobs", "ModelAlias": "modelaliases"}
@@ -137,6 +138,32 @@ def _server_message(call: Callable[[], Any]) -> tuple[int, str]:
     return caught.value.status, str(status["message"])
 
 
+# ---------------------------------------------------------------------------------- installation
+
+
+@pytest.mark.cluster
+def test_installed_crds_are_the_generated_ones(k8s_api: client.ApiClient) -> None:
+    """conftest installed crds/*.yaml: the server accepted every rule within its CEL cost budget."""
+    ext = client.ApiextensionsV1Api(k8s_api)
+    for generated in crdgen.all_crds():
+        served = k8s_api.sanitize_for_serialization(
+            ext.read_custom_resource_definition(generated["metadata"]["name"])
+        )
+        conditions = {c["type"]: c["status"] for c in served["status"]["conditions"]}
+        assert conditions["Established"] == conditions["NamesAccepted"] == "True"
+        (version,) = served["spec"]["versions"]
+        assert version["schema"] == generated["spec"]["versions"][0]["schema"]
+        assert (
+            version["additionalPrinterColumns"]
+            == generated["spec"]["versions"][0]["additionalPrinterColumns"]
+        )
+
+    resources = client.CustomObjectsApi(k8s_api).get_api_resources(m.GROUP, m.VERSION).resources
+    found = {r.name: (r.short_names, r.categories) for r in resources}
+    assert found["distillationjobs"] == (["dj"], ["kubedistill"])
+    assert found["modelaliases"] == (["malias"], ["kubedistill"])
+
+
 # ------------------------------------------------------------------------------------ rejections
 
 
@@ -243,9 +270,11 @@ def test_teacher_student_and_dataset_are_immutable(k8s_api: client.ApiClient, na
     # Rules still hold on update, and mutable fields do change.
     code, message = _server_message(lambda: patch({"generation": {"nSamples": 1}}))
     assert code == 422 and "spec.curation.topK" in message, message
-    updated = patch({"suspend": True, "training": {"steps": 5}})
+    # An integer bondBeta reaches the CEL rule as a double and passes.
+    updated = patch({"suspend": True, "training": {"steps": 5, "bondBeta": 1}})
     assert updated["spec"]["suspend"] is True
     assert updated["spec"]["training"]["steps"] == 5
+    assert updated["spec"]["training"]["bondBeta"] == 1
     assert updated["metadata"]["generation"] == 2
 
 
@@ -282,7 +311,7 @@ def test_status_is_validated_and_feeds_the_printer_columns(k8s_api: client.ApiCl
         "GET",
         header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
         auth_settings=["BearerToken"],
-        response_type="object",
+        response_types_map={200: "object"},
         _return_http_data_only=True,
     )
     names = [c["name"] for c in table["columnDefinitions"]]
