@@ -132,7 +132,7 @@ async def score_all(
                 "judgeCalls": usage.calls,
                 "judgeInputTokens": usage.input_tokens,
                 "judgeOutputTokens": usage.output_tokens,
-                "judgeCostUSD": round(usage.cost_usd, 6),
+                "judgeCostUSD": usage.cost_usd,
             }
         scores = {}
         for row in rows:

@@ -350,7 +350,7 @@ def run(inv: StageInvocation) -> StageResult:
         teacher_calls=usage.calls,
         teacher_input_tokens=usage.input_tokens,
         teacher_output_tokens=usage.output_tokens,
-        teacher_cost_total=round(usage.cost_usd, 6),
+        teacher_cost_total=usage.cost_usd,
         candidates=answered * spec.generation.n_samples,
     )
     artifacts = Artifacts(dataset_uri=f"{stage_uri}/dataset/", candidates_uri=f"{stage_uri}/candidates/")

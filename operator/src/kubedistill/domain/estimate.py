@@ -122,8 +122,8 @@ def estimate(
         teacher_calls=prompts * requests_per_prompt,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        teacher_cost_usd=round(teacher_cost, 6),
-        judge_cost_usd=round(judge_cost, 6),
+        teacher_cost_usd=teacher_cost,
+        judge_cost_usd=judge_cost,
         gpu_minutes=round(gpu_minutes, 2),
         fits_budget=limit is None or teacher_cost <= limit,
     )
@@ -148,7 +148,7 @@ def estimate(
         "studentInCatalog": student is not None,
         "trainingTokens": round(training_tokens),
         "trainingTokensPerSecond": round(tokens_per_second),
-        "totalCostUSD": round(teacher_cost + judge_cost, 6),
+        "totalCostUSD": teacher_cost + judge_cost,
         "budgetUSD": limit,
     }
     return EstimateReport(result, breakdown)
