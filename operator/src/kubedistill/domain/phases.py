@@ -369,7 +369,7 @@ def _gates(ctx: _Ctx) -> bool:
         return False
 
     estimate = status.estimate
-    cost = estimate.teacher_cost_usd + estimate.judge_cost_usd
+    cost = estimate.teacher_cost_usd
     budget = spec.budget.max_teacher_cost_usd
     fits = budget is None or cost <= budget
     status.estimate = estimate.model_copy(update={"fits_budget": fits})

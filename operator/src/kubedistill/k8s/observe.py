@@ -21,6 +21,7 @@ from kubedistill.api.stage import PROGRESS_FILE, RESULT_FILE, StageProgress, Sta
 from kubedistill.builders import build_invocation, referenced_secrets
 from kubedistill.builders.stage_job import CONTAINER
 from kubedistill.domain.conditions import parse_time
+from kubedistill.domain.estimate import estimate
 from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_STAGE
 from kubedistill.domain.phases import ChildJob, PodSummary, parse_termination_message, skipped_stages
 from kubedistill.k8s import resources
@@ -171,8 +172,6 @@ async def compute_estimate(
     kube: Kube, job: DistillationJob, catalog: Any
 ) -> tuple[Estimate | None, str | None]:
     """(estimate, None) or (None, why not): a bad dataset is the user's to fix, so it is a message."""
-    from kubedistill.domain.estimate import estimate
-
     try:
         parsed = datasets.parse_lines(await dataset_lines(kube, job))
         datasets.check_invalid_share(parsed)
@@ -184,6 +183,6 @@ async def compute_estimate(
     if not rows:
         return None, "the dataset has no valid rows"
     try:
-        return estimate(job.spec, rows, catalog), None
+        return estimate(job.spec, rows, catalog).estimate, None
     except (KeyError, ValueError) as err:
         return None, f"cannot estimate: {err}"
