@@ -89,21 +89,17 @@ def test_stage_attempts_failures_and_durations(metrics: OperatorMetrics) -> None
     assert value(metrics, "kubedistill_stage_duration_seconds_count", stage="train", outcome="failed") is None
 
 
-def test_teacher_usage_from_a_finished_stage(metrics: OperatorMetrics) -> None:
-    reported = Metrics(teacher_input_tokens=1200, teacher_output_tokens=300, teacher_cost_total=0.25)
-    metrics.record_stage_finished(
-        "generate", succeeded=True, duration_seconds=1, teacher="openai/gpt-4o", metrics=reported
-    )
-    metrics.record_stage_finished(
-        "curate", succeeded=True, duration_seconds=1, teacher="openai/gpt-4o", metrics=Metrics()
-    )
-    assert (
-        value(metrics, "kubedistill_teacher_tokens_total", teacher="openai/gpt-4o", direction="input") == 1200
-    )
-    assert (
-        value(metrics, "kubedistill_teacher_tokens_total", teacher="openai/gpt-4o", direction="output") == 300
-    )
-    assert value(metrics, "kubedistill_teacher_cost_usd_total", teacher="openai/gpt-4o") == 0.25
+def test_teacher_usage_counts_only_what_a_status_update_adds(metrics: OperatorMetrics) -> None:
+    teacher = "openai/gpt-4o-mini"
+    first = Metrics(teacher_input_tokens=100, teacher_output_tokens=40, teacher_cost_total=0.5)
+    more = Metrics(teacher_input_tokens=150, teacher_output_tokens=40, teacher_cost_total=0.75)
+    metrics.record_teacher_delta(teacher, None, first)
+    metrics.record_teacher_delta(teacher, first, first)  # a status rewrite with the same figures
+    metrics.record_teacher_delta(teacher, first, more)
+    metrics.record_teacher_delta(teacher, more, None)
+    assert value(metrics, "kubedistill_teacher_tokens_total", teacher=teacher, direction="input") == 150
+    assert value(metrics, "kubedistill_teacher_tokens_total", teacher=teacher, direction="output") == 40
+    assert value(metrics, "kubedistill_teacher_cost_usd_total", teacher=teacher) == 0.75
 
 
 def test_reconcile_errors_and_time_to_first_job(metrics: OperatorMetrics) -> None:

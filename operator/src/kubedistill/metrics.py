@@ -143,32 +143,32 @@ class OperatorMetrics:
     def record_stage_failure(self, stage: str, reason: str) -> None:
         self.stage_failures.labels(stage, reason or "Unknown").inc()
 
-    def record_stage_finished(
-        self,
-        stage: str,
-        *,
-        succeeded: bool,
-        duration_seconds: float | None,
-        teacher: str | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        """A stage reached Succeeded or Failed (for good): its duration and the teacher usage it reported."""
+    def record_stage_finished(self, stage: str, *, succeeded: bool, duration_seconds: float | None) -> None:
+        """A stage reached Succeeded or Failed for good: how long it took, first attempt to end."""
         if duration_seconds is not None and duration_seconds >= 0:
             self.stage_duration.labels(stage, "succeeded" if succeeded else "failed").observe(
                 duration_seconds
             )
-        if metrics is not None and teacher:
-            self.record_teacher_usage(teacher, metrics)
 
-    def record_teacher_usage(self, teacher: str, metrics: Metrics) -> None:
-        for direction, tokens in (
-            ("input", metrics.teacher_input_tokens),
-            ("output", metrics.teacher_output_tokens),
-        ):
-            if tokens:
-                self.teacher_tokens.labels(teacher, direction).inc(tokens)
-        if metrics.teacher_cost_total:
-            self.teacher_cost.labels(teacher).inc(metrics.teacher_cost_total)
+    def record_teacher_delta(self, teacher: str, before: Metrics | None, after: Metrics | None) -> None:
+        """Count the teacher usage a status update adds to a job's cumulative `status.metrics`.
+
+        `before` is the status the operator read (persisted), `after` the one it writes: a restarted
+        operator starts from the persisted figures, so nothing is counted twice.
+        """
+        if after is None:
+            return
+        old = before or Metrics()
+        pairs = (
+            ("input", old.teacher_input_tokens, after.teacher_input_tokens),
+            ("output", old.teacher_output_tokens, after.teacher_output_tokens),
+        )
+        for direction, was, now in pairs:
+            if now is not None and now > (was or 0):
+                self.teacher_tokens.labels(teacher, direction).inc(now - (was or 0))
+        was_cost, now_cost = old.teacher_cost_total or 0.0, after.teacher_cost_total
+        if now_cost is not None and now_cost > was_cost:
+            self.teacher_cost.labels(teacher).inc(now_cost - was_cost)
 
     def observe_time_to_first_job(self, seconds: float) -> None:
         if seconds >= 0:
