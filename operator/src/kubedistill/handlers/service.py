@@ -236,6 +236,9 @@ class Reconciler:
         if self.metrics is not None:
             self.metrics.observe_job_phase(namespace, name, decision.status.phase)
             self._record_stage_outcomes(job, decision)
+            self.metrics.record_teacher_delta(
+                job.spec.teacher.model, job.status.metrics if job.status else None, decision.status.metrics
+            )
 
     def _event(self, body: dict[str, Any], event: Event, name: str, namespace: str) -> None:
         self.post_event(body, type=event.type, reason=event.reason, message=event.message[:1024])
