@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def job_spec(student: Path | str, **sections: Any) -> DistillationJobSpec:
-    """A small job: the tiny student, few steps, short sequences; `sections` override spec sections."""
+    """A small job: the tiny student, few steps, short sequences; `sections` override spec sections
+    (`training` is merged into the small defaults, every other section replaces what is there)."""
     doc: dict[str, Any] = {
         "teacher": {"model": "fake-teacher"},
         "student": {"model": str(student)},
@@ -38,7 +39,7 @@ def job_spec(student: Path | str, **sections: Any) -> DistillationJobSpec:
         },
     }
     for key, value in sections.items():
-        doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
+        doc[key] = {**doc["training"], **value} if key == "training" else value
     return DistillationJobSpec.model_validate(doc)
 
 
