@@ -304,7 +304,15 @@ def test_status_is_validated_and_feeds_the_printer_columns(k8s_api: client.ApiCl
         progress=m.Progress(stage=m.Stage.TRAIN, percent=52.5),
         metrics=m.Metrics(teacher_cost_total=1.25, eval_score=0.75),
     )
-    patch_status(status.to_k8s())
+    written = patch_status(status.to_k8s())
+    assert written["metadata"]["generation"] == 1, "a status write must not bump the spec's generation"
+    # The status subresource isolates status: a write through the main resource leaves it alone.
+    api.patch_namespaced_custom_object(
+        m.GROUP, m.VERSION, namespace, "distillationjobs", "shown", {"status": {"phase": "Failed"}}
+    )
+    stored = api.get_namespaced_custom_object(m.GROUP, m.VERSION, namespace, "distillationjobs", "shown")
+    assert stored["status"]["phase"] == "Training"
+    assert stored["status"]["conditions"][0]["reason"] == "Training"
 
     table = k8s_api.call_api(
         f"/apis/{m.GROUP}/{m.VERSION}/namespaces/{namespace}/distillationjobs/shown",
