@@ -16,7 +16,6 @@ is dropped. `details.histogram` counts scores in ten bins over [0, 1] plus `unpa
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -26,7 +25,7 @@ from kubedistill.api.models import Artifacts, JudgeSpec, Metrics, Stage
 from kubedistill.api.stage import StageInvocation, StageResult
 from kubedistill_trainer import generate
 from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score
-from kubedistill_trainer.runtime import ProgressReporter, StageFailure
+from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.teacher import TeacherClient
 
 log = logging.getLogger(__name__)
@@ -149,7 +148,7 @@ def run(inv: StageInvocation) -> StageResult:
     progress = ProgressReporter(stage_uri, inv.stage)
     total = sum(len(r["candidates"]) for r in rows)
     progress.update(0, total, detail="judging candidates", force=True)
-    scores, judge_usage = asyncio.run(score_all(inv, rows, progress))
+    scores, judge_usage = run_async(score_all(inv, rows, progress))
 
     top_k = inv.spec.curation.top_k
     out: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}

@@ -30,7 +30,7 @@ from kubedistill import dataset, store
 from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
 from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
-from kubedistill_trainer.runtime import ProgressReporter, StageFailure
+from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.teacher import (
     TeacherAuthFailed,
     TeacherClient,
@@ -157,13 +157,14 @@ class BudgetGate:
         self.spent = spent
         self.in_flight = 0.0
         self.worst_case = worst_case
-        self._costs: list[float] = []
+        self._answered = 0
+        self._answered_cost = 0.0
 
     def projection(self) -> float:
         # Before any answer the worst case (maxTokens); then twice the mean seen so far.
-        if not self._costs:
+        if not self._answered:
             return self.worst_case
-        return min(self.worst_case, 2 * sum(self._costs) / len(self._costs))
+        return min(self.worst_case, 2 * self._answered_cost / self._answered)
 
     def admit(self) -> float | None:
         projected = self.projection()
@@ -176,7 +177,8 @@ class BudgetGate:
         self.in_flight -= projected
         if cost is not None:
             self.spent += cost
-            self._costs.append(cost)
+            self._answered += 1
+            self._answered_cost += cost
 
     @property
     def exhausted(self) -> bool:
@@ -339,7 +341,7 @@ def run(inv: StageInvocation) -> StageResult:
                 on_answer=report,
             )
 
-    outcome = asyncio.run(go()) if todo and not gate.exhausted else Outcome(budget_stopped=bool(todo))
+    outcome = run_async(go()) if todo and not gate.exhausted else Outcome(budget_stopped=bool(todo))
     report(outcome, force=True)
 
     usage = Usage()

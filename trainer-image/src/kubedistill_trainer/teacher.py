@@ -171,24 +171,23 @@ class TeacherClient:
         self._rpm = TokenBucket(requests_per_minute) if requests_per_minute else None
         self._tpm = TokenBucket(tokens_per_minute) if tokens_per_minute else None
         self._rng = random.Random(seed)
-        headers = {"content-type": "application/json"}
+        self._headers = {"content-type": "application/json"}
         if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        # One single-connection client per concurrency slot: httpcore's shared pool scans every
-        # connection under one lock per request, which costs ~5x the CPU at 64 connections.
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._timeouts = {"connect": min(timeout, 10.0), "read": timeout, "write": timeout, "pool": timeout}
+        # One single-connection transport per concurrency slot, used without httpx.AsyncClient: a
+        # shared httpcore pool scans every connection under one lock per request (~5x the CPU at 64
+        # connections), and the client layer (auth, redirects, cookies, hooks) is unused here.
         tls = ssl.create_default_context()
-        self._clients = [
-            httpx.AsyncClient(
-                headers=headers,
-                verify=tls,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        self._transports = [
+            httpx.AsyncHTTPTransport(
+                verify=tls, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
             )
             for _ in range(max_concurrency)
         ]
-        self._slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
-        for client in self._clients:
-            self._slots.put_nowait(client)
+        self._slots: asyncio.Queue[httpx.AsyncHTTPTransport] = asyncio.Queue()
+        for transport in self._transports:
+            self._slots.put_nowait(transport)
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -197,8 +196,8 @@ class TeacherClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            await client.aclose()
+        for transport in self._transports:
+            await transport.aclose()
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -262,11 +261,11 @@ class TeacherClient:
             if self._tpm:
                 await self._tpm.acquire(reserved)
             try:
-                http = await self._slots.get()
+                transport = await self._slots.get()
                 try:
-                    completion = await self._send(http, content)
+                    completion = await self._send(transport, content)
                 finally:
-                    self._slots.put_nowait(http)
+                    self._slots.put_nowait(transport)
             except _Retryable as exc:
                 if self._tpm:
                     self._tpm.adjust(-reserved)
@@ -290,9 +289,20 @@ class TeacherClient:
             f"(last: {last})"
         )
 
-    async def _send(self, http: httpx.AsyncClient, content: bytes) -> Completion:
+    async def _post(self, transport: httpx.AsyncHTTPTransport, content: bytes) -> httpx.Response:
+        request = httpx.Request(
+            "POST", self.url, headers=self._headers, content=content, extensions={"timeout": self._timeouts}
+        )
+        response = await transport.handle_async_request(request)
         try:
-            response = await http.post(self.url, content=content)
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    async def _send(self, transport: httpx.AsyncHTTPTransport, content: bytes) -> Completion:
+        try:
+            response = await self._post(transport, content)
         except httpx.TimeoutException:
             raise _Retryable("timeout") from None
         except httpx.TransportError as exc:

@@ -18,8 +18,9 @@ Usage numbers are exact and reproducible: `count_tokens` splits text into runs o
 word characters and single punctuation marks (close to a BPE tokenizer on English, ~4 chars per
 token); prompt_tokens = Σ(count_tokens(content) + 4) over messages + 2.
 
-Failures: with probability `fail_rate` a request fails with one of `failures` — "429" (with
-Retry-After and retry-after-ms headers of `retry_after` seconds), "500", "timeout" (the server holds
+Failures: with probability `fail_rate` a request fails with one of `failures` — "429" (at once,
+like a rate limiter at the edge, with Retry-After and retry-after-ms headers of `retry_after`
+seconds), "500" (after the latency), "timeout" (the server holds
 the request `hang_seconds` then answers 504, so the client's timeout fires first) or "disconnect"
 (the connection is closed with no answer). Failed requests are logged with their status.
 When `api_key` is set, a request without `Authorization: Bearer <api_key>` gets 401.
@@ -186,29 +187,33 @@ class FakeTeacher:
             call.status, call.kind = 400, "bad_request"
             self._record(call)
             return 400, {"error": {"message": "n > 1 is not supported", "type": "invalid_request_error"}}, {}
+        kind = (
+            self._random.choice(self.failures)
+            if self.fail_rate and self._random.random() < self.fail_rate
+            else ""
+        )
+        if kind == "429":
+            # Rate limiters answer at the edge, before any model time.
+            call.status, call.kind = 429, "429"
+            self._record(call)
+            retry = {
+                "retry-after": str(max(1, round(self.retry_after))),
+                "retry-after-ms": str(int(self.retry_after * 1000)),
+            }
+            return 429, {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}, retry
         if self.latency:
             await asyncio.sleep(self.latency)
-        if self.fail_rate and self._random.random() < self.fail_rate:
-            kind = self._random.choice(self.failures)
-            call.kind = kind
-            if kind == "429":
-                call.status = 429
-                self._record(call)
-                retry = {
-                    "retry-after": str(max(1, round(self.retry_after))),
-                    "retry-after-ms": str(int(self.retry_after * 1000)),
-                }
-                return 429, {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}, retry
-            if kind == "timeout":
-                call.status = 504
-                self._record(call)
-                await asyncio.sleep(self.hang_seconds)
-                return 504, {"error": {"message": "upstream timeout"}}, {}
-            if kind == "disconnect":
-                call.status = 0
-                self._record(call)
-                return None, None, {}
-            call.status = 500
+        if kind == "timeout":
+            call.status, call.kind = 504, kind
+            self._record(call)
+            await asyncio.sleep(self.hang_seconds)
+            return 504, {"error": {"message": "upstream timeout"}}, {}
+        if kind == "disconnect":
+            call.status, call.kind = 0, kind
+            self._record(call)
+            return None, None, {}
+        if kind:
+            call.status, call.kind = 500, kind
             self._record(call)
             return 500, {"error": {"message": "internal error", "type": "server_error"}}, {}
         max_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 1 << 30)
@@ -299,7 +304,13 @@ class FakeTeacher:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _run_loop(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop: asyncio.AbstractEventLoop
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
         self._loop = loop
         try:
             loop.run_until_complete(self._serve())

@@ -1,0 +1,141 @@
+"""Throughput of the generate stage against the loopback teacher (issue 4).
+
+1000 prompts × 4 samples, the teacher answering after 50 ms, 64 requests in flight. The ideal is
+concurrency / latency = 1280 requests/s; the ratio is the achieved successful requests/s (the
+generation phase of the real stage code: client, budget gate, shard writes) divided by it.
+Scenarios: n=4 in one request (1000 requests); 10% of requests answered 429 with a Retry-After of
+one latency; a provider without `n` (4000 requests of n=1).
+
+Beside them, measured in the same run: `server_ceiling_rps`, what a minimal raw-socket client gets
+from the same server at the same concurrency — when it is far below the ideal, the machine (not
+the client) is the limit.
+
+Targets: ratio ≥ 0.8 at concurrency 64; ratio_429 ≥ 0.7. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "operator" / "src"), str(REPO / "trainer-image" / "src")]
+
+from kubedistill.api.models import DistillationJobSpec, Stage  # noqa: E402
+from kubedistill.api.stage import JobRef, StageInvocation  # noqa: E402
+from kubedistill_trainer import generate  # noqa: E402
+
+PROMPTS = 1000
+SAMPLES = 4
+CONCURRENCY = 64
+LATENCY = 0.05
+IDEAL = CONCURRENCY / LATENCY
+
+
+def start_teacher(*args: str) -> tuple[subprocess.Popen[str], str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path[:2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubedistill.testing.fake_teacher", "--latency", str(LATENCY), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    return proc, json.loads(proc.stdout.readline())["baseURL"]
+
+
+def run_generate(base_url: str, supports_n: bool, workdir: Path) -> dict[str, Any]:
+    catalog = workdir / "catalog"
+    catalog.mkdir(parents=True, exist_ok=True)
+    (catalog / "teachers.yaml").write_text(
+        f"providers:\n  bench: {{baseURL: '{base_url}', supportsN: {str(supports_n).lower()}}}\n"
+        "teachers:\n  - {id: bench/teacher, inputPerMTok: 1.0, outputPerMTok: 4.0, priceDate: '2026-11-29'}\n"
+    )
+    os.environ["KUBEDISTILL_CATALOG_DIR"] = str(catalog)
+    spec = DistillationJobSpec.model_validate(
+        {
+            "teacher": {"model": "bench/teacher", "maxConcurrency": CONCURRENCY, "timeoutSeconds": 30},
+            "student": {"model": "smollm2-135m"},
+            "dataset": {"prompts": [f"Benchmark prompt number {i}: summarise it." for i in range(PROMPTS)]},
+            "generation": {"nSamples": SAMPLES, "maxTokens": 64},
+        }
+    )
+    inv = StageInvocation(
+        job=JobRef(name="bench", namespace="bench", uid="bench"),
+        spec=spec,
+        stage=Stage.GENERATE,
+        artifact_base=(workdir / "artifacts").as_uri(),
+    )
+    result = generate.run(inv)
+    assert result.ok, result.message
+    assert result.metrics.candidates == PROMPTS * SAMPLES
+    calls = result.metrics.teacher_calls or 0
+    seconds = result.details["generationSeconds"]
+    return {"requests": calls, "seconds": seconds, "rps": calls / seconds, "retries": result.details["retries"]}
+
+
+async def raw_ceiling(base_url: str, requests: int) -> float:
+    """Requests/s of a bare asyncio client (keep-alive sockets, no HTTP library) at CONCURRENCY."""
+    host, port = base_url.split("//", 1)[1].split("/", 1)[0].split(":")
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": SAMPLES}).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+    remaining = requests
+
+    async def worker() -> None:
+        nonlocal remaining
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while remaining > 0:
+            remaining -= 1
+            writer.write(head + body)
+            headers = await reader.readuntil(b"\r\n\r\n")
+            length = int(headers.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            await reader.readexactly(length)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return requests / (time.perf_counter() - start)
+
+
+def main() -> None:
+    figures: dict[str, Any] = {"ideal_rps": IDEAL, "concurrency": CONCURRENCY, "latency_s": LATENCY}
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        proc, url = start_teacher()
+        try:
+            figures["server_ceiling_rps"] = round(asyncio.run(raw_ceiling(url, PROMPTS)), 1)
+            clean = run_generate(url, True, Path(tmp) / "n")
+            split = run_generate(url, False, Path(tmp) / "split")
+        finally:
+            proc.terminate()
+            proc.wait()
+        proc, url = start_teacher("--fail-rate", "0.1", "--failures", "429", "--retry-after", str(LATENCY))
+        try:
+            limited = run_generate(url, True, Path(tmp) / "429")
+        finally:
+            proc.terminate()
+            proc.wait()
+    for name, run in (("n", clean), ("429", limited), ("no_n", split)):
+        print(f"{name:>5}: {run['requests']} requests in {run['seconds']:.2f}s = {run['rps']:.0f}/s "
+              f"(ideal {IDEAL:.0f}/s) retries {run['retries']}", file=sys.stderr)
+    figures.update(
+        ratio=round(clean["rps"] / IDEAL, 3),
+        ratio_429=round(limited["rps"] / IDEAL, 3),
+        ratio_no_n=round(split["rps"] / IDEAL, 3),
+        rps=round(clean["rps"], 1),
+        rps_429=round(limited["rps"], 1),
+        rps_no_n=round(split["rps"], 1),
+        retries_429=sum(limited["retries"].values()),
+        ceiling_ratio=round(figures["server_ceiling_rps"] / IDEAL, 3),
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
