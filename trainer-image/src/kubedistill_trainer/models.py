@@ -41,6 +41,15 @@ class StudentSource:
     def kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """For a GGUF: dequantise into a plain dense model, which LoRA trains and `save_pretrained` writes
+        (left in GGUF blocks, transformers refuses to save it)."""
+        if not self.gguf_file:
+            return {}
+        from transformers import GgufConfig
+
+        return {"gguf_file": self.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
+
 
 def _model_cache() -> Path:
     default = Path.home() / ".cache" / "kubedistill" / "models"
@@ -113,7 +122,7 @@ def load_causal_lm(source: StudentSource, dtype: torch.dtype | None = None) -> P
     from transformers import AutoModelForCausalLM
 
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype or train_dtype(), **source.kwargs()
+        source.path, dtype=dtype or train_dtype(), **source.model_kwargs()
     )
     return model.to(device())  # type: ignore[arg-type]  # transformers types .to() oddly
 

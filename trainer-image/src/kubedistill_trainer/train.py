@@ -187,7 +187,7 @@ def load_trainable(inv: StageInvocation) -> tuple[Any, PreTrainedTokenizerBase, 
     source = models.resolve_student(inv.spec.student.model)
     targets = models.lora_targets(inv.spec.student.model, spec.lora.target_modules)
     torch.manual_seed(SEED)
-    if models.unsloth_available():
+    if models.unsloth_available() and not source.gguf_file:  # Unsloth loads no GGUF
         os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
         from unsloth import FastLanguageModel
 
