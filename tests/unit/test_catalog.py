@@ -92,3 +92,12 @@ def test_config_map_data_override_wins_over_directory(tmp_path: Path) -> None:
     assert tiny is not None and tiny.hf_id == "org/tiny-v2"
     with pytest.raises(ValueError):
         load_catalog(data={"teachers.yaml": "teachers:\n  - {id: x/y, inputPerMTok: -1}\n"}, environ={})
+
+
+def test_request_shape_flags() -> None:
+    cat = load_catalog(environ={})
+    gpt5 = cat.resolve_teacher("openai/gpt-5")
+    assert (gpt5.max_tokens_param, gpt5.supports_temperature) == ("max_completion_tokens", False)
+    assert cat.resolve_teacher("openai/gpt-4o").supports_temperature
+    assert cat.resolve_teacher("openai/some-new-model").max_tokens_param == "max_completion_tokens"
+    assert cat.resolve_teacher("groq/llama-3.1-8b-instant").max_tokens_param == "max_tokens"

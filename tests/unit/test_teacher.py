@@ -4,7 +4,12 @@ rate limits and exact cost accounting."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +27,7 @@ from kubedistill_trainer.teacher import (
     retry_after_seconds,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-unit-test-0123456789abcdef"
 PRICE_IN, PRICE_OUT = 2.0, 8.0
 
@@ -207,3 +213,52 @@ def test_token_bucket_waits_for_refill(monkeypatch: pytest.MonkeyPatch) -> None:
 
     asyncio.run(go())
     assert waits == [pytest.approx(1.0), pytest.approx(2.0)]
+
+
+def test_request_shape_follows_the_catalog() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def answer(prompt: str, sample: int, request: dict[str, Any]) -> str:
+        seen.append(request)
+        return "ok"
+
+    with FakeTeacher(answers=answer) as server:
+        reasoning = resolved(server.base_url).model_copy(
+            update={"max_tokens_param": "max_completion_tokens", "supports_temperature": False}
+        )
+        ask({"teacher": reasoning}, ["q"], temperature=0.7)
+        ask({"teacher": resolved(server.base_url)}, ["q"], temperature=0.7)
+    assert (
+        "temperature" not in seen[0]
+        and seen[0]["max_completion_tokens"] == 64
+        and "max_tokens" not in seen[0]
+    )
+    assert seen[1]["temperature"] == 0.7 and seen[1]["max_tokens"] == 64
+
+
+def test_fake_teacher_command_line(tmp_path: Path) -> None:
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"prompt": "2+2?", "answers": ["4", "four"]}) + "\n")
+    log = tmp_path / "calls.jsonl"
+    path = os.pathsep.join([str(REPO / "operator" / "src"), str(REPO / "trainer-image" / "src")])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubedistill.testing.fake_teacher", "--answers", str(answers),
+         "--call-log", str(log), "--api-key-env", "FAKE_KEY", "--model", "m1"],
+        env={**os.environ, "PYTHONPATH": path, "FAKE_KEY": KEY},
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        base = json.loads(proc.stdout.readline())["baseURL"]
+        auth = {"authorization": f"Bearer {KEY}"}
+        models = httpx.get(f"{base}/models", headers=auth).json()
+        assert [m["id"] for m in models["data"]] == ["m1"]
+        body = {"model": "m1", "messages": [{"role": "user", "content": "2+2?"}], "n": 2}
+        reply = httpx.post(f"{base}/chat/completions", json=body, headers=auth).json()
+        assert [c["message"]["content"] for c in reply["choices"]] == ["4", "four"]
+        assert httpx.post(f"{base}/chat/completions", json=body).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert [json.loads(line)["status"] for line in log.read_text().splitlines()] == [200, 401]

@@ -245,9 +245,10 @@ class TeacherClient:
         body: dict[str, Any] = {
             "model": self.teacher.api_model,
             "messages": list(messages),
-            "temperature": temperature,
-            "max_tokens": max_tokens,
+            self.teacher.max_tokens_param: max_tokens,
         }
+        if self.teacher.supports_temperature:
+            body["temperature"] = temperature
         if n > 1:
             body["n"] = n
         if seed is not None:

@@ -41,6 +41,7 @@ class Provider(_Entry):
     supports_n: bool = False
     chars_per_token: float = 4.0
     free: bool = False
+    max_tokens_param: str = "max_tokens"
 
 
 class Teacher(_Entry):
@@ -50,6 +51,7 @@ class Teacher(_Entry):
     price_date: str
     supports_n: bool | None = None
     chars_per_token: float | None = None
+    supports_temperature: bool = True
 
 
 class Student(_Entry):
@@ -82,6 +84,8 @@ class ResolvedTeacher(BaseModel):
     chars_per_token: float
     known_price: bool
     note: str = ""
+    max_tokens_param: str = Field(default="max_tokens", description="max_completion_tokens for OpenAI.")
+    supports_temperature: bool = Field(default=True, description="False for reasoning models (fixed at 1).")
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_m_tok + output_tokens * self.output_per_m_tok) / 1e6
@@ -112,6 +116,8 @@ class Catalog(BaseModel):
                 supports_n=provider.supports_n if entry.supports_n is None else entry.supports_n,
                 chars_per_token=entry.chars_per_token or provider.chars_per_token,
                 known_price=True,
+                max_tokens_param=provider.max_tokens_param,
+                supports_temperature=entry.supports_temperature,
             )
         free = provider is not None and provider.free
         return ResolvedTeacher(

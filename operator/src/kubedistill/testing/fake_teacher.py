@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -356,13 +355,14 @@ class FakeTeacher:
 
 
 def _load_answers(path: str) -> dict[str, str | list[str]]:
-    """A JSON object prompt -> answer(s), or JSONL rows {prompt, answer | answers}."""
+    """A .jsonl file of rows {prompt, answer | answers}, or a JSON object prompt -> answer(s)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    with contextlib.suppress(ValueError):
+    if not path.endswith(".jsonl"):
         doc = json.loads(text)
-        if isinstance(doc, dict):
-            return doc
+        if not isinstance(doc, dict):
+            raise SystemExit(f"{path}: expected a JSON object prompt -> answer(s)")
+        return doc
     answers: dict[str, str | list[str]] = {}
     for line in text.splitlines():
         if line.strip():
@@ -384,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--api-key-env", help="require the key held in this env var (never on the command line)"
     )
-    parser.add_argument("--answers", help="JSON {prompt: answer|[answers]} or JSONL {prompt, answer|answers}")
+    parser.add_argument(
+        "--answers", help="JSON {prompt: answer|[answers]}, or .jsonl rows {prompt, answer|answers}"
+    )
     parser.add_argument("--model", action="append", help="model ids listed by /v1/models")
     parser.add_argument("--call-log", help="append every call as a JSON line to this file")
     parser.add_argument("--seed", type=int, default=0)
