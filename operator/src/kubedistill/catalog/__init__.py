@@ -134,6 +134,7 @@ class Catalog(BaseModel):
             note=""
             if free
             else f"{model} is not in the teacher catalog: its price is unknown and counted as 0",
+            max_tokens_param=provider.max_tokens_param if provider else "max_tokens",
         )
 
     def student(self, model: str) -> Student | None:
