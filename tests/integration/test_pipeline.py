@@ -3,6 +3,7 @@ process as in a pod, against the loopback teacher, ending with q4_k_m and q8_0 G
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from model_stage_helpers import invocation, job_spec, run_stage
 from kubedistill import store
 from kubedistill.api.models import STAGES, Stage
 from kubedistill.testing.fake_teacher import FakeTeacher
+from kubedistill.testing.s3 import RcloneS3
 from kubedistill.testing.tiny_model import tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -32,9 +34,26 @@ def _teacher_answer(prompt: str, sample: int, request: dict[str, Any]) -> str:
     ][sample % 4]
 
 
-def test_generate_to_evaluate_ends_with_runnable_ggufs(tmp_path: Path) -> None:
+@pytest.fixture(params=["file", "s3"])
+def artifact_base(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, str | None]]:
+    """file:// (local mode) or a real S3 server (rclone) as the stage pods see it: (base URI, secret)."""
+    if request.param == "file":
+        yield (tmp_path / "artifacts").as_uri(), None
+        return
+    with RcloneS3() as s3:
+        s3.create_bucket("artifacts")
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        yield "s3://artifacts/tests/tiny/0000", s3.secret_key
+
+
+def test_generate_to_evaluate_ends_with_runnable_ggufs(
+    tmp_path: Path, artifact_base: tuple[str, str | None]
+) -> None:
     student = tiny_llama()
-    base = (tmp_path / "artifacts").as_uri()
+    base, secret = artifact_base
     rows = [
         {"id": f"p{i}", "prompt": f"What is {i} plus {i}?", "reference": f"The answer is {2 * i}."}
         for i in range(N_PROMPTS)
@@ -54,6 +73,7 @@ def test_generate_to_evaluate_ends_with_runnable_ggufs(tmp_path: Path) -> None:
         for stage in STAGES:
             result, log = run_stage(invocation(base, stage, spec), tmp_path)
             assert result.ok, f"{stage.value}: {result.reason}: {result.message}\n{log[-3000:]}"
+            assert secret is None or (secret not in log and secret not in result.model_dump_json())
             results[stage] = result
         teacher_calls = len(teacher.ok_calls())
 

@@ -39,7 +39,7 @@ class BondLoss:
 
 
 def token_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """log p(labels[b, t]) under logits[b, t]: [B, T, V] × [B, T] → [B, T] (float32)."""
+    """log p(label) under each row of logits: [..., V] × [...] → [...] (float32)."""
     logits = logits.float()
     # Padding labels may be -100; any valid index works because the caller masks those positions.
     safe = labels.clamp(min=0).unsqueeze(-1)
@@ -87,20 +87,22 @@ def bond_loss(
     pairs: [P, 2] long, (chosen row, rejected row). A batch without pairs (prompts that had no
     rejected candidate) has L_pref = 0, so it trains on SFT + KL only.
     """
-    ref_logits = ref_logits.detach()  # π_ref is a constant, whatever graph its logits came from
-    mask = response_mask.float()
-    chosen_mask = mask * is_chosen.float().unsqueeze(-1)
-    chosen_tokens = chosen_mask.sum().clamp(min=1.0)
+    # Only response positions carry loss: work on those [N, V] rows, never a float32 copy of the
+    # whole [B, T, V] batch (the vocabulary makes that the largest tensor of a step).
+    rows, cols = response_mask.bool().nonzero(as_tuple=True)
+    policy = policy_logits[rows, cols]
+    ref = ref_logits.detach()[rows, cols]  # π_ref is a constant, whatever graph its logits came from
+    targets = labels[rows, cols]
+    policy_lp, ref_lp = token_logps(policy, targets), token_logps(ref, targets)
 
-    policy_token_logps = token_logps(policy_logits, labels)
-    sft = -(policy_token_logps * chosen_mask).sum() / chosen_tokens
+    on_chosen = is_chosen[rows]
+    chosen_tokens = on_chosen.sum().clamp(min=1)
+    sft = -policy_lp[on_chosen].sum() / chosen_tokens
+    kl = exact_kl(policy[on_chosen], ref[on_chosen]).sum() / chosen_tokens
 
-    # Exact KL only where it counts (y⁺ response positions): a [N, V] slice, not the whole batch.
-    positions = chosen_mask.bool()
-    kl = exact_kl(policy_logits[positions], ref_logits[positions]).sum() / chosen_tokens
-
-    policy_seq = (policy_token_logps * mask).sum(dim=-1)
-    ref_seq = (token_logps(ref_logits, labels) * mask).sum(dim=-1)
+    batch = response_mask.shape[0]
+    policy_seq = policy_lp.new_zeros(batch).index_add(0, rows, policy_lp)
+    ref_seq = ref_lp.new_zeros(batch).index_add(0, rows, ref_lp)
     chosen_rows, rejected_rows = pairs[:, 0], pairs[:, 1]
     pref = preference_loss(
         policy_seq[chosen_rows], policy_seq[rejected_rows], ref_seq[chosen_rows], ref_seq[rejected_rows], tau
