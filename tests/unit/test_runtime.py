@@ -124,3 +124,16 @@ def test_main_usage_and_invalid_invocations(tmp_path: Path) -> None:
     )
     assert mismatch.returncode == 1
     assert "invocation is for stage curate, not generate" in json.loads(log.read_text())["message"]
+
+
+def test_data_stages_do_not_import_torch() -> None:
+    """generate and curate run in small pods: they must not pay for torch or transformers."""
+    path = os.pathsep.join([str(REPO / "operator" / "src"), str(REPO / "trainer-image" / "src")])
+    code = (
+        "import sys, kubedistill_trainer.__main__, kubedistill_trainer.generate, kubedistill_trainer.curate;"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'boto3') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "[]", out.stderr
