@@ -254,7 +254,9 @@ class TeacherClient:
         if seed is not None:
             body["seed"] = seed
         content = json.dumps(body).encode()
-        reserved = estimate_tokens(messages, self.teacher.chars_per_token) + max_tokens * n
+        reserved = (
+            estimate_tokens(messages, self.teacher.chars_per_token) + max_tokens * n if self._tpm else 0
+        )
         last = ""
         for attempt in range(self.max_retries + 1):
             if self._rpm:
