@@ -399,6 +399,57 @@ def test_image_without_command_runs_its_mapped_entrypoint(
     assert kubelet.log_path(namespace, "mapped", "main").read_text() == "['generate', '--shard=3']\n"
 
 
+RETRY_SCRIPT = """
+import os, sys
+marker = os.path.join(os.path.dirname(os.environ["KUBEDISTILL_TERMINATION_LOG"]), "tried")
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    sys.exit(1)
+"""
+
+
+@pytest.mark.cluster
+def test_on_failure_restarts_the_container_in_place(
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str
+) -> None:
+    core = client.CoreV1Api(k8s_api)
+    pod = sleeper("retry", command=["python", "-c", RETRY_SCRIPT])
+    pod["spec"]["restartPolicy"] = "OnFailure"
+    core.create_namespaced_pod(namespace, pod)
+
+    wait_for(
+        lambda: core.read_namespaced_pod("retry", namespace).status.phase == "Succeeded", what="pod retry"
+    )
+    (status,) = core.read_namespaced_pod("retry", namespace).status.container_statuses
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 1
+    assert status.state.terminated.exit_code == 0
+
+
+@pytest.mark.cluster
+def test_deployment_becomes_available(
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str
+) -> None:
+    apps = client.AppsV1Api(k8s_api)
+    labels = {"app": "web"}
+    deployment = {
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": sleeper("unused")["spec"] | {"restartPolicy": "Always"},
+            },
+        },
+    }
+    apps.create_namespaced_deployment(namespace, deployment)
+
+    wait_for(
+        lambda: apps.read_namespaced_deployment("web", namespace).status.available_replicas == 1, what="web"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # up / down: ready in time, busy ports, nothing left behind
 # ---------------------------------------------------------------------------------------------------
@@ -487,7 +538,21 @@ def test_refused_module_names_module_and_version(tmp_path: Path) -> None:
         "403 Forbidden\n"
     )
     line = cluster.go_failure_line(stderr, tmp_path / "build.log")
-    assert "k8s.io/kubernetes@v1.37.2" in line and "403 Forbidden" in line and "\n" not in line
+    assert "k8s.io/kubernetes v1.37.2" in line and "403 Forbidden" in line and "\n" not in line
+
+
+def test_proxy_off_names_the_module_being_downloaded(tmp_path: Path) -> None:
+    stderr = "go: downloading go.etcd.io/etcd/server/v3 v3.7.0\ncmd/etcd/main.go:14:2: module lookup disabled by GOPROXY=off\n"
+    line = cluster.go_failure_line(stderr, tmp_path / "build.log")
+    assert "go.etcd.io/etcd/server/v3 v3.7.0" in line and "GOPROXY=off" in line
+
+
+def test_compile_error_points_at_the_log(tmp_path: Path) -> None:
+    line = cluster.go_failure_line("./main.go:3:1: syntax error\n", tmp_path / "build.log")
+    assert (
+        line
+        == f"go build of the control plane failed: ./main.go:3:1: syntax error (full log: {tmp_path / 'build.log'})"
+    )
 
 
 def test_cache_directory_follows_the_pin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -108,17 +108,29 @@ def binaries_dir(version: str) -> Path:
     return cache_root() / f"controlplane-{version}"
 
 
+_FETCH_FAILURE = re.compile(
+    r"\b40[34]\b|\b410\b|refused|dial tcp|no such host|timeout|GOPROXY=off|verifying module"
+)
+
+
 def go_failure_line(stderr: str, log: Path) -> str:
-    """One line that says what a failed `go build` lacked: a refused module, or where the log is."""
-    for line in stderr.splitlines():
-        match = re.search(r"([\w.\-]+(?:/[\w.\-~]+)+)@(v[\w.\-+]+): (.*)", line)
-        if match and re.search(r"40[34]|410|refused|dial tcp|no such host|timeout|verifying", line):
-            module, version, why = match.groups()
-            return (
-                f"the Go module proxy did not serve {module}@{version} ({why.strip()}); check GOPROXY and "
-                "network access, or set KUBEDISTILL_TEST_KUBECONFIG to an existing cluster"
-            )
-    last = next((ln for ln in reversed(stderr.splitlines()) if ln.strip()), "no output")
+    """One line that says what a failed `go build` lacked: a module it could not fetch, or where the log is."""
+    lines = stderr.splitlines()
+    failure = next((ln for ln in lines if _FETCH_FAILURE.search(ln)), None)
+    if failure:
+        named = re.search(r"([\w.\-]+(?:/[\w.\-~]+)+)@(v[\w.\-+]+): (.*)", failure)
+        downloads = [m for ln in lines if (m := re.match(r"go: downloading (\S+) (v\S+)", ln))]
+        if named:
+            module, version, why = named.groups()
+        elif downloads:
+            (module, version), why = downloads[-1].groups(), failure.split(": ")[-1]
+        else:
+            module, version, why = "a required module", "", failure.strip()
+        return (
+            f"the Go module proxy did not serve {module} {version} ({why.strip()}); check GOPROXY and network "
+            "access, or set KUBEDISTILL_TEST_KUBECONFIG to an existing cluster"
+        )
+    last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
     return f"go build of the control plane failed: {last.strip()} (full log: {log})"
 
 
