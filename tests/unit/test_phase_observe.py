@@ -157,3 +157,5 @@ def test_alias_explicit_target_and_history() -> None:
         history = remember(history, AliasTarget(gguf_uri=f"file:///{i}.gguf"), NOW)
     assert len(history.history) == 10
     assert history.history[0].target.gguf_uri == "file:///11.gguf"
+    again = remember(history, AliasTarget(gguf_uri="file:///11.gguf"), NOW)
+    assert again.history == history.history  # a retried resolution does not record the same change twice

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
 from kubedistill.api.models import (
+    GROUP,
     AliasHistoryEntry,
     AliasTarget,
     DistillationJob,
@@ -19,6 +21,7 @@ from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
 
 MAX_HISTORY = 10
+RESOLVED_TARGET_ANNOTATION = f"{GROUP}/resolved-target"
 # The job's stages are done once it is Promoting: the alias may resolve before the job says Succeeded.
 RESOLVABLE = (Phase.PROMOTING, Phase.SUCCEEDED)
 
@@ -65,14 +68,23 @@ def resolve(alias: ModelAlias, job: DistillationJob | None, now: datetime) -> Mo
 
 
 def remember(status: ModelAliasStatus, previous: AliasTarget, now: datetime) -> ModelAliasStatus:
-    """Put the replaced target first in history (newest first, at most 10)."""
+    """Put the replaced target first in history (newest first, at most 10), once."""
+    if status.history and status.history[0].target == previous:
+        return status
     entry = AliasHistoryEntry(target=previous, replaced_at=rfc3339(now))
     return status.model_copy(update={"history": [entry, *status.history][:MAX_HISTORY]})
 
 
-async def reconcile_alias(
-    kube: Kube, body: dict[str, Any], now: datetime, previous: dict[str, Any] | None = None
-) -> ModelAliasStatus:
+def target_annotation(target: AliasTarget) -> str:
+    return json.dumps(target.to_k8s(), sort_keys=True, separators=(",", ":"))
+
+
+async def reconcile_alias(kube: Kube, body: dict[str, Any], now: datetime) -> ModelAliasStatus:
+    """Resolve the target; when it changed since the last resolution, remember the previous one.
+
+    The last resolved target is kept in an annotation, so a change is noticed even if the operator
+    was down when it happened (a diff of watch events would miss it).
+    """
     alias = ModelAlias.model_validate(body)
     namespace = alias.metadata.namespace or "default"
     job = None
@@ -80,9 +92,16 @@ async def reconcile_alias(
         found = await resources.get_distillation_job(kube, namespace, alias.spec.target.distillation_job)
         job = DistillationJob.model_validate(found) if found is not None else None
     status = resolve(alias, job, now)
-    if previous is not None:
-        status = remember(status, AliasTarget.model_validate(previous), now)
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    current = target_annotation(alias.spec.target)
+    recorded = annotations.get(RESOLVED_TARGET_ANNOTATION)
+    if recorded is not None and recorded != current:
+        status = remember(status, AliasTarget.model_validate_json(recorded), now)
     new = status.to_k8s()
     if new != (alias.status or ModelAliasStatus()).to_k8s():
         await resources.patch_alias_status(kube, namespace, alias.metadata.name, new)
+    if recorded != current:
+        await resources.annotate_alias(
+            kube, namespace, alias.metadata.name, {RESOLVED_TARGET_ANNOTATION: current}
+        )
     return status

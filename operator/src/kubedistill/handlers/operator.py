@@ -119,14 +119,8 @@ async def distillation_job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -
         raise kopf.TemporaryError("waiting for the stage Jobs to go", delay=1)
 
 
-@kopf.on.create(*ALIAS)
-@kopf.on.resume(*ALIAS)
-async def alias_resolved(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await reconcile_alias(memo.service.kube, dict(body), datetime.now(UTC))
-
-
-@kopf.on.update(*ALIAS, field="spec.target")
-async def alias_repointed(body: kopf.Body, old: Any, memo: kopf.Memo, **_: Any) -> None:
-    await reconcile_alias(
-        memo.service.kube, dict(body), datetime.now(UTC), previous=dict(old) if old else None
-    )
+@kopf.on.event(*ALIAS)
+async def alias_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Every alias event resolves it again (idempotent): no kopf state is kept on aliases at all."""
+    if type != "DELETED":
+        await reconcile_alias(memo.service.kube, dict(body), datetime.now(UTC))

@@ -96,12 +96,13 @@ async def set_job_suspend(kube: Kube, namespace: str, name: str, suspend: bool) 
 
 
 async def delete_job(kube: Kube, namespace: str, name: str) -> None:
-    """Delete a child Job; its pods follow through the garbage collector."""
+    """Delete a child Job in the foreground: it stays listed until its pods are gone, so "no children
+    left" also means no stage process is still writing artifacts."""
     try:
         await kube.request(
             "DELETE",
             f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
-            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"},
         )
     except ApiError as err:
         if err.status != 404:
@@ -149,6 +150,15 @@ async def replace_alias_target(
         _custom(namespace, ALIAS_PLURAL, name),
         body=[{"op": "replace", "path": "/spec/target", "value": target}],
         content_type=JSON_PATCH,
+    )
+
+
+async def annotate_alias(kube: Kube, namespace: str, name: str, annotations: dict[str, str]) -> None:
+    await kube.request(
+        "PATCH",
+        _custom(namespace, ALIAS_PLURAL, name),
+        body={"metadata": {"annotations": annotations}},
+        content_type=MERGE_PATCH,
     )
 
 
