@@ -32,13 +32,12 @@ from kubedistill.testing.tiny_model import tiny_llama
 from kubedistill_trainer.train import Example, bond_step_loss, collate, encode_example
 
 WARMUP = 3
-LORA = {
-    "r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.0,
-    "target_modules": "all-linear",
-    "task_type": "CAUSAL_LM",
-}
+
+
+def _lora() -> LoraConfig:
+    return LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
 
 
 def _examples(n: int) -> list[Example]:
@@ -56,9 +55,7 @@ def _examples(n: int) -> list[Example]:
 
 def _bond_median(model_dir: str, batch: Any, steps: int) -> float:
     torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora()
-    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _lora())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -141,3 +141,8 @@ def test_missing_heldout_rows_fail_clearly(tmp_path: Path, student: Path) -> Non
     base = (tmp_path / "job").as_uri()
     result = runtime.execute(evaluate.run, invocation(base, Stage.EVALUATE, _spec(student)))
     assert not result.ok and result.reason == "MissingInput" and "curate" in result.message
+
+
+def test_visible_answer_drops_a_leading_think_block_only() -> None:
+    assert evaluate.visible_answer("<think>\n\n</think>\n\nThe answer is 4.") == "The answer is 4."
+    assert evaluate.visible_answer("4 <think>kept</think>") == "4 <think>kept</think>"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 TEST_FILE = "curated/test.jsonl"
 GGUF_PREFERENCE = ("q4_k_m", "q5_k_m", "q8_0")
 MAX_GGUF_CONTEXT = 8192
+# Reasoning students (Qwen3) open with a think block, empty after distillation from plain answers.
+_THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
+
+
+def visible_answer(text: str) -> str:
+    """What the user would read: the answer without a leading think block."""
+    return _THINK.sub("", text, count=1).strip()
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,9 @@ class GgufStudent:
                 text = out["choices"][0]["text"]
         except ValueError as exc:  # llama-cpp-python's "prompt exceeds context window"
             return Answer("", 0, time.perf_counter() - start, str(exc))
-        return Answer(text.strip(), int(out["usage"]["completion_tokens"]), time.perf_counter() - start)
+        return Answer(
+            visible_answer(text), int(out["usage"]["completion_tokens"]), time.perf_counter() - start
+        )
 
     def close(self) -> None:
         self.llm.close()
@@ -116,7 +126,7 @@ class TransformersStudent:
         if eos in new:
             new = new[: new.index(eos)]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return Answer(text.strip(), len(new), time.perf_counter() - start)
+        return Answer(visible_answer(text), len(new), time.perf_counter() - start)
 
     def close(self) -> None:
         pass

@@ -415,7 +415,6 @@ def run(inv: StageInvocation) -> StageResult:
         tokenizer.save_pretrained(tmp)
         store.put_tree(tmp, adapter_uri)
     final = history[-1] if history else {}
-    this_attempt = max(state.elapsed, 1e-9)
     return StageResult(
         stage=Stage.TRAIN,
         ok=True,
@@ -423,7 +422,8 @@ def run(inv: StageInvocation) -> StageResult:
         metrics=Metrics(student_loss_final=final.get("loss"), training_time_sec=round(state.elapsed, 3)),
         artifacts=Artifacts(adapter_uri=adapter_uri),
         details={
-            "tokensPerSecond": round(state.tokens / this_attempt, 1),
+            # Over all attempts: a resumed run's figure still describes the whole training.
+            "tokensPerSecond": round(state.tokens / max(state.elapsed, 1e-9), 1),
             "steps": state.step,
             "resumedFromStep": resumed_from,
             "backend": backend,
