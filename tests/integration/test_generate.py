@@ -267,3 +267,26 @@ def test_wrong_teacher_key_fails_fast_and_is_never_printed(
     assert "refused the API key (HTTP 401)" in run.termination["message"]
     assert len(fake.calls) <= 8  # the in-flight ones, not a retry storm
     assert_secret_absent(wrong, [run.output, json.dumps(run.termination)], base)
+
+
+@pytest.mark.parametrize("teacher", [{"latency": 0.2}], indirect=True)
+def test_sigterm_keeps_every_paid_answer(teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path) -> None:
+    fake, env = teacher
+    base = (tmp_path / "art").as_uri()
+    inv = invocation(
+        base, spec(dataset={"prompts": [f"p{i}" for i in range(400)]}, teacher={"maxConcurrency": 8})
+    )
+
+    proc = start_stage(tmp_path, inv, env)
+    deadline = time.monotonic() + 60
+    while len(fake.ok_calls()) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+
+    assert proc.returncode == 1
+    res = result(inv)
+    assert res["reason"] == "Interrupted" and "a rerun asks only the missing ones" in res["message"]
+    kept = sorted(r["prompt"] for r in shard_rows(inv))
+    assert kept == sorted(c.prompt for c in fake.ok_calls())  # every answer paid for was written
+    assert 20 <= len(kept) < 400

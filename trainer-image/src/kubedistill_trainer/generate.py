@@ -13,16 +13,19 @@ for an answer it kept) and continues the numbering. The budget (`budget.maxTeach
 what earlier attempts spent; a prompt is started only while spent + in flight + its projected cost
 stays within it, so the stage stops before overspending, keeps what it has and fails with
 BudgetExceeded. A prompt whose retries are exhausted is left for the next attempt; the stage then
-fails with TeacherUnavailable and keeps the rest.
+fails with TeacherUnavailable and keeps the rest. SIGTERM or SIGINT stops it the same way: the
+requests in flight finish and are written, then it fails with Interrupted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +65,7 @@ class Outcome:
     failed: list[str] = field(default_factory=list)
     budget_stopped: bool = False
     fatal: TeacherError | None = None
+    interrupted: bool = False
     seconds: float = 0.0
     retries: dict[str, int] = field(default_factory=dict)
 
@@ -193,12 +197,17 @@ async def generate_candidates(
     writer: ShardWriter,
     *,
     workers: int,
-    on_answer: Any = None,
+    on_answer: Callable[[Outcome], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Outcome:
-    """Answer `todo` with `workers` prompts in flight; rows go to `writer` as they arrive."""
+    """Answer `todo` with `workers` prompts in flight; rows go to `writer` as they arrive.
+
+    Setting `stop` (a signal handler does) lets the requests in flight finish — they are paid for —
+    and starts no new one.
+    """
     outcome = Outcome()
     queue: Iterator[Work] = iter(todo)
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     consecutive_failures = 0
     start = time.perf_counter()
 
@@ -258,6 +267,7 @@ async def generate_candidates(
 
     await asyncio.gather(*(worker() for _ in range(max(1, workers))))
     await writer.flush()
+    outcome.interrupted = stop.is_set() and not outcome.budget_stopped and outcome.fatal is None
     outcome.seconds = time.perf_counter() - start
     outcome.retries = dict(client.retries)
     return outcome
@@ -330,6 +340,13 @@ def run(inv: StageInvocation) -> StageResult:
     report(Outcome(), force=True)
 
     async def go() -> Outcome:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # SIGTERM (pod deletion, suspend) or Ctrl-C in local mode: keep what is paid for, then stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Only the main thread can take signals; elsewhere the caller owns them.
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
         async with make_client(inv, teacher) as client:
             return await generate_candidates(
                 todo,
@@ -339,6 +356,7 @@ def run(inv: StageInvocation) -> StageResult:
                 writer,
                 workers=spec.teacher.max_concurrency,
                 on_answer=report,
+                stop=stop,
             )
 
     outcome = run_async(go()) if todo and not gate.exhausted else Outcome(budget_stopped=bool(todo))
@@ -378,6 +396,15 @@ def run(inv: StageInvocation) -> StageResult:
                 "ok": False,
                 "reason": outcome.fatal.reason,
                 "message": f"{outcome.fatal}; {answered}/{total} prompts answered and kept",
+            }
+        )
+    if outcome.interrupted:
+        return result.model_copy(
+            update={
+                "ok": False,
+                "reason": "Interrupted",
+                "message": f"stopped by a signal: {answered}/{total} prompts answered and kept; "
+                "a rerun asks only the missing ones",
             }
         )
     if outcome.budget_stopped:
