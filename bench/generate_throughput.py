@@ -8,7 +8,8 @@ one latency; a provider without `n` (4000 requests of n=1). Each is run three ti
 
 Beside them, measured in the same run: `server_ceiling_rps`, what a minimal raw-socket client gets
 from the same server at the same concurrency — when it is far below the ideal, the machine (not
-the client) is the limit.
+the client) is the limit; `httpx_bare_rps`, httpx's transports alone, as the client uses them, with
+no stage code — `stage_vs_bare_httpx` near 1 means the stage adds nothing to httpx's own cost.
 
 `client_cpu_ms_per_request` is the stage process's CPU time per request: the ideal needs
 1280 × that many ms of CPU per second, so on a busy machine the CPU share, not waiting, sets the
@@ -29,12 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "operator" / "src"), str(REPO / "trainer-image" / "src")]
 
 from kubedistill.api.models import DistillationJobSpec, Stage  # noqa: E402
 from kubedistill.api.stage import JobRef, StageInvocation  # noqa: E402
 from kubedistill_trainer import generate  # noqa: E402
+from kubedistill_trainer.runtime import run_async  # noqa: E402
 
 PROMPTS = 1000
 SAMPLES = 4
@@ -102,6 +106,39 @@ def median_run(base_url: str, supports_n: bool, workdir: Path) -> dict[str, Any]
     return runs[len(runs) // 2]
 
 
+async def bare_httpx(base_url: str, requests: int) -> float:
+    """Requests/s of httpx transports alone (one per slot, as the client uses them), no stage code."""
+    url = httpx.URL(base_url + "/chat/completions")
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "Benchmark prompt number 1: summarise it."}],
+         "n": SAMPLES, "max_tokens": 64}
+    ).encode()  # fmt: skip
+    slots: asyncio.Queue[httpx.AsyncHTTPTransport] = asyncio.Queue()
+    transports = [
+        httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1)) for _ in range(CONCURRENCY)
+    ]
+    for transport in transports:
+        slots.put_nowait(transport)
+
+    async def one() -> None:
+        transport = await slots.get()
+        try:
+            request = httpx.Request("POST", url, headers={"content-type": "application/json"}, content=body)
+            response = await transport.handle_async_request(request)
+            await response.aread()
+            await response.aclose()
+            json.loads(response.content)
+        finally:
+            slots.put_nowait(transport)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(requests)))
+    seconds = time.perf_counter() - start
+    for transport in transports:
+        await transport.aclose()
+    return requests / seconds
+
+
 async def raw_ceiling(base_url: str, requests: int) -> float:
     """Requests/s of a bare asyncio client (keep-alive sockets, no HTTP library) at CONCURRENCY."""
     host, port = base_url.split("//", 1)[1].split("/", 1)[0].split(":")
@@ -141,6 +178,7 @@ def main() -> None:
             figures["server_ceiling_rps"] = round(asyncio.run(raw_ceiling(url, PROMPTS)), 1)
             # Warm-up (imports done on first use, code paths): scenarios must not depend on order.
             run_generate(url, True, Path(tmp) / "warm-up", prompts=2 * CONCURRENCY)
+            figures["httpx_bare_rps"] = round(run_async(bare_httpx(url, PROMPTS)), 1)
             clean = median_run(url, True, Path(tmp) / "n")
             split = median_run(url, False, Path(tmp) / "split")
         finally:
@@ -167,6 +205,8 @@ def main() -> None:
         rps_no_n=round(split["rps"], 1),
         retries_429=sum(limited["retries"].values()),
         ceiling_ratio=round(figures["server_ceiling_rps"] / IDEAL, 3),
+        # The stage (budget gate, shards, progress, retries) against httpx alone on the same server.
+        stage_vs_bare_httpx=round(clean["rps"] / figures["httpx_bare_rps"], 3),
         # Client CPU per successful request (stage code, httpx, event loop); the server runs apart.
         client_cpu_ms_per_request=round(clean["cpu_ms"], 3),
     )
