@@ -290,3 +290,46 @@ def test_sigterm_keeps_every_paid_answer(teacher: tuple[FakeTeacher, dict[str, s
     kept = sorted(r["prompt"] for r in shard_rows(inv))
     assert kept == sorted(c.prompt for c in fake.ok_calls())  # every answer paid for was written
     assert 20 <= len(kept) < 400
+
+
+@pytest.mark.parametrize(
+    "teacher", [{"fail_prompts": {"q3", "q7", "q11"}, "retry_after": 0.01}], indirect=True
+)
+def test_prompts_failing_after_retries_are_left_for_the_next_attempt(
+    teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
+) -> None:
+    fake, env = teacher
+    base = (tmp_path / "art").as_uri()
+    prompts = [f"q{i}" for i in range(30)]
+    inv = invocation(base, spec(dataset={"prompts": prompts}))
+
+    run = run_stage(tmp_path, inv, env)
+
+    assert run.returncode == 1 and run.termination is not None
+    assert run.termination["reason"] == "TeacherUnavailable"
+    assert "3 prompts failed after retries; 27/30 answered and kept" in run.termination["message"]
+    assert sorted(r["prompt"] for r in shard_rows(inv)) == sorted(set(prompts) - fake.fail_prompts)
+    assert sum(1 for c in fake.calls if c.prompt == "q3") == 9  # the first try and 8 retries
+
+    fake.fail_prompts.clear()
+    calls = len(fake.calls)
+    final = run_stage(tmp_path, inv, env)
+    assert final.returncode == 0, final.output
+    assert sorted(c.prompt for c in fake.calls[calls:]) == ["q11", "q3", "q7"]
+
+
+@pytest.mark.parametrize(
+    "teacher", [{"fail_prompts": {f"q{i}" for i in range(100)}, "retry_after": 0.01}], indirect=True
+)
+def test_a_teacher_that_always_fails_stops_the_stage_early(
+    teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
+) -> None:
+    fake, env = teacher
+    inv = invocation((tmp_path / "art").as_uri(), spec(dataset={"prompts": [f"q{i}" for i in range(100)]}))
+
+    run = run_stage(tmp_path, inv, env)
+
+    assert run.returncode == 1 and run.termination is not None
+    assert run.termination["reason"] == "TeacherUnavailable"
+    assert "16 prompts in a row failed" in run.termination["message"]
+    assert len({c.prompt for c in fake.calls}) <= 16 + 8  # the in-flight ones finish, nothing new starts

@@ -239,7 +239,7 @@ async def generate_candidates(
                 log.warning("prompt %s failed: %s", work.row.id, exc)
                 outcome.failed.append(work.row.id)
                 consecutive_failures += 1
-                if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                if consecutive_failures >= MAX_CONSECUTIVE_FAILURES and outcome.fatal is None:
                     outcome.fatal = TeacherError(
                         f"{consecutive_failures} prompts in a row failed; last: {exc}"
                     )

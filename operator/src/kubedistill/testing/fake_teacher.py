@@ -23,7 +23,8 @@ like a rate limiter at the edge, with Retry-After and retry-after-ms headers of 
 seconds), "500" (after the latency), "timeout" (the server holds
 the request `hang_seconds` then answers 504, so the client's timeout fires first) or "disconnect"
 (the connection is closed with no answer). Failed requests are logged with their status.
-When `api_key` is set, a request without `Authorization: Bearer <api_key>` gets 401.
+Prompts in `fail_prompts` always get the 429. When `api_key` is set, a request without
+`Authorization: Bearer <api_key>` gets 401.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any
@@ -104,6 +105,7 @@ class FakeTeacher:
         host: str = "127.0.0.1",
         port: int = 0,
         call_log: str | None = None,
+        fail_prompts: Collection[str] = (),
     ) -> None:
         self.answers = answers
         self.latency = latency
@@ -117,6 +119,7 @@ class FakeTeacher:
         self.host = host
         self.port = port
         self.call_log_path = call_log
+        self.fail_prompts = set(fail_prompts)
         self.calls: list[Call] = []
         self._random = random.Random(seed)
         self._samples: defaultdict[str, int] = defaultdict(int)
@@ -191,6 +194,8 @@ class FakeTeacher:
             if self.fail_rate and self._random.random() < self.fail_rate
             else ""
         )
+        if prompt in self.fail_prompts:
+            kind = "429"
         if kind == "429":
             # Rate limiters answer at the edge, before any model time.
             call.status, call.kind = 429, "429"
