@@ -32,7 +32,6 @@ def student() -> Path:
 
 @pytest.fixture(scope="module")
 def q4_gguf(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("llama_cpp")
     out = tmp_path_factory.mktemp("gguf")
     export.convert_to_gguf(student, out / "f16.gguf", export.converter_dir(), "f16")
     export.quantize(out / "f16.gguf", out / "model-q4_k_m.gguf", "q4_k_m")

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import gguf
+import llama_cpp
 import pytest
 import torch
 from model_stage_helpers import invocation, job_spec, run_stage
@@ -18,8 +19,6 @@ from kubedistill.testing.tiny_model import tiny_llama
 from kubedistill_trainer import export, runtime
 
 pytestmark = pytest.mark.slow
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 from model_stage_helpers import invocation, job_spec, run_stage
 
@@ -17,8 +18,6 @@ from kubedistill.testing.s3 import RcloneS3
 from kubedistill.testing.tiny_model import tiny_llama
 
 pytestmark = pytest.mark.slow
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 N_PROMPTS = 16
 

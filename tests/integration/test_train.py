@@ -13,6 +13,7 @@ from model_stage_helpers import curated_rows, invocation, job_spec, run_stage, s
 from kubedistill import store
 from kubedistill.api.models import Stage
 from kubedistill.testing.tiny_model import tiny_llama
+from kubedistill_trainer import runtime, train
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +93,7 @@ def test_killed_after_a_checkpoint_resumes_from_it(tmp_path: Path, student: Path
 
 def test_missing_curated_data_fails_clearly(tmp_path: Path, student: Path) -> None:
     base = (tmp_path / "empty").as_uri()
-    result, _ = run_stage(invocation(base, Stage.TRAIN, job_spec(student)), tmp_path)
+    result = runtime.execute(train.run, invocation(base, Stage.TRAIN, job_spec(student)))
     assert not result.ok
     assert result.reason == "MissingInput"
     assert "curate" in result.message

@@ -28,7 +28,6 @@ def test_resolve_student_sources(tmp_path: Path) -> None:
 
 
 def test_gguf_student_trains_and_exports(tmp_path: Path) -> None:
-    pytest.importorskip("llama_cpp")
     student_dir = tmp_path / "student"
     student_dir.mkdir()
     export.convert_to_gguf(tiny_llama(), tmp_path / "f16.gguf", export.converter_dir(), "f16")
