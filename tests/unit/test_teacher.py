@@ -262,3 +262,10 @@ def test_fake_teacher_command_line(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=10)
     assert [json.loads(line)["status"] for line in log.read_text().splitlines()] == [200, 401]
+
+
+def test_responses_without_usage_are_counted_not_priced() -> None:
+    with FakeTeacher(report_usage=False) as server:
+        (completion,), client = ask({"teacher": resolved(server.base_url)}, ["q"], n=2)
+    assert len(completion.texts) == 2 and completion.usage.cost_usd == 0
+    assert client.responses_without_usage == 1 and client.usage.calls == 1

@@ -68,6 +68,7 @@ class Outcome:
     interrupted: bool = False
     seconds: float = 0.0
     retries: dict[str, int] = field(default_factory=dict)
+    responses_without_usage: int = 0
 
 
 def candidate_row(
@@ -270,6 +271,7 @@ async def generate_candidates(
     outcome.interrupted = stop.is_set() and not outcome.budget_stopped and outcome.fatal is None
     outcome.seconds = time.perf_counter() - start
     outcome.retries = dict(client.retries)
+    outcome.responses_without_usage = client.responses_without_usage
     return outcome
 
 
@@ -385,6 +387,7 @@ def run(inv: StageInvocation) -> StageResult:
         "rejectedRows": len(parsed.rejected),
         "failedPrompts": outcome.failed[:20],
         "retries": outcome.retries,
+        "responsesWithoutUsage": outcome.responses_without_usage,
         "generationSeconds": round(outcome.seconds, 3),
         "requestsPerSecond": round(outcome.usage.calls / outcome.seconds, 2) if outcome.seconds else None,
     }
@@ -425,6 +428,10 @@ def run(inv: StageInvocation) -> StageResult:
                 "message": f"{len(outcome.failed)} prompts failed after retries; {answered}/{total} answered and "
                 "kept; a rerun asks only the missing ones",
             }
+        )
+    if outcome.responses_without_usage:
+        rejected_note += (
+            f"; {outcome.responses_without_usage} responses had no usage: their cost is not counted"
         )
     message = (
         f"{answered} prompts × {spec.generation.n_samples} samples, ${usage.cost_usd:.4f}{rejected_note}"

@@ -168,6 +168,8 @@ class TeacherClient:
         self.timeout = timeout
         self.usage = Usage()
         self.retries: Counter[str] = Counter()
+        # Responses without a usage block (some self-hosted servers): their cost is unknown, not 0.
+        self.responses_without_usage = 0
         self._rpm = TokenBucket(requests_per_minute) if requests_per_minute else None
         self._tpm = TokenBucket(tokens_per_minute) if tokens_per_minute else None
         self._rng = random.Random(seed)
@@ -331,6 +333,8 @@ class TeacherClient:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise _Retryable("malformed response") from None
         usage = payload.get("usage") or {}
+        if not usage:
+            self.responses_without_usage += 1
         input_tokens = int(usage.get("prompt_tokens") or 0)
         output_tokens = int(usage.get("completion_tokens") or 0)
         return Completion(

@@ -16,7 +16,8 @@ same answers) and `request` is the parsed body. Unknown prompts get a default an
 
 Usage numbers are exact and reproducible: `count_tokens` splits text into runs of at most four
 word characters and single punctuation marks (close to a BPE tokenizer on English, ~4 chars per
-token); prompt_tokens = Σ(count_tokens(content) + 4) over messages + 2.
+token); prompt_tokens = Σ(count_tokens(content) + 4) over messages + 2. `report_usage=False` leaves
+the usage block out, as some self-hosted servers do.
 
 Failures: with probability `fail_rate` a request fails with one of `failures` — "429" (at once,
 like a rate limiter at the edge, with Retry-After and retry-after-ms headers of `retry_after`
@@ -106,6 +107,7 @@ class FakeTeacher:
         port: int = 0,
         call_log: str | None = None,
         fail_prompts: Collection[str] = (),
+        report_usage: bool = True,
     ) -> None:
         self.answers = answers
         self.latency = latency
@@ -120,6 +122,7 @@ class FakeTeacher:
         self.port = port
         self.call_log_path = call_log
         self.fail_prompts = set(fail_prompts)
+        self.report_usage = report_usage
         self.calls: list[Call] = []
         self._random = random.Random(seed)
         self._samples: defaultdict[str, int] = defaultdict(int)
@@ -248,8 +251,9 @@ class FakeTeacher:
             "created": int(call.at),
             "model": model,
             "choices": choices,
-            "usage": usage,
         }
+        if self.report_usage:
+            payload["usage"] = usage
         return 200, payload, {}
 
     async def _route(
