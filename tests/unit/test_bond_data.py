@@ -8,10 +8,21 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kubedistill.api.models import TrainingSpec
 from kubedistill.testing.tiny_model import tiny_llama
-from kubedistill_trainer.train import Encoded, collate, encode_pair, micro_batch_members, parse_curated
+from kubedistill_trainer.bond import bond_loss
+from kubedistill_trainer.train import (
+    Encoded,
+    bond_step_loss,
+    collate,
+    encode_pair,
+    first_response_label,
+    micro_batch_members,
+    parse_curated,
+)
 
 MESSAGES = [{"role": "user", "content": "What is 2 plus 2?"}]
 
@@ -99,3 +110,40 @@ def test_parse_curated_accepts_strings_and_objects_and_skips_rows_without_chosen
 def test_collate_of_one_sequence_has_no_pairs() -> None:
     batch = collate([(Encoded(chosen=(([1, 2], 1),), rejected=()), 0)], pad_id=0)
     assert batch.pairs.shape == (0, 2) and batch.pairs.dtype == torch.long
+
+
+def test_trimmed_logits_give_the_same_loss_as_full_logits() -> None:
+    """bond_step_loss skips the LM head on the shared prompt prefix; the loss must not notice."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    a = Encoded(chosen=(([1, 5, 6, 7, 8, 9, 10], 4),), rejected=(([1, 5, 6, 7, 11, 12], 4),))
+    b = Encoded(chosen=(([1, 5, 6, 7, 8, 13, 14, 15], 5),), rejected=())
+    batch = collate([(a, 0), (b, 0)], pad_id=0)
+    assert first_response_label(batch) == 3
+    spec = TrainingSpec(bond_beta=0.5, bond_gamma=0.3)
+    trimmed = bond_step_loss(model, batch, spec)
+    with torch.no_grad():
+        policy = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        with model.disable_adapter():
+            ref = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    full = bond_loss(
+        policy,
+        ref,
+        batch.input_ids[:, 1:],
+        batch.response_mask,
+        batch.is_chosen,
+        batch.pairs,
+        beta=0.5,
+        gamma=0.3,
+        tau=spec.preference_scale,
+    )
+    for got, want in zip(trimmed.as_floats().values(), full.as_floats().values(), strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert full.kl.item() > 0 and full.pref.item() != pytest.approx(0.6931, abs=1e-4)

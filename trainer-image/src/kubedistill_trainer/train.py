@@ -223,6 +223,22 @@ def load_trainable(inv: StageInvocation) -> tuple[Any, PreTrainedTokenizerBase, 
     return get_peft_model(base, config), tokenizer, "transformers+peft"
 
 
+def first_response_label(batch: Batch) -> int:
+    """The first label position any row trains on: logits before it are never needed."""
+    used = batch.response_mask.any(dim=0).nonzero()
+    return int(used[0]) if len(used) else 0
+
+
+def _logits_from(model: Any, ids: Any, attention: Any, start: int) -> Any:
+    """Logits predicting labels start.. (= tokens start+1..): [B, T-1-start, V].
+
+    `logits_to_keep` spares the LM head — and the largest activation of the step — on the shared
+    prompt prefix; slicing again keeps this right for a model that ignores the argument.
+    """
+    keep = ids.shape[1] - start
+    return model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits[:, -keep:][:, :-1]
+
+
 def bond_step_loss(model: Any, batch: Batch, spec: TrainingSpec) -> Any:
     """Forward the policy (with grad) and the reference (adapters off, no grad); return the BondLoss."""
     import torch
@@ -231,14 +247,15 @@ def bond_step_loss(model: Any, batch: Batch, spec: TrainingSpec) -> Any:
 
     dev = next(model.parameters()).device
     ids, attention = batch.input_ids.to(dev), batch.attention_mask.to(dev)
-    policy_logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+    start = first_response_label(batch)
+    policy_logits = _logits_from(model, ids, attention, start)
     with torch.no_grad(), model.disable_adapter():
-        ref_logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        ref_logits = _logits_from(model, ids, attention, start)
     return bond_loss(
         policy_logits,
         ref_logits,
-        ids[:, 1:],
-        batch.response_mask.to(dev),
+        ids[:, start + 1 :],
+        batch.response_mask[:, start:].to(dev),
         batch.is_chosen.to(dev),
         batch.pairs.to(dev),
         beta=spec.bond_beta,
