@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from data_stage_helpers import KEY, invocation, priced_catalog, result, run_stage, spec
+from data_stage_helpers import KEY, invocation, priced_catalog, result, run_stage, spec, start_stage
 
 from kubedistill import store
 from kubedistill.testing.fake_teacher import FakeTeacher
@@ -161,3 +163,32 @@ def test_llm_judge_with_unparsable_replies_and_resume(generated: Path, tmp_path:
         assert rerun.returncode == 0, rerun.output
         assert len(server.calls) == calls  # the score shards were reused: the judge is not paid twice
         assert "judge-key-0123456789" not in run.output + rerun.output
+
+
+def test_llm_judge_sigterm_keeps_paid_scores(generated: Path, tmp_path: Path) -> None:
+    def judge(prompt: str, sample: int, request: dict[str, Any]) -> str:
+        return '{"score": 0.5, "reason": "fine"}'
+
+    with FakeTeacher(answers=judge, latency=0.25) as server:
+        shutil.copytree(generated, tmp_path / "art")
+        job = spec(
+            curation={"judge": {"llm": {"baseURL": server.base_url}}, "topK": 2}, generation={"nSamples": 4}
+        )
+        job["teacher"].update(baseURL=server.base_url, maxConcurrency=4)
+        inv = invocation((tmp_path / "art").as_uri(), job, stage="curate")
+        proc = start_stage(tmp_path, inv, {"KUBEDISTILL_TEACHER_API_KEY": KEY})
+        deadline = time.monotonic() + 60
+        while len(server.ok_calls()) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert result(inv)["reason"] == "Interrupted"
+        written = [
+            r for u in store.list_uris(f"{inv['artifactBase']}/curate/scores/") for r in store.read_jsonl(u)
+        ]
+        assert len(written) == len(server.ok_calls()) < 4 * N_PROMPTS  # every paid score kept
+
+        rerun = run_stage(tmp_path, inv, {"KUBEDISTILL_TEACHER_API_KEY": KEY})
+        assert rerun.returncode == 0, rerun.output
+        assert len(server.ok_calls()) == 4 * N_PROMPTS  # each candidate judged exactly once overall

@@ -8,7 +8,8 @@ Reads the generate stage's candidate shards; writes below `<artifactBase>/curate
 - `curated/test.jsonl` — the same for held-out prompts: evaluate takes `chosen[0]` as the teacher's
   best answer.
 - `scores/shard-NNNNN.jsonl` (llm judge only) — `{id, index, score, reason}` as they arrive, so a
-  rerun does not pay the judge twice.
+  rerun does not pay the judge twice; SIGTERM/SIGINT lets the calls in flight finish and be written,
+  then fails the stage with Interrupted.
 
 A candidate passes when its score is > 0; a prompt whose candidates all fail (or are unparsable)
 is dropped. `details.histogram` counts scores in ten bins over [0, 1] plus `unparsable`.
@@ -16,7 +17,10 @@ is dropped. `details.histogram` counts scores in ten bins over [0, 1] plus `unpa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +35,6 @@ from kubedistill_trainer.teacher import TeacherClient
 log = logging.getLogger(__name__)
 
 SCORE_PREFIX = "scores/shard-"
-LLM_BATCH = 256
 BINS = 10
 
 
@@ -91,31 +94,48 @@ async def score_llm_resumable(
     client: TeacherClient,
     stage_uri: str,
     progress: ProgressReporter,
+    stop: asyncio.Event,
 ) -> dict[tuple[str, int], Score]:
-    """LLM scores for every candidate, reusing the score shards of earlier attempts."""
+    """LLM scores for every candidate, reusing the score shards of earlier attempts.
+
+    Scores are written in shards as they arrive; once `stop` is set, the calls in flight finish and
+    are written, and no new one starts (the result then lacks the unscored candidates).
+    """
     cached, next_index = generate.read_shards(stage_uri, SCORE_PREFIX)
     scores = {(r["id"], r["index"]): Score(r["score"], r.get("reason", "")) for r in cached}
-    missing = [
-        (row["id"], i, item)
-        for row in rows
-        for i, item in enumerate(items_of(row))
-        if (row["id"], i) not in scores
-    ]
+    missing = iter(
+        [
+            (row["id"], i, item)
+            for row in rows
+            for i, item in enumerate(items_of(row))
+            if (row["id"], i) not in scores
+        ]
+    )
     total = sum(len(r["candidates"]) for r in rows)
-    writer = generate.ShardWriter(stage_uri, next_index, prefix=SCORE_PREFIX, rows=LLM_BATCH)
-    for start in range(0, len(missing), LLM_BATCH):
-        batch = missing[start : start + LLM_BATCH]
-        results = await score(judge, [item for _, _, item in batch], client=client)
-        for (row_id, index, _), s in zip(batch, results, strict=True):
-            scores[(row_id, index)] = s
-            writer.buffer.append({"id": row_id, "index": index, "score": s.value, "reason": s.reason})
+    writer = generate.ShardWriter(stage_uri, next_index, prefix=SCORE_PREFIX)
+
+    async def worker() -> None:
+        for row_id, index, item in missing:
+            if stop.is_set():
+                return
+            (result,) = await score(judge, [item], client=client)
+            scores[(row_id, index)] = result
+            writer.buffer.append(
+                {"id": row_id, "index": index, "score": result.value, "reason": result.reason}
+            )
+            if writer.due():
+                await writer.flush()
+            progress.update(
+                len(scores),
+                total,
+                detail=f"{len(scores)}/{total} candidates judged",
+                cost_usd=client.usage.cost_usd,
+            )
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(client.max_concurrency)))
+    finally:
         await writer.flush()
-        progress.update(
-            len(scores),
-            total,
-            detail=f"{len(scores)}/{total} candidates judged",
-            cost_usd=client.usage.cost_usd,
-        )
     return scores
 
 
@@ -125,8 +145,19 @@ async def score_all(
     judge = inv.spec.curation.judge
     async with judge_client(inv.spec, judge) as client:
         if client is not None:
-            scores = await score_llm_resumable(judge, rows, client, inv.stage_uri(), progress)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                # As in generate: finish and keep the paid judge calls in flight, then stop.
+                with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+            scores = await score_llm_resumable(judge, rows, client, inv.stage_uri(), progress, stop)
             usage = client.usage
+            if stop.is_set():
+                raise StageFailure(
+                    "Interrupted",
+                    f"stopped by a signal after {len(scores)} judged candidates (kept); a rerun judges only the rest",
+                )
             return scores, {
                 "judgeCalls": usage.calls,
                 "judgeInputTokens": usage.input_tokens,

@@ -163,6 +163,7 @@ class TeacherClient:
         self.url = httpx.URL(teacher.base_url.rstrip("/") + "/chat/completions")
         self._api_key = api_key
         self.max_retries = max_retries
+        self.max_concurrency = max_concurrency
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.timeout = timeout
