@@ -46,7 +46,8 @@ from kubedistill_trainer.teacher import (
 log = logging.getLogger(__name__)
 
 SHARD_ROWS = 100
-SHARD_SECONDS = 3.0
+# A SIGKILL loses at most this much of answered-but-unwritten work (SIGTERM loses none).
+SHARD_SECONDS = 1.0
 SHARD_PREFIX = "candidates/shard-"
 # Consecutive failed prompts (after their own retries) that mean the teacher is down, not flaky.
 MAX_CONSECUTIVE_FAILURES = 16
