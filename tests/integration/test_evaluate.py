@@ -145,3 +145,20 @@ def test_missing_heldout_rows_fail_clearly(tmp_path: Path, student: Path) -> Non
 def test_visible_answer_drops_a_leading_think_block_only() -> None:
     assert evaluate.visible_answer("<think>\n\n</think>\n\nThe answer is 4.") == "The answer is 4."
     assert evaluate.visible_answer("4 <think>kept</think>") == "4 <think>kept</think>"
+
+
+def test_merged_student_when_no_gguf_was_exported(tmp_path: Path, student: Path) -> None:
+    base = (tmp_path / "job").as_uri()
+    store.write_jsonl(f"{base}/curate/curated/test.jsonl", heldout_rows(2))
+    store.put_tree(student, f"{base}/export/merged")
+    spec = _spec(student, curation={"judge": {"majority": {}}}, export={"gguf": False})
+    result = runtime.execute(evaluate.run, invocation(base, Stage.EVALUATE, spec))
+    assert result.ok, result.message
+    assert result.details["student"] == "transformers merged"
+    # Majority: the teacher's modal answer among "The answer is 3i.", "3i", "It is i." is its best one.
+    assert result.metrics.teacher_eval_score == 1.0
+    assert result.details["rows"] == 2
+
+    disabled = _spec(student, evaluation={"enabled": False})
+    skipped = runtime.execute(evaluate.run, invocation(base, Stage.EVALUATE, disabled))
+    assert skipped.ok and skipped.details == {"skipped": True} and skipped.metrics.eval_score is None
