@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from kubedistill import cli_local
 from kubedistill.api import crdgen
 
 app = typer.Typer(
@@ -51,6 +52,10 @@ def operator_command(ctx: typer.Context) -> None:
     from kubedistill.handlers.main import main as run_operator
 
     run_operator(list(ctx.args))
+
+
+# Commands of other modules (local mode, the cluster commands) register themselves on the app.
+cli_local.register(app)
 
 
 def main() -> None:
