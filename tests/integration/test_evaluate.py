@@ -124,6 +124,13 @@ def test_adapter_student_with_llm_judge_counts_unparsable_as_zero(
     rows = store.read_jsonl(result.artifacts.eval_uri or "")
     assert all("unparsable" in r["studentReason"] for r in rows)
 
+    # A rerun (a restarted pod) reuses the answers and the judge's scores: no new judge call.
+    calls = len(judge.calls)
+    again = runtime.execute(evaluate.run, invocation(base, Stage.EVALUATE, spec))
+    assert again.ok and again.details["answersReused"] and not result.details["answersReused"]
+    assert len(judge.calls) == calls
+    assert again.metrics == result.metrics
+
 
 def test_baseline_scores_the_untrained_student(tmp_path: Path, student: Path) -> None:
     base = (tmp_path / "job").as_uri()

@@ -5,7 +5,9 @@ In:  `<base>/curate/curated/test.jsonl` (held-out prompts; `chosen[0]` is the te
      export stage through llama.cpp when there is one (else another exported quantisation), else the
      merged safetensors, else base + adapter, through transformers.
 Out: `<base>/evaluate/eval.jsonl`, one row per prompt: both answers, both scores with the judge's
-     reasons, agreement, latency and tokens. Metrics evalScore and teacherEvalScore (mean judge
+     reasons, agreement, latency and tokens. A rerun reuses `answers.json` (the student's greedy
+     answers) and, for an LLM judge, the `scores/shard-NNNNN.jsonl` written as scores arrive, so it
+     never pays the judge twice for the same question and answer. Metrics evalScore and teacherEvalScore (mean judge
      score; an answer the judge could not score counts 0), retention = evalScore / teacherEvalScore.
 
 The judge is `spec.evaluation.judge`, else the curation judge. Answers are greedy (temperature 0)
@@ -18,6 +20,8 @@ local mode shows as "before".
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import re
@@ -25,7 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,13 +37,16 @@ from kubedistill import store
 from kubedistill.api.models import Artifacts, JudgeSpec, Metrics, Stage
 from kubedistill.api.stage import StageInvocation, StageResult
 from kubedistill.dataset import row_from_obj
-from kubedistill_trainer import models
+from kubedistill_trainer import generate, models
 from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score, token_f1
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure
 
 log = logging.getLogger(__name__)
 
 TEST_FILE = "curated/test.jsonl"
+ANSWERS_FILE = "answers.json"
+SCORE_PREFIX = "scores/shard-"
+SCORE_BATCH = 64
 GGUF_PREFERENCE = ("q4_k_m", "q5_k_m", "q8_0")
 MAX_GGUF_CONTEXT = 8192
 # Reasoning students (Qwen3) open with a think block, empty after distillation from plain answers.
@@ -198,16 +205,48 @@ def _items(rows: Sequence[dict[str, Any]], answers: Sequence[str]) -> list[Judge
     return items
 
 
+def _score_key(item: JudgeItem) -> str:
+    """What an LLM judge sees, hashed: the same question, answer and reference are scored once."""
+    return hashlib.sha256(json.dumps([item.prompt, item.answer, item.reference]).encode()).hexdigest()[:32]
+
+
+async def _score_cached(
+    judge: JudgeSpec, client: Any, keyed: Sequence[tuple[str, JudgeItem]], stage_uri: str | None
+) -> dict[str, Score]:
+    """LLM scores, reusing and extending the score shards of earlier attempts when `stage_uri` is set."""
+    cached, next_index = generate.read_shards(stage_uri, SCORE_PREFIX) if stage_uri else ([], 0)
+    scores = {r["key"]: Score(r["score"], r.get("reason", "")) for r in cached}
+    missing = [(k, item) for k, item in dict(keyed).items() if k not in scores]
+    writer = (
+        generate.ShardWriter(stage_uri, next_index, prefix=SCORE_PREFIX, rows=SCORE_BATCH)
+        if stage_uri
+        else None
+    )
+    for start in range(0, len(missing), SCORE_BATCH):
+        batch = missing[start : start + SCORE_BATCH]
+        for (key, _), result in zip(
+            batch, await score(judge, [i for _, i in batch], client=client), strict=True
+        ):
+            scores[key] = result
+            if writer is not None:
+                writer.buffer.append({"key": key, "score": result.value, "reason": result.reason})
+        if writer is not None:
+            await writer.flush()
+    return scores
+
+
 async def _score_all(
-    inv: StageInvocation, groups: Sequence[list[JudgeItem]]
-) -> tuple[list[list[Score]], dict[str, Any]]:
+    inv: StageInvocation, groups: dict[str, list[JudgeItem]], stage_uri: str | None
+) -> tuple[dict[str, list[Score]], dict[str, Any]]:
+    """Scores per group (student, teacher, ...); an LLM judge's are kept in shards so a rerun pays once."""
     judge = judge_of(inv)
     async with judge_client(inv.spec, judge) as client:
-        scored = [await score(judge, items, client=client) for items in groups]
-        usage: dict[str, Any] = {}
-        if client is not None:
-            usage = {"judgeCalls": client.usage.calls, "judgeCostUSD": round(client.usage.cost_usd, 6)}
-    return scored, usage
+        if client is None:
+            return {role: await score(judge, items) for role, items in groups.items()}, {}
+        keyed = [(_score_key(item), item) for items in groups.values() for item in items]
+        scores = await _score_cached(judge, client, keyed, stage_uri)
+        usage = {"judgeCalls": client.usage.calls, "judgeCostUSD": round(client.usage.cost_usd, 6)}
+    return {role: [scores[_score_key(i)] for i in items] for role, items in groups.items()}, usage
 
 
 def mean_score(scores: Sequence[Score]) -> float:
@@ -252,8 +291,21 @@ def baseline(inv: StageInvocation) -> dict[str, Any]:
         answers = answer_all(student, rows, inv.spec.generation.max_tokens)
     finally:
         student.close()
-    (scores,), usage = asyncio.run(_score_all(inv, [_items(rows, [a.text for a in answers])]))
-    return {"baselineScore": round(mean_score(scores), 4), "rows": len(rows), **timing(answers), **usage}
+    scored, usage = asyncio.run(_score_all(inv, {"baseline": _items(rows, [a.text for a in answers])}, None))
+    baseline_score = round(mean_score(scored["baseline"]), 4)
+    return {"baselineScore": baseline_score, "rows": len(rows), **timing(answers), **usage}
+
+
+def _read_answers(uri: str, rows: Sequence[dict[str, Any]]) -> tuple[list[Answer], str] | None:
+    """A previous attempt's answers to exactly these rows: greedy decoding would only repeat them."""
+    try:
+        saved = store.read_json(uri)
+    except store.NotFound:
+        return None
+    by_id = saved["answers"]
+    if set(by_id) != {r["id"] for r in rows}:
+        return None
+    return [Answer(**by_id[r["id"]]) for r in rows], saved["student"]
 
 
 def run(inv: StageInvocation) -> StageResult:
@@ -270,19 +322,33 @@ def run(inv: StageInvocation) -> StageResult:
             message="no held-out prompt with a teacher answer: nothing to evaluate (dataset.testFraction?)",
             details={"rows": 0},
         )
-    progress = ProgressReporter(inv.stage_uri(), Stage.EVALUATE)
-    progress.update(0, len(rows) + 1, detail="loading the student", force=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        student = open_trained_student(inv, Path(tmp))
-        try:
-            answers = answer_all(student, rows, inv.spec.generation.max_tokens, progress)
-        finally:
-            student.close()
+    stage_uri = inv.stage_uri()
+    progress = ProgressReporter(stage_uri, Stage.EVALUATE)
+    answers_uri = f"{stage_uri}/{ANSWERS_FILE}"
+    cached = _read_answers(answers_uri, rows)
+    if cached is not None:
+        answers, student_name = cached
+    else:
+        progress.update(0, len(rows) + 1, detail="loading the student", force=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            student = open_trained_student(inv, Path(tmp))
+            student_name = student.name
+            try:
+                answers = answer_all(student, rows, inv.spec.generation.max_tokens, progress)
+            finally:
+                student.close()
+        store.write_json(
+            answers_uri,
+            {
+                "student": student_name,
+                "answers": {r["id"]: asdict(a) for r, a in zip(rows, answers, strict=True)},
+            },
+        )
     progress.update(len(rows), len(rows) + 1, detail="judging", force=True)
     teacher_answers = [r["chosen"][0] for r in rows]
-    (student_scores, teacher_scores), usage = asyncio.run(
-        _score_all(inv, [_items(rows, [a.text for a in answers]), _items(rows, teacher_answers)])
-    )
+    groups = {"student": _items(rows, [a.text for a in answers]), "teacher": _items(rows, teacher_answers)}
+    scored, usage = asyncio.run(_score_all(inv, groups, stage_uri))
+    student_scores, teacher_scores = scored["student"], scored["teacher"]
 
     per_row = []
     for row, ans, teacher, s_score, t_score in zip(
@@ -312,7 +378,8 @@ def run(inv: StageInvocation) -> StageResult:
     progress.update(len(rows) + 1, len(rows) + 1, detail="evaluated", force=True)
     details = {
         "rows": len(rows),
-        "student": student.name,
+        "student": student_name,
+        "answersReused": cached is not None,
         "judge": judge_of(inv).kind,
         "agreementF1": round(statistics.fmean(r["agreementF1"] for r in per_row), 4),
         "agreementExact": round(sum(r["agreementF1"] == 1.0 for r in per_row) / len(per_row), 4),
