@@ -374,6 +374,9 @@ def _steps(
 
 
 def run(inv: StageInvocation) -> StageResult:
+    if models.unsloth_available():
+        import unsloth  # noqa: F401  # it patches transformers, so it must be imported first
+
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
