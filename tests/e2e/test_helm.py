@@ -1,0 +1,458 @@
+"""The chart against the real test control plane.
+
+- Every rendered manifest of the three tested value sets passes a server-side dry run.
+- `helm install` (namespaced) runs the operator as a Pod of the local kubelet, which maps the operator
+  image to the operator's own command and gives it the chart's ServiceAccount token, not admin; that
+  operator drives a DistillationJob with instant fake stages to Succeeded and promotes its alias, which
+  proves the RBAC is enough. Its metrics and liveness endpoints answer while it runs.
+- SubjectAccessReviews against the chart's RBAC prove it is not more than that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+from conftest import wait_for
+from kubedistill.testing import helm
+from kubedistill.testing.helm import VALUE_SETS
+from kubedistill.testing.kubelet import LocalKubelet
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+OPERATOR_IMAGE = "ghcr.io/kubedistill/operator"
+FAKE_STAGE_IMAGE = "kubedistill.test/helm-fake-stage"
+# No prometheus-operator in the test control plane: these kinds cannot be dry-run here.
+NOT_SERVED = {"ServiceMonitor", "PrometheusRule"}
+
+# A real kubelet mounts the token at /var/run/secrets/kubernetes.io/serviceaccount; the local kubelet
+# cannot, and names its directory instead. This turns that directory into the kubeconfig an in-cluster
+# client would build, then starts the operator exactly as the image's ENTRYPOINT does.
+IN_POD = """
+import os, sys, pathlib, yaml
+sa = pathlib.Path(os.environ["KUBEDISTILL_SERVICEACCOUNT_DIR"])
+server = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
+kubeconfig = {
+    "apiVersion": "v1", "kind": "Config", "current-context": "pod",
+    "clusters": [{"name": "pod", "cluster": {"server": server, "certificate-authority": str(sa / "ca.crt")}}],
+    "users": [{"name": "pod", "user": {"tokenFile": str(sa / "token")}}],
+    "contexts": [{"name": "pod", "context": {"cluster": "pod", "user": "pod"}}],
+}
+(sa / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+os.environ["KUBECONFIG"] = str(sa / "kubeconfig")
+import asyncio
+from kubedistill.k8s.client import Kube
+
+async def whoami():
+    # Who the operator's own API client is, with this kubeconfig.
+    kube = Kube.from_env()
+    try:
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        return await kube.request("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", body=body)
+    finally:
+        await kube.close()
+
+review = asyncio.run(whoami())
+print("operator identity:", review["status"]["userInfo"]["username"], flush=True)
+from kubedistill.handlers.main import main
+main(sys.argv[1:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def apply(dyn: DynamicClient, doc: dict[str, Any], *, dry_run: bool) -> None:
+    """Server-side apply, as `kubectl apply --server-side [--dry-run=server]` does."""
+    resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+    kwargs: dict[str, Any] = {"field_manager": "kubedistill-tests", "force_conflicts": True}
+    if dry_run:
+        kwargs["dry_run"] = "All"
+    dyn.server_side_apply(
+        resource, body=doc, name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace"), **kwargs
+    )
+
+
+def delete(dyn: DynamicClient, doc: dict[str, Any]) -> None:
+    resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+    try:
+        resource.delete(name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace"))
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
+@pytest.fixture
+def dyn(k8s_api: client.ApiClient) -> DynamicClient:
+    return DynamicClient(k8s_api)
+
+
+@pytest.fixture
+def extra_namespaces(k8s_api: client.ApiClient) -> Iterator[list[str]]:
+    core = client.CoreV1Api(k8s_api)
+    names = [unique("kd-helm-a"), unique("kd-helm-b")]
+    for name in names:
+        core.create_namespace({"metadata": {"name": name}})
+    yield names
+    for name in names:
+        core.delete_namespace(name)
+
+
+def kube_version() -> str:
+    from kubedistill.testing.cluster import pinned_version, tools_module_dir
+
+    return pinned_version((tools_module_dir() / "go.mod").read_text()).lstrip("v")
+
+
+# ------------------------------------------------------------------------------------ dry run
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rendered_manifests_pass_a_server_side_dry_run(
+    name: str, namespace: str, extra_namespaces: list[str], dyn: DynamicClient
+) -> None:
+    values = dict(VALUE_SETS[name])
+    if "watchNamespaces" in values:
+        values["watchNamespaces"] = extra_namespaces  # namespaces that exist in this cluster
+    helm.build()
+    docs = helm.template(
+        values, release=unique("kd"), namespace=namespace, kube_version=kube_version(), include_crds=True
+    )
+    # kopf's peering CRDs (the chart's crds/) must really exist before a peering object can be dry-run.
+    peering_crds = [
+        d for d in docs if d["kind"] == "CustomResourceDefinition" and d["spec"]["group"] == "kopf.dev"
+    ]
+    needs_peering = any(d["kind"] in ("KopfPeering", "ClusterKopfPeering") for d in docs)
+    if needs_peering:
+        for crd in peering_crds:
+            apply(dyn, crd, dry_run=False)
+        for crd in peering_crds:
+            wait_for(lambda crd=crd: served(dyn, crd), what=f"CRD {crd['metadata']['name']}")
+    checked = []
+    for doc in docs:
+        if doc["kind"] in NOT_SERVED:
+            continue
+        try:
+            apply(dyn, doc, dry_run=True)
+        except ApiException as err:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {err.status} {err.reason}: {err.body}")
+        checked.append(doc["kind"])
+    assert {"Deployment", "ClusterRole", "ConfigMap", "CustomResourceDefinition"} <= set(checked)
+
+
+def served(dyn: DynamicClient, crd: dict[str, Any]) -> bool:
+    found = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition").get(
+        name=crd["metadata"]["name"]
+    )
+    return any(c["type"] == "Established" and c["status"] == "True" for c in found.status.conditions or [])
+
+
+# ---------------------------------------------------------------------------------------- RBAC
+
+
+def subject_access(
+    k8s_api: client.ApiClient, account: str, namespace: str | None, verb: str, group: str, resource: str
+) -> bool:
+    service_account_ns, name = account.split(":")
+    review = client.AuthorizationV1Api(k8s_api).create_subject_access_review(
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": f"system:serviceaccount:{service_account_ns}:{name}",
+                # The groups a real token of this account carries, so default bindings count too.
+                "groups": [
+                    "system:serviceaccounts",
+                    f"system:serviceaccounts:{service_account_ns}",
+                    "system:authenticated",
+                ],
+                "resourceAttributes": {
+                    "namespace": namespace or "",
+                    "verb": verb,
+                    "group": group,
+                    "resource": resource.split("/")[0],
+                    "subresource": resource.split("/")[1] if "/" in resource else "",
+                },
+            },
+        }
+    )
+    allowed: bool = review.status.allowed
+    return allowed
+
+
+NEVER = [
+    # (verb, group, resource): nothing the operator does needs these, in any namespace.
+    ("get", "", "secrets"),
+    ("list", "", "secrets"),
+    ("watch", "", "secrets"),
+    ("create", "", "secrets"),
+    ("patch", "", "nodes"),
+    ("delete", "", "nodes"),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("create", "rbac.authorization.k8s.io", "rolebindings"),
+    ("patch", "rbac.authorization.k8s.io", "clusterroles"),
+    ("escalate", "rbac.authorization.k8s.io", "roles"),
+    ("bind", "rbac.authorization.k8s.io", "clusterroles"),
+    ("create", "", "pods"),
+    ("create", "", "pods/exec"),
+    ("create", "", "serviceaccounts/token"),
+    ("patch", "apps", "deployments"),
+    ("delete", "apiextensions.k8s.io", "customresourcedefinitions"),
+    ("delete", "", "namespaces"),
+]
+NEEDED = [
+    ("watch", "kubedistill.io", "distillationjobs"),
+    ("patch", "kubedistill.io", "distillationjobs/status"),
+    ("create", "kubedistill.io", "modelaliases"),
+    ("create", "batch", "jobs"),
+    ("delete", "batch", "jobs"),
+    ("list", "", "pods"),
+    ("create", "", "configmaps"),
+    ("create", "", "events"),
+]
+
+
+@pytest.fixture
+def installed_rbac(
+    namespace: str, extra_namespaces: list[str], dyn: DynamicClient, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The chart's RBAC objects, really created, for the value set the test is parametrised with."""
+    values: dict[str, Any] = request.param
+    if values.get("watchNamespaces"):
+        values = {**values, "watchNamespaces": extra_namespaces[:1]}
+    release = unique("kd")
+    helm.build()
+    docs = [
+        d
+        for d in helm.template(values, release=release, namespace=namespace)
+        if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    ]
+    try:
+        for doc in docs:
+            apply(dyn, doc, dry_run=False)
+        yield f"{namespace}:{release}-kubedistill", values
+    finally:
+        for doc in docs:
+            delete(dyn, doc)
+
+
+@pytest.mark.parametrize(
+    "installed_rbac",
+    [{}, {"watchNamespaces": ["set-by-fixture"]}],
+    indirect=True,
+    ids=["cluster-wide", "namespaced"],
+)
+def test_rbac_allows_what_the_operator_does_and_nothing_more(
+    installed_rbac: tuple[str, dict[str, Any]],
+    namespace: str,
+    extra_namespaces: list[str],
+    k8s_api: client.ApiClient,
+) -> None:
+    account, values = installed_rbac
+    watched = values.get("watchNamespaces") or []
+    elsewhere = extra_namespaces[1]  # never watched, never listed for Secrets
+    job_namespaces = watched or [elsewhere]
+    for ns in job_namespaces:
+        for verb, group, resource in NEEDED:
+            assert subject_access(k8s_api, account, ns, verb, group, resource), f"{verb} {resource} in {ns}"
+    for ns in [elsewhere, namespace, None]:
+        for verb, group, resource in NEVER:
+            assert not subject_access(k8s_api, account, ns, verb, group, resource), (
+                f"{verb} {resource} in {ns}"
+            )
+    if watched:
+        # Namespaced: nothing at all about jobs outside the listed namespaces, Secret existence checks inside.
+        assert not subject_access(k8s_api, account, elsewhere, "create", "batch", "jobs")
+        assert not subject_access(k8s_api, account, None, "watch", "kubedistill.io", "distillationjobs")
+        assert subject_access(k8s_api, account, watched[0], "get", "", "secrets")
+        for verb, group, resource in [v for v in NEVER if v != ("get", "", "secrets")]:
+            assert not subject_access(k8s_api, account, watched[0], verb, group, resource), (
+                f"{verb} {resource}"
+            )
+
+
+# ----------------------------------------------------------------------------------- install
+
+
+def job(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubedistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "teacher": {
+                "model": "openai/gpt-4o-mini",
+                "apiKeySecretRef": {"name": "teacher", "key": "api-key"},
+            },
+            "student": {"model": "qwen3-0.6b"},
+            "dataset": {"prompts": ["What is 2+2?", "Name a colour.", "Say hi."]},
+            "generation": {"nSamples": 2},
+            "curation": {"judge": {"majority": {}}, "topK": 1},
+            "training": {"steps": 2},
+            "promotion": {"alias": "smart"},
+        },
+    }
+
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def scrape(port: int) -> dict[Sample, float]:
+    """The kubedistill_* samples of a /metrics page, keyed by name and label set (label order varies)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[Sample, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(kubedistill_\w+)(?:\{(.*)\})?\s+(\S+)$", line)
+        if match:
+            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def total(samples: dict[Sample, float], name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include these."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
+    control_plane: Path, kubelet: LocalKubelet, namespace: str, k8s_api: client.ApiClient, tmp_path: Path
+) -> None:
+    kubelet.images[OPERATOR_IMAGE] = [sys.executable, "-c", IN_POD]
+    kubelet.images[FAKE_STAGE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
+    core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "teacher"}, "stringData": {"api-key": "sk-test"}}
+    )
+    release, metrics_port, health_port = unique("kd"), free_port(), free_port()
+    values = {
+        "watchNamespaces": [namespace],
+        # The CRDs are already installed for the whole test session; kopf's peering CRDs are not needed.
+        "crds": {"enabled": False, "keep": True},
+        "image": {"repository": OPERATOR_IMAGE, "tag": "e2e", "pullPolicy": "Never"},
+        "trainer": {"image": {"repository": FAKE_STAGE_IMAGE, "tag": "1", "pullPolicy": "Never"}},
+        "stages": {"train": {"gpus": 0}},
+        "storage": {"artifactRoot": (tmp_path / "artifacts").as_uri()},
+        "operator": {"progressIntervalSeconds": 1, "retryBackoffBaseSeconds": 1},
+        "healthPort": health_port,
+        "metrics": {"port": metrics_port},
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    kube = ["--kubeconfig", str(control_plane), "--namespace", namespace]
+    helm.build()
+    installed = helm.run(
+        ["install", release, str(helm.chart_dir()), *kube, "--skip-crds", "--values", str(values_file)]
+    )
+    log: Path | None = None
+    try:
+        # NOTES.txt tells the next three commands, with this release's names in them.
+        notes = installed.stdout
+        assert f"rollout status deployment/{release}-kubedistill" in notes
+        assert f"kubectl -n {namespace} get distillationjobs -w" in notes
+
+        def operator_pod() -> dict[str, Any] | None:
+            pods = core.list_namespaced_pod(
+                namespace, label_selector="app.kubernetes.io/component=operator"
+            ).items
+            running = [p for p in pods if p.status.phase == "Running"]
+            return k8s_api.sanitize_for_serialization(running[0]) if running else None
+
+        pod = wait_for(operator_pod, timeout=60, what="the operator Pod to run")
+        log = kubelet.log_path(namespace, pod["metadata"]["name"], "operator")
+        assert pod["spec"]["serviceAccountName"] == f"{release}-kubedistill"
+        wait_for(lambda: healthy(health_port), timeout=60, what="kopf's liveness endpoint")
+
+        custom.create_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", namespace, "distillationjobs", job("helm-e2e")
+        )
+
+        def phase() -> str | None:
+            got = custom.get_namespaced_custom_object(
+                "kubedistill.io", "v1alpha1", namespace, "distillationjobs", "helm-e2e"
+            )
+            value: str | None = (got.get("status") or {}).get("phase")
+            return value if value in ("Succeeded", "Failed") else None
+
+        assert wait_for(phase, timeout=180, what="the DistillationJob to finish") == "Succeeded"
+
+        def alias_ready() -> bool:
+            got = custom.get_namespaced_custom_object(
+                "kubedistill.io", "v1alpha1", namespace, "modelaliases", "smart"
+            )
+            conditions = (got.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_for(alias_ready, timeout=60, what="the promoted ModelAlias to be Ready")
+
+        # The metrics endpoint the chart exposes answers with what just happened.
+        samples = scrape(metrics_port)
+        assert total(samples, "kubedistill_jobs", namespace=namespace, phase="Succeeded") == 1
+        assert total(samples, "kubedistill_stage_attempts_total") >= 5
+        assert total(samples, "kubedistill_stage_duration_seconds_count", outcome="succeeded") >= 5
+        assert total(samples, "kubedistill_time_to_first_job_seconds_count") >= 1
+        assert total(samples, "kubedistill_reconcile_errors_total") == 0
+        reported = custom.get_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", namespace, "distillationjobs", "helm-e2e"
+        )["status"]["metrics"]
+        teacher = "openai/gpt-4o-mini"
+        assert reported["teacherInputTokens"] > 0
+        tokens = total(samples, "kubedistill_teacher_tokens_total", teacher=teacher, direction="input")
+        assert tokens == reported["teacherInputTokens"]
+        cost = total(samples, "kubedistill_teacher_cost_usd_total", teacher=teacher)
+        assert cost == pytest.approx(reported["teacherCostTotal"])
+        # Everything above ran with the ServiceAccount's token, and no request of it was refused.
+        text = log.read_text(errors="replace")
+        assert f"operator identity: system:serviceaccount:{namespace}:{release}-kubedistill" in text
+        assert "forbidden" not in text.lower() and "Not enough permissions" not in text
+    finally:
+        if log is not None and log.exists():
+            print(f"operator log:\n{log.read_text(errors='replace')[-6000:]}")  # shown when the test fails
+        helm.run(["uninstall", release, *kube, "--wait", "--timeout", "60s"], check=False)
+        assert not any(
+            b.metadata.name == f"{release}-kubedistill"
+            for b in client.RbacAuthorizationV1Api(k8s_api).list_cluster_role_binding().items
+        )
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback() -> Iterator[None]:
+    # urllib would send loopback scrapes through an HTTP(S)_PROXY set in the environment.
+    saved = os.environ.get("NO_PROXY")
+    os.environ["NO_PROXY"] = ",".join(filter(None, [saved, "127.0.0.1", "localhost"]))
+    yield
+    if saved is None:
+        os.environ.pop("NO_PROXY", None)
+    else:
+        os.environ["NO_PROXY"] = saved
