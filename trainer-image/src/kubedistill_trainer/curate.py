@@ -133,7 +133,7 @@ async def score_llm_resumable(
             )
 
     try:
-        await asyncio.gather(*(worker() for _ in range(client.max_concurrency)))
+        await asyncio.gather(*(worker() for _ in range(generate.WORKERS_PER_SLOT * client.max_concurrency)))
     finally:
         await writer.flush()
     return scores

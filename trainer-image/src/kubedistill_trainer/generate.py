@@ -49,6 +49,9 @@ SHARD_ROWS = 100
 # A SIGKILL loses at most this much of answered-but-unwritten work (SIGTERM loses none).
 SHARD_SECONDS = 1.0
 SHARD_PREFIX = "candidates/shard-"
+# Prompts in progress per concurrency slot: while one waits out a Retry-After, another uses its
+# connection (requests in flight stay capped by teacher.maxConcurrency).
+WORKERS_PER_SLOT = 2
 # Consecutive failed prompts (after their own retries) that mean the teacher is down, not flaky.
 MAX_CONSECUTIVE_FAILURES = 16
 
@@ -357,7 +360,7 @@ def run(inv: StageInvocation) -> StageResult:
                 spec.generation,
                 gate,
                 writer,
-                workers=spec.teacher.max_concurrency,
+                workers=WORKERS_PER_SLOT * spec.teacher.max_concurrency,
                 on_answer=report,
                 stop=stop,
             )
