@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kubedistill_trainer import export
+
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR = ROOT / "operator" / "Dockerfile"
 TRAINER = ROOT / "trainer-image" / "Dockerfile"
@@ -153,10 +155,13 @@ def test_the_trainer_image_installs_the_ml_stack_and_builds_llama_cpp_portably()
     assert "unsloth" in {normalise(n) for n in pins()} and "gpu" in extras()
     runs = " ".join(rest for kw, rest in ins if kw == "RUN")
     assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install' in runs
-    # The converter comes from the llama-cpp-python sdist, where export finds it through KUBEDISTILL_CACHE.
-    assert "vendor/llama.cpp" in runs
+    # The converter comes from the very llama-cpp-python sdist that is compiled, and the export stage
+    # finds it where the image puts it.
+    assert re.search(r'/vendor/llama\.cpp"?\s+/opt/llama\.cpp', runs)
+    assert build_args(ins)["LLAMA_CPP_PYTHON_VERSION"] == export.LLAMA_CPP_VERSION
     env = " ".join(rest for kw, rest in ins if kw == "ENV")
-    assert "KUBEDISTILL_CACHE=/opt/kubedistill" in env
+    assert f"{export.LLAMA_CPP_DIR_ENV}=/opt/llama.cpp" in env
+    assert "HF_HOME=/tmp/" in env and "HOME=/tmp" in env  # read-only root filesystem in stage Pods
 
 
 @pytest.mark.parametrize(
