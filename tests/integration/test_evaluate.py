@@ -109,7 +109,7 @@ def test_adapter_student_with_llm_judge_counts_unparsable_as_zero(
         AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
-    adapter.save_pretrained(tmp_path / "adapter")
+    adapter.save_pretrained(str(tmp_path / "adapter"))
     store.put_tree(tmp_path / "adapter", f"{base}/train/adapter")
     spec = _spec(student, teacher={"model": "fake-teacher", "baseURL": judge.base_url})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import gguf
 import llama_cpp
@@ -37,7 +38,7 @@ def _write_adapter(student: Path, dest: Path) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.05)
-    model.save_pretrained(dest)
+    model.save_pretrained(str(dest))
 
 
 def test_export_merges_converts_quantises_and_loads(tmp_path: Path, student: Path) -> None:
@@ -78,7 +79,7 @@ def test_export_merges_converts_quantises_and_loads(tmp_path: Path, student: Pat
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
         try:
             assert llm.metadata.get("tokenizer.chat_template"), "the chat template travels into the GGUF"
-            out = llm.create_completion("What is 2 plus 2?", max_tokens=6, temperature=0.0)
+            out: Any = llm.create_completion("What is 2 plus 2?", max_tokens=6, temperature=0.0)
             assert out["usage"]["completion_tokens"] >= 1
         finally:
             llm.close()

@@ -95,7 +95,9 @@ def test_generate_to_evaluate_ends_with_runnable_ggufs(
         store.get_file(uri, path)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False)
         try:
-            out = llm.create_chat_completion([{"role": "user", "content": "What is 3 plus 3?"}], max_tokens=5)
+            out: Any = llm.create_chat_completion(
+                [{"role": "user", "content": "What is 3 plus 3?"}], max_tokens=5
+            )
             assert out["usage"]["completion_tokens"] >= 1
         finally:
             llm.close()
