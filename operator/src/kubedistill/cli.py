@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kubedistill import cli_local
+from kubedistill import cli_cluster, cli_local
 from kubedistill.api import crdgen
 
 app = typer.Typer(
@@ -56,6 +56,7 @@ def operator_command(ctx: typer.Context) -> None:
 
 # Commands of other modules (local mode, the cluster commands) register themselves on the app.
 cli_local.register(app)
+cli_cluster.register(app)
 
 
 def main() -> None:

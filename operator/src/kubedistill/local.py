@@ -30,6 +30,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubedistill import store
-from kubedistill.api.models import STAGES, DistillationJob, DistillationJobSpec, Stage
+from kubedistill.api.models import NAME_PATTERN, STAGES, DistillationJob, DistillationJobSpec, Stage
 from kubedistill.api.stage import (
     JOB_FILE_ENV,
     JUDGE_API_KEY_ENV,
@@ -108,9 +109,19 @@ def parse_job(text: str, source: str = "job") -> DistillationJob:
         kinds = [d.get("kind") if isinstance(d, dict) else type(d).__name__ for d in docs]
         raise JobInvalid([f"{source}: expected one DistillationJob, found {kinds or 'nothing'}"])
     try:
-        return DistillationJob.model_validate(jobs[0])
+        job = DistillationJob.model_validate(jobs[0])
     except ValidationError as err:
         raise JobInvalid(error_lines(err)) from None
+    if not re.match(NAME_PATTERN, job.metadata.name) or len(job.metadata.name) > 63:
+        # The API server's words for an object name it refuses.
+        raise JobInvalid(
+            [
+                f"metadata.name: Invalid value: {job.metadata.name!r}: a lowercase RFC 1123 subdomain must "
+                "consist of lower case alphanumeric characters, '-' or '.', and must start and end with an "
+                "alphanumeric character"
+            ]
+        )
+    return job
 
 
 def load_job(path: Path) -> DistillationJob:
@@ -233,6 +244,17 @@ def effective_spec(
     if student_dir is not None:
         update["student"] = spec.student.model_copy(update={"model": student_dir.as_uri()})
     return spec.model_copy(update=update)
+
+
+def needs_teacher(stage: Stage, spec: DistillationJobSpec) -> bool:
+    """Whether a stage calls the teacher's endpoint: generate, and an LLM judge that has no URL of its own."""
+    if stage == Stage.GENERATE:
+        return True
+    judge = {
+        Stage.CURATE: spec.curation.judge,
+        Stage.EVALUATE: spec.evaluation.judge or spec.curation.judge,
+    }.get(stage)
+    return judge is not None and judge.llm is not None and judge.llm.base_url is None
 
 
 def invocation(name: str, uid: str, spec: DistillationJobSpec, stage: Stage, base: str) -> StageInvocation:
@@ -719,7 +741,8 @@ class LocalRun:
                 state.outcomes[stage] = StageOutcome(stage, read_result(self.base, stage), resumed=True)
                 on_progress(stage, read_progress(self.base, stage), "done earlier")
         spec = self.spec
-        with self.teacher() if pending else _nothing() as teacher_url:
+        teacher_needed = any(needs_teacher(stage, self.spec) for stage in pending)
+        with self.teacher() if teacher_needed else _nothing() as teacher_url:
             student = self.student_dir() if pending or self.baseline_due(state) else None
             spec = effective_spec(self.spec, teacher_url, student)
             if pending:

@@ -431,18 +431,25 @@ class Distiller:
 
         With `replace=False` an existing object of that name is a Conflict.
         """
+        return self.apply_object(body, replace)[0]
+
+    def apply_object(self, body: Mapping[str, Any], replace: bool = True) -> tuple[dict[str, Any], str]:
+        """`apply`, also saying what happened: "created" or "configured"."""
         kind = body.get("kind")
         plural = {"DistillationJob": JOBS, "ModelAlias": ALIASES}.get(str(kind))
-        if plural is None:
-            raise Invalid(f"kind: {kind!r} is not DistillationJob or ModelAlias")
+        if plural is None or body.get("apiVersion") not in (None, API_VERSION):
+            raise Invalid(
+                f"{body.get('apiVersion')}/{kind} is not a {API_VERSION} DistillationJob or ModelAlias"
+            )
+        body = {"apiVersion": API_VERSION, **body}
         name = body.get("metadata", {}).get("name")
         namespace = body.get("metadata", {}).get("namespace") or self.namespace
         with _translated():
             try:
                 created: dict[str, Any] = self._objects.create_namespaced_custom_object(
-                    GROUP, VERSION, namespace, plural, dict(body), field_validation="Strict"
+                    GROUP, VERSION, namespace, plural, body, field_validation="Strict"
                 )
-                return created
+                return created, "created"
             except _api_exception() as err:
                 if getattr(err, "status", None) != 409 or not replace:
                     raise
@@ -457,7 +464,7 @@ class Distiller:
             replaced: dict[str, Any] = self._objects.replace_namespaced_custom_object(
                 GROUP, VERSION, namespace, plural, name, replacement, field_validation="Strict"
             )
-            return replaced
+            return replaced, "configured"
 
     def raw(self, id: str) -> dict[str, Any]:
         """The DistillationJob object as the API server has it."""
@@ -471,11 +478,16 @@ class Distiller:
         return summary(self.raw(id))
 
     def list(self, label_selector: str | None = None) -> Dicts:
+        return [summary(o) for o in self.raw_list(label_selector)]
+
+    def raw_list(self, label_selector: str | None = None) -> Dicts:
+        """The namespace's DistillationJob objects, by name."""
         with _translated():
             found = self._objects.list_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, JOBS, label_selector=label_selector or ""
             )
-        return [summary(o) for o in sorted(found.get("items", []), key=lambda o: o["metadata"]["name"])]
+        items: Dicts = found.get("items", [])
+        return sorted(items, key=lambda o: str(o["metadata"]["name"]))
 
     def wait(
         self,

@@ -1,0 +1,153 @@
+"""The `kubedistill` CLI through typer's CliRunner: commands that need no cluster, exit codes, tables."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kubedistill import cli_cluster
+from kubedistill.api.models import STAGES, Stage
+from kubedistill.cli import app
+from kubedistill.local import needs_teacher
+from kubedistill.local import parse_job as parse
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "examples" / "quickstart" / "job.yaml"
+runner = CliRunner()
+
+
+def test_every_command_of_the_issue_is_there() -> None:
+    out = runner.invoke(app, ["--help"]).output
+    for command in (
+        "apply", "get", "list", "describe", "wait", "artifacts", "logs", "estimate", "models", "alias",
+        "suspend", "resume", "delete", "crds", "operator", "run",
+    ):  # fmt: skip
+        assert f" {command} " in out, command
+    assert "set" in runner.invoke(app, ["alias", "--help"]).output
+
+
+def test_run_needs_local() -> None:
+    result = runner.invoke(app, ["run", str(QUICKSTART)])
+    assert result.exit_code == 2 and "--local" in result.output
+
+
+def test_run_with_an_invalid_job_exits_2_naming_the_field(tmp_path: Path) -> None:
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["spec"]["curation"]["topK"] = 9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["run", str(bad), "--local", "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 2
+    assert "spec.curation.topK: curation.topK must not exceed generation.nSamples" in result.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_run_with_a_missing_secret_says_which_env_to_set_and_prints_no_secret(tmp_path: Path) -> None:
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["spec"]["teacher"] = {
+        "model": "openai/gpt-4o",
+        "apiKeySecretRef": {"name": "openai", "key": "api-key"},
+    }
+    (tmp_path / "tickets.jsonl").write_text('{"id": "a", "prompt": "x"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(
+        app,
+        ["run", str(job), "--local", "--workdir", str(tmp_path / "w")],
+        env={"UNRELATED_TOKEN": "sk-verysecret"},
+    )
+    assert result.exit_code == 2
+    assert "API_KEY or KUBEDISTILL_TEACHER_API_KEY" in result.output.replace("\n", "")
+    assert "sk-verysecret" not in result.output
+
+
+def test_estimate_is_offline_and_counts_the_quickstart_dataset() -> None:
+    result = runner.invoke(app, ["estimate", "-f", str(QUICKSTART), "-o", "json"])
+    assert result.exit_code == 0, result.output
+    est = json.loads(result.output)
+    spec = parse(QUICKSTART.read_text()).spec
+    assert est["teacher_calls"] == 200 * spec.generation.n_samples  # local teachers have no `n`
+    assert est["estimated_cost"] == 0.0 and est["tier"] == "local"
+    # The long few-shot instruction is counted: hundreds of input tokens per call.
+    assert est["input_tokens"] / est["teacher_calls"] > 300
+    table = runner.invoke(app, ["estimate", "-f", str(QUICKSTART)])
+    assert table.exit_code == 0 and "estimated cost" in table.output
+
+
+def test_estimate_of_an_invalid_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: DistillationJob\nmetadata: {name: x}\nspec: {}\n")
+    result = runner.invoke(app, ["estimate", "-f", str(bad)])
+    assert result.exit_code == 2 and "spec.teacher: Field required" in result.output
+
+
+def test_models_lists_the_catalogs() -> None:
+    teachers = json.loads(runner.invoke(app, ["models", "teachers", "-o", "json"]).output)
+    assert {"openai", "anthropic", "google", "deepseek", "groq", "mistral", "together"} <= {
+        t["provider"] for t in teachers
+    }
+    students = runner.invoke(app, ["models", "students"])
+    assert (
+        students.exit_code == 0 and "qwen3-0.6b" in students.output and "Qwen/Qwen3-0.6B" in students.output
+    )
+
+
+def test_cluster_commands_without_a_cluster_fail_with_a_message(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "none.yaml"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    result = runner.invoke(app, ["get", "--kubeconfig", str(kubeconfig)])
+    assert result.exit_code == 1 and "no cluster to talk to" in result.output
+
+
+def test_get_rows_follow_the_printer_columns() -> None:
+    obj = {
+        "metadata": {"name": "triage", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"teacher": {"model": "openai/gpt-4o"}, "student": {"model": "qwen3-0.6b"}},
+        "status": {
+            "phase": "Training",
+            "progress": {"stage": "train", "percent": 62.5},
+            "metrics": {"teacherCostTotal": 1.23456, "evalScore": None},
+            "conditions": [{"type": "Ready", "status": "False", "message": "stage train running"}],
+        },
+    }
+    header, rows = cli_cluster.job_rows([obj], wide=True)
+    assert header == ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "COST", "EVAL", "AGE", "MESSAGE"]
+    assert rows[0][:7] == ["triage", "Training", "62%", "openai/gpt-4o", "qwen3-0.6b", "1.2346", ""]
+    assert rows[0][8] == "stage train running"
+
+
+def test_age_like_kubectl() -> None:
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert cli_cluster.age("2026-01-02T03:04:00Z", now) == "5s"
+    assert cli_cluster.age("2026-01-02T02:50:05Z", now) == "14m"
+    assert cli_cluster.age("2026-01-01T01:04:05Z", now) == "1d"
+    assert cli_cluster.age(None, now) == "<unknown>"
+
+
+@pytest.mark.parametrize(
+    ("stage", "percent", "fraction"),
+    [
+        (Stage.GENERATE, 17.5, 0.5),
+        (Stage.CURATE, 35.0, 0.0),
+        (Stage.TRAIN, 67.5, 0.5),
+        (Stage.EVALUATE, 100.0, 1.0),
+    ],
+)
+def test_stage_bars_come_from_the_whole_pipeline_percent(
+    stage: Stage, percent: float, fraction: float
+) -> None:
+    assert cli_cluster.stage_fraction(stage, percent) == pytest.approx(fraction)
+
+
+def test_only_stages_that_call_the_teacher_start_a_local_teacher() -> None:
+    spec = parse(QUICKSTART.read_text()).spec
+    assert [s for s in STAGES if needs_teacher(s, spec)] == [Stage.GENERATE]
+    llm = type(spec).model_validate(
+        {**spec.to_k8s(), "curation": {"judge": {"llm": {}}, "topK": 1}, "evaluation": {}}
+    )
+    assert [s for s in STAGES if needs_teacher(s, llm)] == [Stage.GENERATE, Stage.CURATE, Stage.EVALUATE]
