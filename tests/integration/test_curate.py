@@ -192,3 +192,13 @@ def test_llm_judge_sigterm_keeps_paid_scores(generated: Path, tmp_path: Path) ->
         rerun = run_stage(tmp_path, inv, {"KUBEDISTILL_TEACHER_API_KEY": KEY})
         assert rerun.returncode == 0, rerun.output
         assert len(server.ok_calls()) == 4 * N_PROMPTS  # each candidate judged exactly once overall
+
+
+def test_llm_judge_with_a_wrong_key_fails_fast(generated: Path, tmp_path: Path) -> None:
+    with FakeTeacher(api_key="the-right-judge-key-123") as server:
+        llm = {"llm": {"baseURL": server.base_url}}
+        run, _ = curate(tmp_path, generated, llm, {"KUBEDISTILL_JUDGE_API_KEY": "a-wrong-judge-key-456"})
+        assert run.returncode == 1 and run.termination is not None
+        assert run.termination["reason"] == "TeacherAuthFailed"
+        assert len(server.calls) <= 8  # the requests already sent, nothing after the first refusal
+        assert "a-wrong-judge-key-456" not in run.output + json.dumps(run.termination)

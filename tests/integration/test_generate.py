@@ -199,7 +199,8 @@ def test_budget_stop_keeps_answers_and_a_higher_budget_resumes(
     spent = res["metrics"]["teacherCostTotal"]
     assert spent <= budget
     kept = shard_rows(inv)
-    assert 10 <= len(kept) < 60 and res["details"]["answered"] == len(kept)
+    # In-flight reservations (two prompts per slot) leave some budget unspent, never an overspend.
+    assert 5 <= len(kept) < 60 and res["details"]["answered"] == len(kept)
     assert spent == pytest.approx(cost(*fake.usage_totals()))
 
     # The same budget again: at most what in-flight reservations left unused, never over the budget.
@@ -332,4 +333,5 @@ def test_a_teacher_that_always_fails_stops_the_stage_early(
     assert run.returncode == 1 and run.termination is not None
     assert run.termination["reason"] == "TeacherUnavailable"
     assert "16 prompts in a row failed" in run.termination["message"]
-    assert len({c.prompt for c in fake.calls}) <= 16 + 8  # the in-flight ones finish, nothing new starts
+    # The prompts already started (two per slot) end at their next attempt; nothing new starts.
+    assert len({c.prompt for c in fake.calls}) <= 16 + 2 * 8

@@ -30,7 +30,7 @@ from kubedistill.api.stage import StageInvocation, StageResult
 from kubedistill_trainer import generate
 from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
-from kubedistill_trainer.teacher import TeacherClient
+from kubedistill_trainer.teacher import TeacherAborted, TeacherAuthFailed, TeacherClient, TeacherRejected
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,13 @@ async def score_llm_resumable(
         for row_id, index, item in missing:
             if stop.is_set():
                 return
-            (result,) = await score(judge, [item], client=client)
+            try:
+                (result,) = await score(judge, [item], client=client)
+            except TeacherAborted:
+                return
+            except (TeacherAuthFailed, TeacherRejected):
+                client.abort()  # the judge refuses every request alike: send no more
+                raise
             scores[(row_id, index)] = result
             writer.buffer.append(
                 {"id": row_id, "index": index, "score": result.value, "reason": result.reason}
@@ -132,9 +138,15 @@ async def score_llm_resumable(
                 cost_usd=client.usage.cost_usd,
             )
 
+    async def abort_on_stop() -> None:
+        await stop.wait()
+        client.abort()
+
+    watcher = asyncio.create_task(abort_on_stop())
     try:
         await asyncio.gather(*(worker() for _ in range(generate.WORKERS_PER_SLOT * client.max_concurrency)))
     finally:
+        watcher.cancel()
         await writer.flush()
     return scores
 

@@ -35,6 +35,7 @@ from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageRes
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.teacher import (
+    TeacherAborted,
     TeacherAuthFailed,
     TeacherClient,
     TeacherError,
@@ -214,6 +215,12 @@ async def generate_candidates(
     queue: Iterator[Work] = iter(todo)
     stop = stop or asyncio.Event()
     consecutive_failures = 0
+
+    def halt() -> None:
+        # Synchronously: a prompt waiting for the slot just freed must not be sent.
+        stop.set()
+        client.abort()
+
     start = time.perf_counter()
 
     async def worker() -> None:
@@ -224,7 +231,7 @@ async def generate_candidates(
             projected = gate.admit()
             if projected is None:
                 outcome.budget_stopped = True
-                stop.set()
+                halt()
                 return
             cost = None
             try:
@@ -236,9 +243,11 @@ async def generate_candidates(
                     seed=gen.seed,
                 )
                 cost = completion.usage.cost_usd
+            except TeacherAborted:
+                return
             except (TeacherAuthFailed, TeacherRejected) as exc:
                 outcome.fatal = exc
-                stop.set()
+                halt()
                 return
             except TeacherError as exc:
                 log.warning("prompt %s failed: %s", work.row.id, exc)
@@ -248,7 +257,7 @@ async def generate_candidates(
                     outcome.fatal = TeacherError(
                         f"{consecutive_failures} prompts in a row failed; last: {exc}"
                     )
-                    stop.set()
+                    halt()
                     return
                 continue
             finally:
@@ -270,7 +279,16 @@ async def generate_candidates(
             if on_answer is not None:
                 on_answer(outcome)
 
-    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    async def abort_on_stop() -> None:
+        # A stop from outside (a signal): prompts waiting for a slot must not be sent either.
+        await stop.wait()
+        client.abort()
+
+    watcher = asyncio.create_task(abort_on_stop())
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    finally:
+        watcher.cancel()
     await writer.flush()
     outcome.interrupted = stop.is_set() and not outcome.budget_stopped and outcome.fatal is None
     outcome.seconds = time.perf_counter() - start

@@ -44,7 +44,13 @@ import jsonschema
 from kubedistill.api.models import DistillationJobSpec, JudgeSpec
 from kubedistill.api.stage import JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV
 from kubedistill.catalog import Catalog, load_catalog
-from kubedistill_trainer.teacher import TeacherAuthFailed, TeacherClient, TeacherError, TeacherRejected
+from kubedistill_trainer.teacher import (
+    TeacherAborted,
+    TeacherAuthFailed,
+    TeacherClient,
+    TeacherError,
+    TeacherRejected,
+)
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _FENCE = re.compile(r"^\s*```[\w-]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
@@ -208,7 +214,7 @@ async def score_llm(item: JudgeItem, client: TeacherClient, rubric: str | None, 
             completion = await client.complete(
                 messages, n=1, temperature=0.0 if attempt == 0 else 0.5, max_tokens=256
             )
-        except (TeacherAuthFailed, TeacherRejected):
+        except (TeacherAuthFailed, TeacherRejected, TeacherAborted):
             raise
         except TeacherError as exc:
             return Score(None, f"judge unavailable: {exc}")

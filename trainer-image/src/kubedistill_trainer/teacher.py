@@ -11,7 +11,8 @@
   token buckets (tokens reserved from an estimate before a request, corrected by the real usage).
 - Retries with exponential backoff and full jitter on 429, 5xx, connection errors and timeouts,
   honouring `retry-after-ms` / `Retry-After`; a concurrency slot is not held while waiting. 401/403 and other
-  4xx fail at once (`TeacherAuthFailed`, `TeacherRejected`).
+  4xx fail at once (`TeacherAuthFailed`, `TeacherRejected`); after a 401/403 nothing more is sent.
+- `abort()` stops new sends (waiting requests raise `TeacherAborted`); requests already sent finish.
 - Usage is taken from each successful response; cost = tokens × the catalog price. Failed calls
   cost nothing and are not counted. `client.usage` holds the totals.
 
@@ -51,6 +52,12 @@ class TeacherAuthFailed(TeacherError):
 
 class TeacherRejected(TeacherError):
     reason = "TeacherRejected"
+
+
+class TeacherAborted(TeacherError):
+    """The client was aborted before this request was sent: nothing was asked, nothing is owed."""
+
+    reason = "Interrupted"
 
 
 @dataclass
@@ -171,6 +178,7 @@ class TeacherClient:
         self.retries: Counter[str] = Counter()
         # Responses without a usage block (some self-hosted servers): their cost is unknown, not 0.
         self.responses_without_usage = 0
+        self._aborted = False
         self._rpm = TokenBucket(requests_per_minute) if requests_per_minute else None
         self._tpm = TokenBucket(tokens_per_minute) if tokens_per_minute else None
         self._rng = random.Random(seed)
@@ -201,6 +209,11 @@ class TeacherClient:
     async def aclose(self) -> None:
         for transport in self._transports:
             await transport.aclose()
+
+    def abort(self) -> None:
+        """Send nothing new: requests waiting for a slot or a retry raise TeacherAborted; those
+        already sent finish normally (they are paid for)."""
+        self._aborted = True
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
@@ -268,6 +281,9 @@ class TeacherClient:
                 await self._tpm.acquire(reserved)
             try:
                 transport = await self._slots.get()
+                if self._aborted:
+                    self._slots.put_nowait(transport)
+                    raise TeacherAborted("aborted before sending")
                 try:
                     completion = await self._send(transport, content)
                 finally:
@@ -317,6 +333,8 @@ class TeacherClient:
         if status == 429 or status >= 500:
             raise _Retryable(f"HTTP {status}", retry_after_seconds(response.headers))
         if status in (401, 403):
+            # Every later request would be refused alike: stop sending before another slot frees.
+            self._aborted = True
             raise TeacherAuthFailed(
                 f"teacher {self.teacher.id} at {self.teacher.base_url} refused the API key (HTTP {status}); "
                 "check the Secret named by teacher.apiKeySecretRef"
