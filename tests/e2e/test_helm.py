@@ -346,9 +346,17 @@ def healthy(port: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("cluster_wide", [False, True], ids=["namespaced", "cluster-wide"])
 def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
-    control_plane: Path, kubelet: LocalKubelet, namespace: str, k8s_api: client.ApiClient, tmp_path: Path
+    cluster_wide: bool,
+    control_plane: Path,
+    kubelet: LocalKubelet,
+    namespace: str,
+    k8s_api: client.ApiClient,
+    tmp_path: Path,
 ) -> None:
+    """Cluster-wide, the operator may not read Secrets at all: its existence check of the teacher's
+    Secret is refused (403) and must not stop the job; namespaced, it checks with its Role."""
     kubelet.images[OPERATOR_IMAGE] = [sys.executable, "-c", IN_POD]
     kubelet.images[FAKE_STAGE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
     core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
@@ -357,7 +365,7 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
     )
     release, metrics_port, health_port = unique("kd"), free_port(), free_port()
     values = {
-        "watchNamespaces": [namespace],
+        "watchNamespaces": [] if cluster_wide else [namespace],
         # The CRDs are already installed for the whole test session; kopf's peering CRDs are not needed.
         "crds": {"enabled": False, "keep": True},
         "image": {"repository": OPERATOR_IMAGE, "tag": "e2e", "pullPolicy": "Never"},
@@ -380,7 +388,8 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
         # NOTES.txt tells the next three commands, with this release's names in them.
         notes = installed.stdout
         assert f"rollout status deployment/{release}-kubedistill" in notes
-        assert f"kubectl -n {namespace} get distillationjobs -w" in notes
+        jobs_namespace = "default" if cluster_wide else namespace
+        assert f"kubectl -n {jobs_namespace} get distillationjobs -w" in notes
 
         def operator_pod() -> dict[str, Any] | None:
             pods = core.list_namespaced_pod(
@@ -415,6 +424,9 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
         wait_for(alias_ready, timeout=60, what="the promoted ModelAlias to be Ready")
+        # The teacher's Secret was checked with exactly the access the chart gives: none cluster-wide.
+        account = f"{namespace}:{release}-kubedistill"
+        assert subject_access(k8s_api, account, namespace, "get", "", "secrets") is not cluster_wide
 
         # The metrics endpoint the chart exposes answers with what just happened.
         samples = scrape(metrics_port)
