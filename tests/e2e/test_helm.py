@@ -276,7 +276,14 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more(
     job_namespaces = watched or [elsewhere]
     for ns in job_namespaces:
         for verb, group, resource in NEEDED:
-            assert subject_access(k8s_api, account, ns, verb, group, resource), f"{verb} {resource} in {ns}"
+            # The RBAC authorizer learns of new bindings through a watch: allow it a moment, once.
+            wait_for(
+                lambda ns=ns, verb=verb, group=group, resource=resource: subject_access(
+                    k8s_api, account, ns, verb, group, resource
+                ),
+                timeout=10,
+                what=f"{verb} {resource} in {ns} to be allowed",
+            )
     for ns in [elsewhere, namespace, None]:
         for verb, group, resource in NEVER:
             assert not subject_access(k8s_api, account, ns, verb, group, resource), (
@@ -286,7 +293,11 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more(
         # Namespaced: nothing at all about jobs outside the listed namespaces, Secret existence checks inside.
         assert not subject_access(k8s_api, account, elsewhere, "create", "batch", "jobs")
         assert not subject_access(k8s_api, account, None, "watch", "kubedistill.io", "distillationjobs")
-        assert subject_access(k8s_api, account, watched[0], "get", "", "secrets")
+        wait_for(
+            lambda: subject_access(k8s_api, account, watched[0], "get", "", "secrets"),
+            timeout=10,
+            what="get secrets in the watched namespace to be allowed",
+        )
         for verb, group, resource in [v for v in NEVER if v != ("get", "", "secrets")]:
             assert not subject_access(k8s_api, account, watched[0], verb, group, resource), (
                 f"{verb} {resource}"
