@@ -11,6 +11,7 @@ venv:
 
 controlplane: venv
 	@$(PY) -m kubedistill.testing.cluster build
+	@$(PY) -m kubedistill.testing.helm build >/dev/null
 
 demo: venv
 	$(VENV)/bin/kubedistill run examples/quickstart/job.yaml --local --workdir .work/quickstart
@@ -31,6 +32,7 @@ bench: venv controlplane
 
 crds: venv
 	$(VENV)/bin/kubedistill crds --out crds/
+	$(PY) charts/kubedistill/hack/sync-crds.py
 
 clean:
 	rm -rf .work
