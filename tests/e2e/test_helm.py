@@ -162,6 +162,27 @@ def test_rendered_manifests_pass_a_server_side_dry_run(
     assert {"Deployment", "ClusterRole", "ConfigMap", "CustomResourceDefinition"} <= set(checked)
 
 
+def test_helm_install_dry_run_with_minio_tells_how_to_share_the_s3_secret(
+    control_plane: Path, namespace: str, extra_namespaces: list[str], tmp_path: Path
+) -> None:
+    values = {**VALUE_SETS["namespaced-minio"], "watchNamespaces": extra_namespaces[:1]}
+    values["crds"] = {"enabled": False, "keep": True}  # installed for the whole session, by another owner
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm.build()
+    release = unique("kd")
+    kube = ["--kubeconfig", str(control_plane), "--namespace", namespace]
+    install = ["install", release, str(helm.chart_dir()), *kube, "--dry-run=server", "--skip-crds"]
+    result = helm.run([*install, "--values", str(values_file)])
+    notes = result.stdout.split("NOTES:", 1)[1]
+    secret = f"{release}-kubedistill-minio"
+    assert f"kubectl -n {extra_namespaces[0]} create secret generic {secret}" in notes
+    assert (
+        f"kubectl -n {namespace} get secret {secret} -o jsonpath='{{.data.AWS_SECRET_ACCESS_KEY}}'" in notes
+    )
+    assert "WARNING" not in notes
+
+
 def served(dyn: DynamicClient, crd: dict[str, Any]) -> bool:
     found = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition").get(
         name=crd["metadata"]["name"]
