@@ -269,3 +269,22 @@ def test_responses_without_usage_are_counted_not_priced() -> None:
         (completion,), client = ask({"teacher": resolved(server.base_url)}, ["q"], n=2)
     assert len(completion.texts) == 2 and completion.usage.cost_usd == 0
     assert client.responses_without_usage == 1 and client.usage.calls == 1
+
+
+def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch, fast_sleep: list[float]) -> None:
+    from kubedistill.testing.s3 import free_port
+    from kubedistill_trainer.teacher import env_proxy
+
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", dead_proxy)
+    with FakeTeacher() as server:
+        assert env_proxy(server.base_url) == dead_proxy
+        with pytest.raises(TeacherError, match="connection error"):
+            ask({"teacher": resolved(server.base_url), "max_retries": 1}, ["q"])
+        assert server.calls == []  # the request went to the (dead) proxy, not around it
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert env_proxy(server.base_url) is None
+        ask({"teacher": resolved(server.base_url)}, ["q"])
+        assert len(server.calls) == 1

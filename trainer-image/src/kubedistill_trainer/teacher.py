@@ -27,11 +27,13 @@ import logging
 import random
 import ssl
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 
@@ -133,6 +135,16 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
         return None
 
 
+def env_proxy(url: str) -> str | None:
+    """The proxy that HTTPS_PROXY / HTTP_PROXY / ALL_PROXY name for `url`, unless NO_PROXY exempts its
+    host — what httpx.AsyncClient(trust_env=True) would use; the bare transports need it spelt out."""
+    parsed = urlparse(url)
+    if parsed.hostname and urllib.request.proxy_bypass(parsed.hostname):
+        return None
+    proxies = urllib.request.getproxies()
+    return proxies.get(parsed.scheme) or proxies.get("all")
+
+
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(cap, base·2^attempt)]."""
     return rng.uniform(0.0, min(cap, base * 2**attempt))
@@ -190,9 +202,10 @@ class TeacherClient:
         # shared httpcore pool scans every connection under one lock per request (~5x the CPU at 64
         # connections), and the client layer (auth, redirects, cookies, hooks) is unused here.
         tls = ssl.create_default_context()
+        proxy = env_proxy(teacher.base_url)
         self._transports = [
             httpx.AsyncHTTPTransport(
-                verify=tls, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+                verify=tls, proxy=proxy, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
             )
             for _ in range(max_concurrency)
         ]
