@@ -25,7 +25,6 @@ import asyncio
 import json
 import logging
 import random
-import ssl
 import time
 import urllib.request
 from collections import Counter
@@ -201,7 +200,7 @@ class TeacherClient:
         # One single-connection transport per concurrency slot, used without httpx.AsyncClient: a
         # shared httpcore pool scans every connection under one lock per request (~5x the CPU at 64
         # connections), and the client layer (auth, redirects, cookies, hooks) is unused here.
-        tls = ssl.create_default_context()
+        tls = httpx.create_ssl_context()  # certifi, or SSL_CERT_FILE / SSL_CERT_DIR: as httpx.AsyncClient
         proxy = env_proxy(teacher.base_url)
         self._transports = [
             httpx.AsyncHTTPTransport(
