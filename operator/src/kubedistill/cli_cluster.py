@@ -19,8 +19,10 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from kubedistill import sdk
 from kubedistill.api.models import STAGES, Stage
@@ -38,7 +40,7 @@ Context = Annotated[str | None, typer.Option("--context", help="Kubeconfig conte
 Output = Annotated[str, typer.Option("--output", "-o", help="table, wide, json or yaml.")]
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
@@ -47,11 +49,11 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except NotFound as err:
-        err_console.print(f"Error from server (NotFound): {err.message}", highlight=False)
+        err_console.print(f"Error from server (NotFound): {err.message}", markup=False, highlight=False)
         raise typer.Exit(EXIT_MISSING) from None
     except DistillerError as err:
         kind = type(err).__name__ if type(err) is not DistillerError else "Error"
-        err_console.print(f"Error from server ({kind}): {err.message}", highlight=False)
+        err_console.print(f"Error from server ({kind}): {err.message}", markup=False, highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
 
 
@@ -113,7 +115,7 @@ def job_rows(objs: Sequence[Mapping[str, Any]], wide: bool = False) -> tuple[lis
 def _table(header: list[str], rows: list[list[str]], title: str | None = None) -> Table:
     table = Table(*header, box=None, title=title, title_justify="left", header_style="bold", pad_edge=False)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # server text is never markup
     return table
 
 
@@ -154,7 +156,7 @@ class WaitBars:
 def _print_yaml_block(title: str, data: Mapping[str, Any] | None) -> None:
     if data:
         console.print(f"[bold]{title}:[/bold]")
-        console.print(yaml.safe_dump(dict(data), sort_keys=False).rstrip(), highlight=False)
+        console.print(yaml.safe_dump(dict(data), sort_keys=False).rstrip(), markup=False, highlight=False)
 
 
 def describe_job(d: sdk.Distiller, name: str) -> None:
@@ -288,7 +290,7 @@ def register(app: typer.Typer) -> None:
         try:
             docs = [doc for doc in yaml.safe_load_all(filename.read_text(encoding="utf-8")) if doc]
         except (OSError, yaml.YAMLError) as err:
-            err_console.print(f"error: {filename}: {err}")
+            err_console.print(f"error: {filename}: {err}", markup=False)
             raise typer.Exit(EXIT_MISSING) from None
         d = _client(namespace, kubeconfig, context)
         with _errors():
@@ -367,12 +369,12 @@ def register(app: typer.Typer) -> None:
 
                     final = d.wait(name, on_update=on_update, timeout=timeout)
             except TimeoutError as err:
-                err_console.print(f"error: {err}")
+                err_console.print(f"error: {err}", markup=False)
                 raise typer.Exit(EXIT_FAILED) from None
         if final["status"] == "succeeded":
             console.print(f"distillationjob/{name} [green]Succeeded[/green]")
             return
-        console.print(f"distillationjob/{name} [red]Failed[/red]: {final.get('message') or ''}")
+        console.print(f"distillationjob/{name} [red]Failed[/red]: {escape(final.get('message') or '')}")
         raise typer.Exit(EXIT_FAILED)
 
     @app.command()
@@ -422,7 +424,7 @@ def register(app: typer.Typer) -> None:
             result = estimate_file(filename)
         except JobInvalid as err:
             for line in err.lines:
-                err_console.print(f"error: {line}", highlight=False)
+                err_console.print(f"error: {line}", markup=False, highlight=False)
             raise typer.Exit(EXIT_MISSING) from None
         if not _dump(result, output):
             console.print(estimate_table(result))

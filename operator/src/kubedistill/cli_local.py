@@ -10,14 +10,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from kubedistill.api.models import Stage
 from kubedistill.api.stage import StageProgress
 from kubedistill.local import JobInvalid, LocalRun, RunState, artifact_paths, summary_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _eta(seconds: float | None) -> str:
@@ -78,13 +81,13 @@ def _summary(console: Console, run: LocalRun, state: RunState) -> None:
     table.add_column("what", style="bold")
     table.add_column("value")
     for what, value in summary_rows(run.figures):
-        table.add_row(what, value)
+        table.add_row(Text(what), Text(value))
     console.print(table)
     arts = Table(title=f"artifacts in {run.dir}", show_header=False, title_justify="left")
     arts.add_column("what", style="bold")
     arts.add_column("where")
     for what, where in artifact_paths(state):
-        arts.add_row(what, where.removeprefix(f"{run.dir}/"))
+        arts.add_row(Text(what), Text(where.removeprefix(f"{run.dir}/")))
     console.print(arts)
 
 
@@ -100,7 +103,7 @@ def run_local(
         run = LocalRun(job_file=job_file, workdir=workdir, preset=preset)
     except JobInvalid as err:
         for line in err.lines:
-            console.print(f"[red]error:[/red] {line}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"error: {line}", markup=False, highlight=False)
         return EXIT_INVALID
     if fresh and run.dir.exists():
         shutil.rmtree(run.dir)
@@ -122,10 +125,10 @@ def run_local(
             state = run.execute(bars.update, lambda note: progress.console.print(note))
     except JobInvalid as err:
         for line in err.lines:
-            console.print(f"[red]error:[/red] {line}")
+            err_console.print(f"error: {line}", markup=False, highlight=False)
         return EXIT_INVALID
     except RuntimeError as err:
-        console.print(f"[red]error:[/red] {err}")
+        err_console.print(f"error: {err}", markup=False, highlight=False)
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -138,7 +141,7 @@ def run_local(
     if failed:
         r = failed[0].result
         assert r is not None
-        console.print(f"[red]stage {r.stage.value} failed[/red] ({r.reason}): {r.message}")
+        console.print(f"[red]stage {r.stage.value} failed[/red] ({r.reason}): {escape(r.message)}")
         console.print(f"log: {run.local_dir / 'logs' / (r.stage.value + '.log')}")
         return EXIT_FAILED
     console.print(f"[green]done[/green]; figures in {run.local_dir / 'summary.json'}")

@@ -1,0 +1,70 @@
+"""What the SDK and CLI end-to-end tests share: an operator process on the test control plane whose stage
+pods run the contract-honouring fake stage (`kubedistill.testing.fake_stage`) in the local kubelet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kubedistill.testing.kubelet import LocalKubelet
+
+FAKE_IMAGE = "kubedistill.test/fake-stage"
+ROWS = [
+    {"id": "t1", "prompt": "I was charged twice this month.", "reference": "billing"},
+    {"id": "t2", "prompt": "The app crashes when I open settings.", "reference": "bug"},
+    {"id": "t3", "prompt": "Where is my parcel?", "reference": "shipping"},
+]
+
+
+@contextmanager
+def operator_process(
+    kubeconfig: Path, namespace: str, workdir: Path, kubelet: LocalKubelet, **stage_env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m kubedistill.handlers -n NS` with the fake stage as its trainer image; stopped afterwards."""
+    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "KUBEDISTILL_TRAINER_IMAGE": f"{FAKE_IMAGE}:1",
+        "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
+        "KUBEDISTILL_ARTIFACT_ROOT": (workdir / "artifacts").as_uri(),
+        "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
+        "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
+        "KUBEDISTILL_PROGRESS_INTERVAL_S": "1",
+    }
+    if stage_env:
+        env["KUBEDISTILL_STAGE_ENV"] = json.dumps(stage_env)
+    log_path = workdir / "operator.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubedistill.handlers", "-n", namespace],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
