@@ -15,6 +15,7 @@ from data_stage_helpers import KEY, invocation, priced_catalog, result, run_stag
 
 from kubedistill import store
 from kubedistill.testing.fake_teacher import FakeTeacher
+from kubedistill_trainer.judges import JudgeItem, judge_messages
 
 LABELS = ["billing", "bug", "account", "feature"]
 N_PROMPTS = 16
@@ -202,3 +203,28 @@ def test_llm_judge_with_a_wrong_key_fails_fast(generated: Path, tmp_path: Path) 
         assert run.termination["reason"] == "TeacherAuthFailed"
         assert len(server.calls) <= 8  # the requests already sent, nothing after the first refusal
         assert "a-wrong-judge-key-456" not in run.output + json.dumps(run.termination)
+
+
+def test_unreachable_judge_calls_are_retried_by_the_next_attempt(generated: Path, tmp_path: Path) -> None:
+    prompt = next(iter(PROMPTS))
+    failing = {
+        judge_messages(JudgeItem(prompt, answer, reference="billing"), None)[1]["content"]
+        for answer in PROMPTS[prompt]
+    }
+
+    def judge(prompt: str, sample: int, request: dict[str, Any]) -> str:
+        return '{"score": 1, "reason": "ok"}'
+
+    with FakeTeacher(answers=judge, fail_prompts=failing, retry_after=0.01) as server:
+        llm = {"llm": {"baseURL": server.base_url}}
+        run, inv = curate(tmp_path, generated, llm, baseURL=server.base_url)
+        assert run.returncode == 1 and run.termination is not None
+        assert run.termination["reason"] == "TeacherUnavailable"
+        assert f"4 of {4 * N_PROMPTS} candidates could not be judged" in run.termination["message"]
+
+        server.fail_prompts.clear()
+        calls = len(server.calls)
+        rerun, _ = curate(tmp_path, generated, llm, baseURL=server.base_url)
+        assert rerun.returncode == 0, rerun.output
+        assert sorted(c.prompt for c in server.calls[calls:]) == sorted(failing)
+        assert "t0" in curated(inv, "train") | curated(inv, "test")

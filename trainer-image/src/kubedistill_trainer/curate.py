@@ -126,6 +126,8 @@ async def score_llm_resumable(
                 client.abort()  # the judge refuses every request alike: send no more
                 raise
             scores[(row_id, index)] = result
+            if not result.final:
+                continue  # not cached: the next attempt asks the judge again
             writer.buffer.append(
                 {"id": row_id, "index": index, "score": result.value, "reason": result.reason}
             )
@@ -169,6 +171,13 @@ async def score_all(
                 raise StageFailure(
                     "Interrupted",
                     f"stopped by a signal after {len(scores)} judged candidates (kept); a rerun judges only the rest",
+                )
+            unjudged = [s for s in scores.values() if not s.final]
+            if unjudged:
+                raise StageFailure(
+                    "TeacherUnavailable",
+                    f"{len(unjudged)} of {len(scores)} candidates could not be judged ({unjudged[0].reason}); "
+                    "the others are kept and a rerun judges only these",
                 )
             return scores, {
                 "judgeCalls": usage.calls,

@@ -7,7 +7,8 @@
 
 `Score.value` is None when the judge could not score the item (an LLM reply that stayed unparsable
 after the retries, a judge request that failed, a reference judge on a row without reference);
-`Score.reason` says why. Callers count those separately and treat them as failing.
+`Score.reason` says why. Callers count those separately and treat them as failing. `Score.final` is
+False only for a judge request that failed after its retries: asking again later may succeed.
 
 The four judges (`JudgeSpec` has exactly one):
 - `llm`: the judge model (through `TeacherClient`, same retries, rate limits and cost accounting)
@@ -69,6 +70,9 @@ class JudgeItem:
 class Score:
     value: float | None
     reason: str = ""
+    # False when the judge could not be asked (retries exhausted): worth asking again later,
+    # unlike a reply that stayed unparsable.
+    final: bool = True
 
     @property
     def passed(self) -> bool:
@@ -217,7 +221,7 @@ async def score_llm(item: JudgeItem, client: TeacherClient, rubric: str | None, 
         except (TeacherAuthFailed, TeacherRejected, TeacherAborted):
             raise
         except TeacherError as exc:
-            return Score(None, f"judge unavailable: {exc}")
+            return Score(None, f"judge unavailable: {exc}", final=False)
         parsed = parse_judge_reply(completion.texts[0] if completion.texts else "")
         if parsed is not None:
             return Score(*parsed)
