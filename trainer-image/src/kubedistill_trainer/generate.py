@@ -105,12 +105,19 @@ def shard_index(uri: str, prefix: str = SHARD_PREFIX) -> int:
     return int(uri.rsplit(prefix, 1)[1].split(".", 1)[0])
 
 
+def shard_uris(stage_uri: str, prefix: str) -> list[str]:
+    directory = prefix.rsplit("/", 1)[0]
+    return [u for u in store.list_uris(f"{stage_uri}/{directory}/") if prefix in u and u.endswith(".jsonl")]
+
+
+def next_shard_index(uris: Sequence[str], prefix: str) -> int:
+    return max((shard_index(u, prefix) for u in uris), default=-1) + 1
+
+
 def read_shards(stage_uri: str, prefix: str) -> tuple[list[dict[str, Any]], int]:
     """Every row of `<stage_uri>/<prefix>NNNNN.jsonl` in shard order, and the next shard index."""
-    directory = prefix.rsplit("/", 1)[0]
-    uris = [u for u in store.list_uris(f"{stage_uri}/{directory}/") if prefix in u and u.endswith(".jsonl")]
-    rows = [row for uri in uris for row in store.read_jsonl(uri)]
-    return rows, max((shard_index(u, prefix) for u in uris), default=-1) + 1
+    uris = shard_uris(stage_uri, prefix)
+    return [row for uri in uris for row in store.read_jsonl(uri)], next_shard_index(uris, prefix)
 
 
 def read_candidates(stage_uri: str) -> tuple[list[dict[str, Any]], int]:
@@ -120,6 +127,20 @@ def read_candidates(stage_uri: str) -> tuple[list[dict[str, Any]], int]:
     for row in rows:
         unique.setdefault(row["id"], row)
     return list(unique.values()), next_index
+
+
+def answered_so_far(stage_uri: str) -> tuple[set[str], Usage, int]:
+    """Ids already answered, what they cost and the next shard index — one shard in memory at a
+    time and no answer texts kept, so resuming a large job stays small."""
+    uris = shard_uris(stage_uri, SHARD_PREFIX)
+    ids: set[str] = set()
+    usage = Usage()
+    for uri in uris:
+        for row in store.read_jsonl(uri):
+            if row["id"] not in ids:
+                ids.add(row["id"])
+                usage.add(usage_of(row))
+    return ids, usage, next_shard_index(uris, SHARD_PREFIX)
 
 
 class ShardWriter:
@@ -339,11 +360,7 @@ def run(inv: StageInvocation) -> StageResult:
             "TeacherUnavailable", f"teacher {spec.teacher.model} is not in the catalog: set teacher.baseURL"
         )
     works, parsed = prepare_dataset(inv, stage_uri)
-    kept, next_shard = read_candidates(stage_uri)
-    previous = Usage()
-    for row in kept:
-        previous.add(usage_of(row))
-    done_ids = {row["id"] for row in kept}
+    done_ids, previous, next_shard = answered_so_far(stage_uri)
     todo = [w for w in works if w.row.id not in done_ids]
     total = len(works)
     log.info("%d prompts, %d already answered, %d to ask %s", total, total - len(todo), len(todo), teacher.id)
