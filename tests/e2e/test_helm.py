@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from conftest import wait_for
-from kubedistill.testing import helm
+from kubedistill.testing import argocd, helm
 from kubedistill.testing.helm import VALUE_SETS
 from kubedistill.testing.kubelet import LocalKubelet
 
@@ -456,6 +456,15 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
         wait_for(alias_ready, timeout=60, what="the promoted ModelAlias to be Ready")
+        # Argo CD's health checks read the operator's real status the way they were written to.
+        finished = custom.get_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", namespace, "distillationjobs", "helm-e2e"
+        )
+        alias = custom.get_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", namespace, "modelaliases", "smart"
+        )
+        assert argocd.health(finished)[0] == "Healthy"
+        assert argocd.health(alias)[0] == "Healthy"
         # The teacher's Secret was checked with exactly the access the chart gives: none cluster-wide.
         account = f"{namespace}:{release}-kubedistill"
         assert subject_access(k8s_api, account, namespace, "get", "", "secrets") is not cluster_wide
@@ -467,9 +476,7 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
         assert total(samples, "kubedistill_stage_duration_seconds_count", outcome="succeeded") >= 5
         assert total(samples, "kubedistill_time_to_first_job_seconds_count") >= 1
         assert total(samples, "kubedistill_reconcile_errors_total") == 0
-        reported = custom.get_namespaced_custom_object(
-            "kubedistill.io", "v1alpha1", namespace, "distillationjobs", "helm-e2e"
-        )["status"]["metrics"]
+        reported = finished["status"]["metrics"]
         teacher = "openai/gpt-4o-mini"
         assert reported["teacherInputTokens"] > 0
         tokens = total(samples, "kubedistill_teacher_tokens_total", teacher=teacher, direction="input")
