@@ -145,3 +145,17 @@ def test_llm_judge_over_loopback_with_retries_and_unparsable() -> None:
 def test_llm_judge_needs_a_client() -> None:
     with pytest.raises(ValueError, match="needs a client"):
         run({"llm": {}}, [JudgeItem("q", "a")])
+
+
+def test_curate_shows_the_judge_the_whole_conversation() -> None:
+    from kubedistill_trainer.curate import prompt_text
+
+    assert prompt_text({"prompt": "2+2?"}) == "2+2?"
+    single = {"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]}
+    assert prompt_text(single) == "hi"
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    assert prompt_text({"messages": turns}) == "USER: a\nASSISTANT: b\nUSER: c"

@@ -39,9 +39,13 @@ BINS = 10
 
 
 def prompt_text(row: dict[str, Any]) -> str:
-    if "messages" in row:
-        return next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
-    return str(row.get("prompt", ""))
+    """What an LLM judge is shown as the question: the prompt, or the whole conversation so far."""
+    if "messages" not in row:
+        return str(row.get("prompt", ""))
+    turns = [m for m in row["messages"] if m["role"] != "system"]
+    if len(turns) == 1:
+        return str(turns[0]["content"])
+    return "\n".join(f"{m['role'].upper()}: {m['content']}" for m in turns)
 
 
 def items_of(row: dict[str, Any]) -> list[JudgeItem]:
