@@ -10,6 +10,7 @@ import pytest
 
 from kubedistill.api.models import DistillationJobSpec, JudgeSpec
 from kubedistill.testing.fake_teacher import FakeTeacher
+from kubedistill_trainer.curate import prompt_text
 from kubedistill_trainer.judges import (
     JudgeItem,
     judge_client,
@@ -148,8 +149,6 @@ def test_llm_judge_needs_a_client() -> None:
 
 
 def test_curate_shows_the_judge_the_whole_conversation() -> None:
-    from kubedistill_trainer.curate import prompt_text
-
     assert prompt_text({"prompt": "2+2?"}) == "2+2?"
     single = {"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "hi"}]}
     assert prompt_text(single) == "hi"
