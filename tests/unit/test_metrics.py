@@ -122,3 +122,22 @@ def test_the_http_server_serves_the_registry(metrics: OperatorMetrics) -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def test_failure_reason_prefers_the_stages_own_reason() -> None:
+    from kubedistill.api.models import Stage
+    from kubedistill.api.stage import StageResult
+    from kubedistill.domain.phases import ChildJob
+    from kubedistill.metrics import failure_reason
+
+    def child(attempt: int, **kw: object) -> ChildJob:
+        return ChildJob(name=f"j-train-{attempt}", stage=Stage.TRAIN, attempt=attempt, **kw)  # type: ignore[arg-type]
+
+    oom = StageResult(stage=Stage.TRAIN, ok=False, reason="OutOfMemory", message="CUDA out of memory")
+    assert failure_reason([], Stage.TRAIN) == "StageFailed"
+    assert failure_reason([child(1, failed=True, result=oom)], Stage.TRAIN) == "OutOfMemory"
+    # The latest failed attempt counts; a Job killed by its deadline reports no result of its own.
+    later = [child(1, failed=True, result=oom), child(2, failed=True, failure_reason="DeadlineExceeded")]
+    assert failure_reason(later, Stage.TRAIN) == "DeadlineExceeded"
+    assert failure_reason([child(1, failed=True)], Stage.TRAIN) == "StageFailed"
+    assert failure_reason([child(1, failed=True, result=oom)], Stage.EXPORT) == "StageFailed"

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kubedistill.api.models import Metrics, Phase
+from kubedistill.api.models import Metrics, Phase, Stage
+from kubedistill.domain.phases import ChildJob
 
 NAMESPACE = "kubedistill"
 # Stages run from seconds (tests, tiny jobs) to a day (big generations, long training runs).
@@ -184,6 +185,18 @@ class OperatorMetrics:
             for phase in self._phases.values():
                 counts[phase] = counts.get(phase, 0) + 1
         return counts
+
+
+def failure_reason(children: Sequence[ChildJob], stage: Stage) -> str:
+    """Why the latest failed attempt of a stage failed: the stage's own CamelCase reason, else the Job
+    controller's (BackoffLimitExceeded, DeadlineExceeded), else StageFailed. All bounded sets: labels."""
+    failed = [c for c in children if c.stage == stage and c.failed]
+    if not failed:
+        return "StageFailed"
+    latest = max(failed, key=lambda c: c.attempt)
+    if latest.result is not None and not latest.result.ok and latest.result.reason:
+        return latest.result.reason
+    return latest.failure_reason or "StageFailed"
 
 
 _default: OperatorMetrics | None = None

@@ -41,7 +41,7 @@ from kubedistill.domain.phases import (
 from kubedistill.handlers.alias import RESOLVABLE, reconcile_alias
 from kubedistill.k8s import observe, resources
 from kubedistill.k8s.client import ApiError, Kube
-from kubedistill.metrics import OperatorMetrics
+from kubedistill.metrics import OperatorMetrics, failure_reason
 from kubedistill.settings import Settings
 
 log = logging.getLogger("kubedistill.operator")
@@ -129,7 +129,7 @@ class Reconciler:
         observed = await self.observe(job)
         decision = decide(job, observed, self.clock(), self.settings)
         await self.apply(job, decision)
-        await self._publish(body, job, decision)
+        await self._publish(body, job, decision, observed)
         return decision.requeue_after
 
     async def observe(self, job: DistillationJob) -> Observed:
@@ -217,7 +217,9 @@ class Reconciler:
             extra={"job": job.metadata.name, "namespace": namespace},
         )
 
-    async def _publish(self, body: dict[str, Any], job: DistillationJob, decision: Decision) -> None:
+    async def _publish(
+        self, body: dict[str, Any], job: DistillationJob, decision: Decision, observed: Observed
+    ) -> None:
         namespace, name = job.metadata.namespace or "default", job.metadata.name
         new = decision.status.to_k8s()
         old = (job.status or DistillationJobStatus()).to_k8s()
@@ -235,7 +237,7 @@ class Reconciler:
             await self._refresh_aliases(namespace, name)
         if self.metrics is not None:
             self.metrics.observe_job_phase(namespace, name, decision.status.phase)
-            self._record_stage_outcomes(job, decision)
+            self._record_stage_outcomes(job, decision, observed)
             self.metrics.record_teacher_delta(
                 job.spec.teacher.model, job.status.metrics if job.status else None, decision.status.metrics
             )
@@ -245,7 +247,7 @@ class Reconciler:
         level = logging.WARNING if event.type == "Warning" else logging.INFO
         log.log(level, "%s: %s", event.reason, event.message, extra={"job": name, "namespace": namespace})
 
-    def _record_stage_outcomes(self, job: DistillationJob, decision: Decision) -> None:
+    def _record_stage_outcomes(self, job: DistillationJob, decision: Decision, observed: Observed) -> None:
         assert self.metrics is not None
         before = {s.name: s for s in (job.status.stages if job.status else [])}
         for entry in decision.status.stages:
@@ -253,7 +255,9 @@ class Reconciler:
             if previous is not None and previous.state == entry.state:
                 continue
             if entry.state in (StageState.BACKOFF, StageState.FAILED):
-                self.metrics.record_stage_failure(entry.name.value, "StageFailed")
+                self.metrics.record_stage_failure(
+                    entry.name.value, failure_reason(observed.children, entry.name)
+                )
             if entry.state in (StageState.SUCCEEDED, StageState.FAILED):
                 started, ended = cond.parse_time(entry.start_time), cond.parse_time(entry.completion_time)
                 duration = (ended - started).total_seconds() if started and ended else None
