@@ -449,3 +449,34 @@ def test_low_score_skips_promotion_with_both_numbers(
     with pytest.raises(ApiException) as err:
         custom.get_namespaced_custom_object(GROUP, VERSION, ns, "modelaliases", "smart")
     assert err.value.status == 404
+
+
+def test_active_deadline_fails_the_whole_job(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    ns = operator.namespace
+    operator.start(KUBEDISTILL_FAKE_SLEEP="generate:60")
+    create_job(custom, ns, "slow", activeDeadlineSeconds=3)
+    done = wait_phase(custom, operator, "slow", {"Succeeded", "Failed"})
+    failed = condition(done, "Failed")
+    assert failed is not None and failed["reason"] == "DeadlineExceeded"
+    assert child_jobs(batch, ns, "slow") == ["slow-generate-1"]
+    job = batch.read_namespaced_job("slow-generate-1", ns)
+    assert job.spec.active_deadline_seconds is not None and job.spec.active_deadline_seconds <= 3
+    wait_until(
+        lambda: not (batch.read_namespaced_job("slow-generate-1", ns).status.active or 0), "the stage to stop"
+    )
+
+
+def test_ttl_after_finished_deletes_the_children(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    ns = operator.namespace
+    operator.start()
+    create_job(custom, ns, "brief", ttlSecondsAfterFinished=1)
+    done = wait_phase(custom, operator, "brief", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded"
+    wait_until(lambda: child_jobs(batch, ns, "brief") == [], "the stage Jobs to be deleted")
+    # The status keeps what the children reported.
+    kept = get_job(custom, ns, "brief")
+    assert kept["status"]["phase"] == "Succeeded" and kept["status"]["metrics"]["evalScore"] == 0.9

@@ -223,3 +223,24 @@ def test_stage_env_setting_is_passed_through() -> None:
     job = job_of(build_stage_manifests(make_job(), Stage.GENERATE, 1, settings))
     assert env_map(job)["HTTPS_PROXY"] == "http://proxy:3128"
     json.dumps(job)  # manifests are plain JSON
+
+
+def test_settings_reject_bad_values_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="KUBEDISTILL_DEFAULT_TRAIN_GPUS"):
+        from_mapping({"KUBEDISTILL_DEFAULT_TRAIN_GPUS": "one"})
+    with pytest.raises(ValueError, match="KUBEDISTILL_STAGE_ENV is not valid JSON"):
+        from_mapping({"KUBEDISTILL_STAGE_ENV": "{"})
+
+
+def test_settings_stage_resources_and_backoff() -> None:
+    settings = from_mapping(
+        {
+            "KUBEDISTILL_STORAGE_BUCKET": "b",
+            "KUBEDISTILL_EXPORT_RESOURCES": '{"requests": {"cpu": "1"}}',
+            "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "2",
+            "KUBEDISTILL_RETRY_BACKOFF_MAX_S": "5",
+        }
+    )
+    export = job_of(build_stage_manifests(make_job(), Stage.EXPORT, 1, settings))
+    assert container(export)["resources"] == {"requests": {"cpu": "1"}}
+    assert [settings.backoff_s(n) for n in (0, 1, 2, 3, 4)] == [0.0, 2.0, 4.0, 5.0, 5.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 from collections.abc import Sequence
 
@@ -28,6 +29,9 @@ def run(
     settings = from_env()
     watched = list(namespaces) or list(settings.namespaces)
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON)
+    if not verbose:
+        # kopf logs every handler call of every Job event at INFO; our own transitions are logged by us.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Registering the handlers is importing them.
     import kubedistill.handlers.operator  # noqa: F401
 

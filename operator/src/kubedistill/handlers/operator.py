@@ -93,10 +93,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.daemon(*DJ, cancellation_timeout=1.0)
 async def distillation_job(
-    namespace: str | None, name: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    stopped: kopf.DaemonStopped,
+    **_: Any,
 ) -> None:
     """One reconcile loop per job for as long as it exists."""
-    await memo.service.run(namespace or "default", name, stopped)
+    await memo.service.run(namespace or "default", name, stopped, dict(body))
 
 
 @kopf.on.event(*DJ)
@@ -106,11 +111,13 @@ async def distillation_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def child_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def child_job_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     meta = body.get("metadata", {})
+    if type == "DELETED":
+        memo.service.forget_child(meta.get("namespace"), meta.get("name"))
     for owner in meta.get("ownerReferences") or []:
         if owner.get("kind") == "DistillationJob" and owner.get("controller"):
-            memo.service.wake(meta.get("namespace"), owner.get("name"))
+            memo.service.child_changed(meta.get("namespace"), owner.get("name"), dict(body))
 
 
 @kopf.on.delete(*DJ)

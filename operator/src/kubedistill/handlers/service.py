@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,8 +77,36 @@ class Reconciler:
     clock: Callable[[], datetime] = _utcnow
     _wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     _written: dict[Key, str] = field(default_factory=dict)
+    _child_signatures: dict[Key, str] = field(default_factory=dict)
 
     # -- loop ---------------------------------------------------------------------------------------
+
+    def child_changed(self, namespace: str, owner: str, child: dict[str, Any]) -> None:
+        """Wake the owner only when the child Job changed in a way a decision can depend on: the Job
+        controller rewrites status several times per pod (uncounted pods, ready counts), and each wake
+        would cost a reconcile."""
+        meta, status = child.get("metadata") or {}, child.get("status") or {}
+        signature = json.dumps(
+            [
+                sorted(
+                    c.get("type", "") for c in status.get("conditions") or [] if c.get("status") == "True"
+                ),
+                status.get("active"),
+                status.get("ready"),
+                status.get("failed"),
+                status.get("succeeded"),
+                (child.get("spec") or {}).get("suspend"),
+                meta.get("deletionTimestamp") is not None,
+            ]
+        )
+        key = (namespace, meta.get("name", ""))
+        if self._child_signatures.get(key) == signature:
+            return
+        self._child_signatures[key] = signature
+        self.wake(namespace, owner)
+
+    def forget_child(self, namespace: str, name: str) -> None:
+        self._child_signatures.pop((namespace, name), None)
 
     def wake(self, namespace: str, name: str, resource_version: str | None = None) -> None:
         """Ask for a reconcile; an event caused by our own status patch is ignored."""
@@ -89,14 +118,18 @@ class Reconciler:
         if wakeup is not None:
             wakeup.set()
 
-    async def run(self, namespace: str, name: str, stopped: Stopped) -> None:
+    async def run(
+        self, namespace: str, name: str, stopped: Stopped, body: dict[str, Any] | None = None
+    ) -> None:
+        """Reconcile until stopped; `body`, as the watch just delivered it, saves the first read."""
         key = (namespace, name)
         wakeup = self._wakeups.setdefault(key, asyncio.Event())
         try:
             while not stopped:
                 wakeup.clear()
                 try:
-                    delay = await self.reconcile(namespace, name)
+                    delay = await self.reconcile(namespace, name, body)
+                    body = None
                 except ApiError as err:
                     log.warning("reconcile failed: %s", err, extra={"job": name, "namespace": namespace})
                     if self.metrics is not None:
@@ -117,8 +150,9 @@ class Reconciler:
 
     # -- one pass -----------------------------------------------------------------------------------
 
-    async def reconcile(self, namespace: str, name: str) -> float | None:
-        body = await resources.get_distillation_job(self.kube, namespace, name)
+    async def reconcile(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> float | None:
+        if body is None:
+            body = await resources.get_distillation_job(self.kube, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         try:

@@ -112,9 +112,9 @@ def _read_json_model(uri: str, model: type[StageResult] | type[StageProgress]) -
 
 async def observe_children(kube: Kube, job: DistillationJob, settings: Settings) -> tuple[ChildJob, ...]:
     namespace, name = job.metadata.namespace or "default", job.metadata.name
-    jobs, pods = await asyncio.gather(
-        resources.list_child_jobs(kube, namespace, name), resources.list_child_pods(kube, namespace, name)
-    )
+    jobs = await resources.list_child_jobs(kube, namespace, name)
+    # Pods only matter for Jobs that exist; a new job (the common first pass) skips the request.
+    pods = await resources.list_child_pods(kube, namespace, name) if jobs else []
     children = [c for c in (summarise_job(j, pods) for j in jobs) if c is not None]
     recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded"}
     completed: list[ChildJob] = []
