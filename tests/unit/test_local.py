@@ -177,10 +177,11 @@ def test_figures_of_the_summary() -> None:
         },
         baseline={"baselineScore": 0.0, "studentPromptTokensPerCall": 40.0},
     )
-    f = local.compute_figures(state, 0.0, 123.4)
+    f = local.compute_figures(state, {"costUSD": 0.0, "inputTokens": 250000}, 123.4)
     assert (f["teacherScore"], f["studentBefore"], f["studentAfter"], f["retention"]) == (0.5, 0.0, 0.4, 0.8)
     assert f["teacherPromptTokensPerCall"] == 800.0 and f["teacherAnswerTokensPerCall"] == 3.0
     assert f["studentPromptTokensPerCall"] == 40.0 and f["heldOutRows"] == 40
+    assert f["estimatedInputTokens"] == 250000 and f["teacherInputTokens"] == 240000
     assert f["stageSeconds"] == {"generate": 61.0, "evaluate": 0.0} and f["wallTimeSec"] == 123.4
     rows = dict(local.summary_rows(f))
     assert rows["student after training"] == "40.0%" and rows["student before training"] == "0.0%"

@@ -562,7 +562,7 @@ def _ratio(a: float | int | None, b: float | int | None) -> float | None:
     return round(a / b, 1) if a is not None and b else None
 
 
-def compute_figures(state: RunState, estimate_usd: float | None, wall_s: float) -> dict[str, Any]:
+def compute_figures(state: RunState, estimate: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
     """The numbers the summary table shows (and local/summary.json keeps)."""
     res = {s: o.result for s, o in state.outcomes.items() if o.result is not None}
     gen, ev, tr = res.get(Stage.GENERATE), res.get(Stage.EVALUATE), res.get(Stage.TRAIN)
@@ -572,7 +572,11 @@ def compute_figures(state: RunState, estimate_usd: float | None, wall_s: float) 
     return {
         "teacherCalls": gm.teacher_calls if gm else None,
         "teacherCostUSD": gm.teacher_cost_total if gm else None,
-        "estimatedCostUSD": estimate_usd,
+        "estimatedCostUSD": estimate.get("costUSD"),
+        "teacherInputTokens": gm.teacher_input_tokens if gm else None,
+        "estimatedInputTokens": estimate.get("inputTokens"),
+        "teacherOutputTokens": gm.teacher_output_tokens if gm else None,
+        "estimatedOutputTokens": estimate.get("outputTokens"),
         "candidates": gm.candidates if gm else None,
         "curated": res[Stage.CURATE].metrics.curated if Stage.CURATE in res else None,
         "lossFinal": tr.metrics.student_loss_final if tr else None,
@@ -628,6 +632,9 @@ def summary_rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [
         ("teacher calls / cost", f"{_fmt(f['teacherCalls'])} / {_fmt(f['teacherCostUSD'], 'usd')}"
          f" (estimated {_fmt(f['estimatedCostUSD'], 'usd')})"),
+        ("teacher tokens in / out",
+         f"{_fmt(f['teacherInputTokens'])} / {_fmt(f['teacherOutputTokens'])}"
+         f" (estimated {_fmt(f['estimatedInputTokens'])} / {_fmt(f['estimatedOutputTokens'])})"),
         ("candidates kept by curation", f"{_fmt(f['curated'])} of {_fmt(f['candidates'])}"),
         ("final BOND loss / training time", f"{_fmt(f['lossFinal'])} / {_fmt(f['trainingTimeSec'], 's')}"),
         (f"teacher score ({judge}, {_fmt(rows)} held-out rows)", _fmt(f["teacherScore"], "pct")),
@@ -656,7 +663,7 @@ class LocalRun:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     stop: bool = False
     figures: dict[str, Any] = field(default_factory=dict)
-    estimate: float | None = None
+    estimate: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.job = load_job(self.job_file)
@@ -702,21 +709,37 @@ class LocalRun:
             return ensure_hf_student(model.removeprefix(LOCAL_PREFIX), self.local_dir, self.child_env())
         return None
 
-    def estimate_usd(self, spec: DistillationJobSpec) -> tuple[float | None, str]:
+    def estimate_once(self, spec: DistillationJobSpec, student_dir: Path | None) -> dict[str, Any]:
+        """The estimate made before the first stage ran (kept in local/estimate.json for the summary).
+
+        Tokens are counted with the student's tokenizer when its files are here (for the quick start,
+        teacher and student are one model, so the count is the teacher's own).
+        """
+        path = self.local_dir / "estimate.json"
+        if path.is_file():
+            kept: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return kept
         from kubedistill import dataset
         from kubedistill.catalog import load_catalog
         from kubedistill.domain.estimate import estimate
 
         try:
             rows = dataset.load(spec.dataset).rows
-        except Exception as err:  # the generate stage reports dataset problems with its reason
-            return None, f"no estimate: {err}"
-        e = estimate(spec, rows, load_catalog()).estimate
-        line = (
-            f"{e.prompts} prompts × {spec.generation.n_samples} samples: {e.teacher_calls} teacher calls, "
-            f"~{e.input_tokens + e.output_tokens:,} tokens, ${e.teacher_cost_usd + e.judge_cost_usd:.4f}"
-        )
-        return round(e.teacher_cost_usd + e.judge_cost_usd, 6), line
+        except Exception:  # the generate stage reports dataset problems with its reason
+            return {}
+        report = estimate(spec, rows, load_catalog(), tokenizer=_tokenizer(student_dir))
+        e = report.estimate
+        found = {
+            "costUSD": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
+            "teacherCalls": e.teacher_calls,
+            "inputTokens": e.input_tokens,
+            "outputTokens": e.output_tokens,
+            "tokenCounting": report.breakdown["tokenCounting"],
+            "gpuMinutes": e.gpu_minutes,
+        }
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found, indent=2), encoding="utf-8")
+        return found
 
     def check_spec(self, kept: bool) -> str | None:
         """A warning when the job changed since the stages already done (`kept`) were run."""
@@ -745,10 +768,13 @@ class LocalRun:
         with self.teacher() if teacher_needed else _nothing() as teacher_url:
             student = self.student_dir() if pending or self.baseline_due(state) else None
             spec = effective_spec(self.spec, teacher_url, student)
-            if pending:
-                usd, line = self.estimate_usd(spec)
-                on_note(f"estimate: {line}")
-                self.estimate = usd
+            self.estimate = self.estimate_once(spec, student)
+            if pending and self.estimate:
+                e = self.estimate
+                on_note(
+                    f"estimate: {e['teacherCalls']} teacher calls, {e['inputTokens']:,} + {e['outputTokens']:,} "
+                    f"tokens ({e['tokenCounting']}), ${e['costUSD']:.4f}"
+                )
             for stage in pending:
                 if self.stop:
                     state.interrupted = True
@@ -791,6 +817,17 @@ class LocalRun:
             (o := state.outcomes.get(s)) is not None and o.result is not None and o.result.ok
             for s in self.stages()
         )
+
+
+def _tokenizer(model_dir: Path | None) -> Any:
+    """The tokenizer of a local model directory, or None (the estimate then uses chars per token)."""
+    if model_dir is None or not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @contextmanager
