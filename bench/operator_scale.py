@@ -90,6 +90,11 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def job_body(name: str) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -218,6 +223,7 @@ def measure(api: Any, kubeconfig: Path, workdir: Path, n: int, timeout: float) -
         total = max(succeeded.values()) - start
         latencies = sorted(max(0.0, first_job[k] - created[k]) for k in created)
         rss = peak_rss_mb(proc.pid)
+        cpu = cpu_seconds(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -234,6 +240,7 @@ def measure(api: Any, kubeconfig: Path, workdir: Path, n: int, timeout: float) -
         "all_succeeded_s": round(total, 2),
         "api_requests_per_job": round(requests / n, 1),
         "peak_rss_mb": round(rss, 1),
+        "operator_cpu_s_per_job": round(cpu / n, 3),
     }
 
 
@@ -288,7 +295,7 @@ def main() -> int:
         print(
             f"N={r['n']:>4}: first Job p50 {r['p50_first_job_s']:.3f}s p95 {r['p95_first_job_s']:.3f}s, "
             f"all Succeeded {r['all_succeeded_s']:.1f}s, {r['api_requests_per_job']:.0f} API requests/job, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB"
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, operator CPU {r['operator_cpu_s_per_job']:.2f}s/job"
         )
     small, large = results[0], results[-1]
     growth = large["all_succeeded_s"] / small["all_succeeded_s"] if small["all_succeeded_s"] else None

@@ -86,16 +86,20 @@ class Reconciler:
         controller rewrites status several times per pod (uncounted pods, ready counts), and each wake
         would cost a reconcile."""
         meta, status = child.get("metadata") or {}, child.get("status") or {}
+        true = {c.get("type") for c in status.get("conditions") or [] if c.get("status") == "True"}
+        # SuccessCriteriaMet/FailureTarget come a moment before Complete/Failed: one outcome, one wake.
+        outcome = (
+            "ok"
+            if true & {"Complete", "SuccessCriteriaMet"}
+            else "failed"
+            if true & {"Failed", "FailureTarget"}
+            else ""
+        )
         signature = json.dumps(
             [
-                sorted(
-                    c.get("type", "") for c in status.get("conditions") or [] if c.get("status") == "True"
-                ),
-                status.get("active"),
-                status.get("ready"),
-                status.get("failed"),
-                status.get("succeeded"),
-                (child.get("spec") or {}).get("suspend"),
+                outcome,
+                bool(status.get("ready")),
+                bool((child.get("spec") or {}).get("suspend")),
                 meta.get("deletionTimestamp") is not None,
             ]
         )
