@@ -159,3 +159,43 @@ def test_alias_explicit_target_and_history() -> None:
     assert history.history[0].target.gguf_uri == "file:///11.gguf"
     again = remember(history, AliasTarget(gguf_uri="file:///11.gguf"), NOW)
     assert again.history == history.history  # a retried resolution does not record the same change twice
+
+
+def test_child_events_wake_the_owner_only_on_meaningful_changes() -> None:
+    import asyncio
+
+    from kubernetes.client import Configuration
+
+    from kubedistill.catalog import load_catalog
+    from kubedistill.handlers.service import Reconciler
+    from kubedistill.k8s.client import Kube
+    from kubedistill.settings import Settings
+
+    service = Reconciler(Kube(Configuration()), Settings(), load_catalog(), post_event=lambda *a, **k: None)
+    wakeup = service._wakeups.setdefault(("ns", "bot"), asyncio.Event())
+    woken = []
+    for status in (
+        {},
+        {"active": 1},  # pod created: nothing to decide
+        {"active": 1, "ready": 1},  # running
+        {"active": 1, "ready": 1, "uncountedTerminatedPods": {"succeeded": ["x"]}},
+        {"succeeded": 1, "conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]},
+        {
+            "succeeded": 1,
+            "conditions": [
+                {"type": "SuccessCriteriaMet", "status": "True"},
+                {"type": "Complete", "status": "True"},
+            ],
+        },
+    ):
+        wakeup.clear()
+        service.child_changed(
+            "ns", "bot", {"metadata": {"name": "bot-generate-1"}, "spec": {}, "status": status}
+        )
+        woken.append(wakeup.is_set())
+    assert woken == [True, False, True, False, True, False]
+    service.wake("ns", "bot", resource_version="42")
+    service._written[("ns", "bot")] = "43"
+    wakeup.clear()
+    service.wake("ns", "bot", resource_version="43")  # our own status patch coming back
+    assert not wakeup.is_set()

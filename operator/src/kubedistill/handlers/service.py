@@ -27,6 +27,7 @@ from kubedistill.api.models import (
     StageState,
 )
 from kubedistill.builders import artifact_root, build_stage_manifests
+from kubedistill.catalog import Catalog
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.naming import artifact_base
 from kubedistill.domain.phases import (
@@ -71,7 +72,7 @@ class Reconciler:
 
     kube: Kube
     settings: Settings
-    catalog: Any
+    catalog: Catalog
     post_event: EventPoster
     metrics: OperatorMetrics | None = None
     clock: Callable[[], datetime] = _utcnow
