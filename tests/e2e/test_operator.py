@@ -296,6 +296,18 @@ def test_operator_killed_mid_stage_restarts_without_duplicates(
     )
     operator.kill()
     operator.start()
+
+    def train_progress() -> dict[str, Any] | None:
+        progress = (get_job(custom, operator.namespace, "restart").get("status") or {}).get("progress") or {}
+        return (
+            progress
+            if progress.get("stage") == "train" and "fake train step" in (progress.get("detail") or "")
+            else None
+        )
+
+    # The restarted operator picks the running stage's progress.json up (generate + curate = 50%).
+    progress = wait_until(train_progress, "train progress in the status")
+    assert 50.0 <= progress["percent"] <= 85.0
     done = wait_phase(custom, operator, "restart", {"Succeeded", "Failed"})
     assert done["status"]["phase"] == "Succeeded"
     assert child_jobs(batch, operator.namespace, "restart") == sorted(

@@ -47,7 +47,6 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: Settings) -> None:
     if ours.peering is not None:
         settings.peering.name = ours.peering
         settings.peering.mandatory = True
-    settings.execution.max_workers = 8
 
 
 async def settings_from_configmap(kube: Kube, base: Settings) -> Settings:
