@@ -380,11 +380,11 @@ def _gates(ctx: _Ctx) -> bool:
                 cond.BUDGET_EXCEEDED,
                 "False",
                 Reason.WITHIN_BUDGET,
-                f"estimated ${cost:.2f} ≤ budget ${budget:.2f}",
+                f"estimated {_usd(cost)} ≤ budget {_usd(budget)}",
             )
         else:
             message = (
-                f"estimated teacher cost ${cost:.2f} exceeds budget.maxTeacherCostUSD ${budget:.2f}; "
+                f"estimated teacher cost {_usd(cost)} exceeds budget.maxTeacherCostUSD {_usd(budget)}; "
                 "no stage starts until the budget is raised"
             )
             ctx.set(cond.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED, message)
@@ -402,6 +402,13 @@ def _gates(ctx: _Ctx) -> bool:
     else:
         ctx.clear(cond.SECRET_MISSING, Reason.SECRETS_FOUND, "all referenced Secrets exist")
     return ready_ok
+
+
+def _usd(amount: float) -> str:
+    """Cents for real money, significant digits for tiny test budgets ($0.0003, not $0.00)."""
+    return (
+        f"${amount:,.2f}" if amount >= 0.01 or amount == 0 else "$" + f"{amount:.6f}".rstrip("0").rstrip(".")
+    )
 
 
 def _deadline_left(ctx: _Ctx) -> float | None:
@@ -607,7 +614,7 @@ def _progress(ctx: _Ctx, stages: dict[Stage, StageStatus], current: Stage | None
         status.progress = Progress(
             stage=current,
             percent=round(min(100.0, done + STAGE_WEIGHT[current] * reported.fraction), 1),
-            detail=(reported.detail or None) and reported.detail[:MAX_MESSAGE],
+            detail=reported.detail[:MAX_MESSAGE] or None,
             updated_at=reported.updated_at,
         )
     elif previous is not None and previous.stage == current:
