@@ -20,6 +20,7 @@ import argparse
 import atexit
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -297,6 +298,7 @@ def main() -> int:
     finally:
         if plane is not None:
             plane.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     for r in results:
         print(
             f"N={r['n']:>4}: first Job p50 {r['p50_first_job_s']:.3f}s p95 {r['p95_first_job_s']:.3f}s, "
