@@ -662,6 +662,7 @@ def transition_events(old: DistillationJobStatus, new: DistillationJobStatus) ->
             cond.PROMOTION_SKIPPED,
         )
         events.append(Event("Warning" if warning else "Normal", condition.reason, condition.message))
-    if new.phase is not None and new.phase != old.phase:
+    # Stage phases (Generating…) are told by StageStarted; the others get an event of their own.
+    if new.phase is not None and new.phase != old.phase and new.phase not in STAGE_PHASE.values():
         events.append(Event("Normal", f"Phase{new.phase.value}", f"phase is now {new.phase.value}"))
     return events

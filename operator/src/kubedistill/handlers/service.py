@@ -52,6 +52,7 @@ Key = tuple[str, str]
 # With nothing scheduled, look again this often anyway: a missed watch event must not strand a job.
 IDLE_RESYNC_S = 300.0
 ERROR_BACKOFF_S = 5.0
+_QUIET_CHILD = json.dumps(["", False, False, False])
 
 
 class EventPoster(Protocol):
@@ -105,9 +106,12 @@ class Reconciler:
             ]
         )
         key = (namespace, meta.get("name", ""))
-        if self._child_signatures.get(key) == signature:
-            return
+        previous = self._child_signatures.get(key)
         self._child_signatures[key] = signature
+        # A Job first seen with nothing to report is one we just created (or one the loop lists
+        # when it starts): no decision can change yet.
+        if previous == signature or (previous is None and signature == _QUIET_CHILD):
+            return
         self.wake(namespace, owner)
 
     def forget_child(self, namespace: str, name: str) -> None:
