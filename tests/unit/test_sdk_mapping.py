@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from kubedistill import Distiller, sdk
@@ -246,3 +247,25 @@ def test_estimate_and_catalogs_work_offline() -> None:
     assert students["qwen3-0.6b"]["params"] == "0.6B" and students["llama-3.2-1b"]["hf_id"].startswith(
         "meta-llama/"
     )
+
+
+def test_namespace_comes_from_the_kubeconfig_context_like_kubectl(tmp_path: Any) -> None:
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "a",
+                "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [
+                    {"name": "a", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}},
+                    {"name": "b", "context": {"cluster": "c", "user": "u"}},
+                ],
+            }
+        )
+    )
+    assert Distiller(kubeconfig=kubeconfig).namespace == "team-a"
+    assert Distiller(kubeconfig=kubeconfig, context="b").namespace == "default"
+    assert Distiller(namespace="x", kubeconfig=kubeconfig).namespace == "x"

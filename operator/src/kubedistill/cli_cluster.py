@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -351,6 +352,7 @@ def register(app: typer.Typer) -> None:
         """Follow a job until it ends: exit 0 Succeeded, 1 Failed, 2 no such job."""
         d = _client(namespace, kubeconfig, context)
         final: dict[str, Any] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
         with _errors():
             d.raw(name)  # a missing job: exit 2 before drawing anything
             progress = Progress(
@@ -360,17 +362,18 @@ def register(app: typer.Typer) -> None:
                 TextColumn("[dim]{task.fields[note]}"),
                 console=console,
             )
-            try:
-                with progress:
-                    bars = WaitBars(progress)
-
-                    def on_update(_: dict[str, Any]) -> None:
-                        bars.update(d.raw(name))
-
-                    final = d.wait(name, on_update=on_update, timeout=timeout)
-            except TimeoutError as err:
-                err_console.print(f"error: {err}", markup=False)
-                raise typer.Exit(EXIT_FAILED) from None
+            with progress:
+                bars = WaitBars(progress)
+                for obj in d.watch(name, deadline):
+                    bars.update(obj)
+                    final = sdk.summary(obj)
+                    if final["status"] in sdk.TERMINAL:
+                        break
+        if final.get("status") not in sdk.TERMINAL:
+            err_console.print(
+                f"error: distillationjob/{name} did not finish within {timeout} s", markup=False
+            )
+            raise typer.Exit(EXIT_FAILED)
         if final["status"] == "succeeded":
             console.print(f"distillationjob/{name} [green]Succeeded[/green]")
             return
