@@ -169,6 +169,7 @@ def test_figures_of_the_summary() -> None:
                     details={
                         "rows": 40,
                         "judge": "reference",
+                        "agreementExact": 0.75,
                         "studentTokensPerCall": 3.0,
                         "studentTokensPerSecond": 90.0,
                     },
@@ -185,6 +186,7 @@ def test_figures_of_the_summary() -> None:
     assert f["stageSeconds"] == {"generate": 61.0, "evaluate": 0.0} and f["wallTimeSec"] == 123.4
     rows = dict(local.summary_rows(f))
     assert rows["student after training"] == "40.0%" and rows["student before training"] == "0.0%"
+    assert rows["student gives the teacher's answer"] == "75.0%"
     assert dict(local.artifact_paths(state)) == {"eval": "/w/evaluate/eval.jsonl", "gguf q8_0": "/w/m.gguf"}
 
 
@@ -205,6 +207,13 @@ def test_a_rerun_resumes_from_results_on_disk(tmp_path: Path) -> None:
     assert seen == [(s, "done earlier") for s in STAGES] and notes == []
     assert run.succeeded(state)
     assert json.loads((run.local_dir / "summary.json").read_text())["wallTimeSec"] >= 0
+    # Seconds measured by the run that did the work survive an idle rerun.
+    (run.local_dir / "timing.json").write_text(
+        json.dumps({"stageSeconds": {"train": 42.0}, "wallTimeSec": 100.0})
+    )
+    again = run.execute(lambda *_: None, lambda _: None)
+    assert again.outcomes[Stage.TRAIN].seconds == 42.0
+    assert 100.0 <= run.figures["wallTimeSec"] < 110 and run.figures["stageSeconds"]["train"] == 42.0
 
 
 def test_a_failed_stage_is_rerun_and_the_run_stops_there(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ LOCAL_NAMESPACE = "local"
 CACHE = Path(os.environ.get("KUBEDISTILL_CACHE", Path.home() / ".cache" / "kubedistill"))
 STOP_GRACE_S = (10.0, 5.0)  # after SIGINT, after SIGTERM
 SERVER_START_TIMEOUT_S = 180.0
+TIMING_FILE = "timing.json"
 _UID_NAMESPACE = uuid.UUID("6f1c2f0e-8a54-4f3e-9a49-5c7d5a1e0b11")
 
 
@@ -587,6 +588,7 @@ def compute_figures(state: RunState, estimate: Mapping[str, Any], wall_s: float)
         "studentBefore": base.get("baselineScore"),
         "studentAfter": ev.metrics.eval_score if ev else None,
         "retention": ev.metrics.retention if ev else None,
+        "agreementWithTeacher": ed.get("agreementExact"),
         "teacherPromptTokensPerCall": _ratio(gm.teacher_input_tokens, gm.teacher_calls) if gm else None,
         "teacherAnswerTokensPerCall": _ratio(gm.teacher_output_tokens, gm.candidates) if gm else None,
         "studentPromptTokensPerCall": base.get("studentPromptTokensPerCall"),
@@ -641,12 +643,13 @@ def summary_rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("student before training", _fmt(f["studentBefore"], "pct")),
         ("student after training", _fmt(f["studentAfter"], "pct")),
         ("retention (after / teacher)", _fmt(f["retention"], "pct")),
+        ("student gives the teacher's answer", _fmt(f["agreementWithTeacher"], "pct")),
         ("tokens per call, teacher (prompt / answer)",
          f"{_fmt(f['teacherPromptTokensPerCall'])} / {_fmt(f['teacherAnswerTokensPerCall'])}"),
         ("tokens per call, student (prompt / answer)",
          f"{_fmt(f['studentPromptTokensPerCall'])} / {_fmt(f['studentAnswerTokensPerCall'])}"),
         ("student speed", f"{_fmt(f['studentTokensPerSecond'])} tokens/s"),
-        ("wall time", _fmt(f["wallTimeSec"], "s")),
+        ("wall time (all runs of this job)", _fmt(f["wallTimeSec"], "s")),
     ]  # fmt: skip
 
 
@@ -741,6 +744,14 @@ class LocalRun:
         path.write_text(json.dumps(found, indent=2), encoding="utf-8")
         return found
 
+    def load_timing(self) -> dict[str, Any]:
+        """Seconds spent so far: per stage (its last run) and in all runs of this job together."""
+        path = self.local_dir / TIMING_FILE
+        if path.is_file():
+            kept: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return kept
+        return {"stageSeconds": {}, "wallTimeSec": 0.0}
+
     def check_spec(self, kept: bool) -> str | None:
         """A warning when the job changed since the stages already done (`kept`) were run."""
         path = self.local_dir / "spec.sha256"
@@ -759,9 +770,11 @@ class LocalRun:
         warning = self.check_spec(kept=len(pending) < len(self.stages()))
         if warning:
             on_note(f"[yellow]{warning}")
+        timing = self.load_timing()
         for stage in self.stages():
             if stage not in pending:
-                state.outcomes[stage] = StageOutcome(stage, read_result(self.base, stage), resumed=True)
+                seconds = timing["stageSeconds"].get(stage.value, 0.0)
+                state.outcomes[stage] = StageOutcome(stage, read_result(self.base, stage), True, seconds)
                 on_progress(stage, read_progress(self.base, stage), "done earlier")
         spec = self.spec
         teacher_needed = any(needs_teacher(stage, self.spec) for stage in pending)
@@ -788,6 +801,7 @@ class LocalRun:
                     lambda: self.stop,
                 )
                 state.outcomes[stage] = StageOutcome(stage, result, seconds=time.monotonic() - t0)
+                timing["stageSeconds"][stage.value] = round(time.monotonic() - t0, 1)
                 if result is None:
                     state.interrupted = True
                     break
@@ -797,7 +811,9 @@ class LocalRun:
             on_note("scoring the untrained student on the same held-out rows (baseline)…")
             inv = invocation(self.name, self.uid, spec, Stage.EVALUATE, self.base)
             state.baseline = run_baseline_process(inv, self.local_dir, self.child_env())
-        self.figures = compute_figures(state, self.estimate, time.monotonic() - started)
+        timing["wallTimeSec"] = round(timing["wallTimeSec"] + time.monotonic() - started, 1)
+        (self.local_dir / TIMING_FILE).write_text(json.dumps(timing, indent=2), encoding="utf-8")
+        self.figures = compute_figures(state, self.estimate, timing["wallTimeSec"])
         if self.succeeded(state):
             (self.local_dir / "summary.json").write_text(json.dumps(self.figures, indent=2), encoding="utf-8")
         return state
