@@ -1,0 +1,54 @@
+"""The quick start's estimate against what its real teacher reports: 30 tickets through the generate stage with
+SmolLM2 served by llama-cpp-python, as local mode runs it; the estimated input tokens (counted with the
+model's tokenizer) must be within ±15% of the usage the server reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from kubedistill import local
+from kubedistill.api.models import Stage
+
+pytestmark = pytest.mark.slow
+
+JOB = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "job.yaml"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (gguf extra)"
+)
+def test_estimate_is_within_15_percent_of_the_teachers_usage(tmp_path: Path) -> None:
+    run = local.LocalRun(job_file=JOB, workdir=tmp_path, environ={})
+    spec = run.spec.model_copy(
+        update={
+            "dataset": run.spec.dataset.model_copy(update={"num_prompts": 30}),
+            "generation": run.spec.generation.model_copy(update={"n_samples": 1}),
+        }
+    )
+    run.spec = spec
+    try:
+        gguf = local.local_gguf("smollm2-135m-instruct")
+    except local.JobInvalid as err:
+        pytest.skip(str(err))
+    student = run.student_dir()
+    with run.teacher() as url:
+        effective = local.effective_spec(spec, url, student)
+        estimate = run.estimate_once(effective, student)
+        result = local.run_stage_process(
+            local.invocation(run.name, run.uid, effective, Stage.GENERATE, run.base),
+            run.local_dir,
+            dict(os.environ),
+            lambda *_: None,
+            lambda: False,
+        )
+    assert gguf.is_file() and estimate["tokenCounting"] == "tokenizer"
+    assert result is not None and result.ok, result
+    actual = result.metrics.teacher_input_tokens
+    assert actual and result.metrics.teacher_calls == estimate["teacherCalls"] == 30
+    assert abs(estimate["inputTokens"] - actual) / actual <= 0.15, (estimate, actual)
+    # Output is bounded by maxTokens: never under what the teacher said.
+    assert estimate["outputTokens"] >= (result.metrics.teacher_output_tokens or 0)
