@@ -41,10 +41,20 @@ from kubedistill import dataset as ds
 from kubedistill.api.models import API_VERSION, GROUP, VERSION, Phase, Stage
 from kubedistill.catalog import Catalog, load_catalog
 from kubedistill.domain.estimate import estimate as estimate_spec
-from kubedistill.errors import DistillerError, Invalid, NotFound, from_status
+from kubedistill.errors import (
+    Conflict,
+    DistillerError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+    from_status,
+)
 
 if TYPE_CHECKING:
     from kubernetes import client as k8s
+
+__all__ = ["Conflict", "Distiller", "DistillerError", "Forbidden", "Invalid", "NotFound", "Unauthorized"]
 
 JOBS = "distillationjobs"
 ALIASES = "modelaliases"
