@@ -359,6 +359,7 @@ class Distiller:
                     self._api = client.ApiClient()
             except config.ConfigException as err:
                 raise DistillerError(f"no cluster to talk to: {err}") from err
+            _send_bearer_token(self._api.configuration)
         return self._api
 
     @property
@@ -793,3 +794,14 @@ def _translated() -> Iterator[None]:
         yield
     except ApiException as err:
         raise from_status(err.status, err.body, str(err.reason or "")) from None
+
+
+def _send_bearer_token(cfg: Any) -> None:
+    """Make the generated client send a kubeconfig's or a ServiceAccount's token.
+
+    kubernetes 36's loaders store the token under api_key["authorization"], but its generated
+    API classes only send api_key["BearerToken"]: without this, a token kubeconfig (most managed
+    clusters, in-cluster) talks to the API server as system:anonymous.
+    """
+    if "authorization" in cfg.api_key and "BearerToken" not in cfg.api_key:
+        cfg.api_key["BearerToken"] = cfg.api_key["authorization"]
