@@ -83,10 +83,13 @@ def curated_row(row: dict[str, Any], scores: Sequence[Score], top_k: int) -> dic
         k: row[k] for k in ("id", "split", "prompt", "messages", "system", "reference") if k in row
     }
     candidates = row["candidates"]
+    chosen_texts = [candidates[i] for i in chosen]
     return {
         **keep,
-        "chosen": [candidates[i] for i in chosen],
-        "rejected": [candidates[i] for i in rejected],
+        "chosen": chosen_texts,
+        # A rejected answer identical to a chosen one makes a preference pair with no signal
+        # (its log-ratio difference is 0 by construction) that still costs two forward passes.
+        "rejected": [candidates[i] for i in rejected if candidates[i] not in chosen_texts],
         "scores": [s.value for s in scores],
         "chosenScores": [scores[i].value for i in chosen],
     }
