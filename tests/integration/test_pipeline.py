@@ -28,7 +28,7 @@ def _teacher_answer(prompt: str, sample: int, request: dict[str, Any]) -> str:
     return [
         f"The answer is {2 * n}.",
         f"The answer is {2 * n}.",
-        f"The answer is {n + 1}.",
+        f"The answer is {2 * n + 1}.",
         "I do not know.",
     ][sample % 4]
 
