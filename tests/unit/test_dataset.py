@@ -109,6 +109,16 @@ def test_messages_for_teacher_and_student() -> None:
         {"role": "system", "content": "Rules"},
         {"role": "user", "content": "hi"},
     ]
+    examples = [
+        {"role": "user", "content": "My card was charged twice"},
+        {"role": "assistant", "content": "billing"},
+    ]
+    assert row.teacher_messages("Rules", examples) == [
+        {"role": "system", "content": "Rules\n\nLabels: billing, bug"},
+        *examples,
+        {"role": "user", "content": "Classify: refund please"},
+    ]
+    assert plain.teacher_messages(None, examples) == [*examples, {"role": "user", "content": "hi"}]
     multi = dataset.Row(
         id="c",
         messages=(

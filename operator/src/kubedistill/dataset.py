@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +49,19 @@ class Row:
             return head + [dict(m) for m in self.messages]
         return [*head, {"role": "user", "content": self.prompt or ""}]
 
-    def teacher_messages(self, instruction: str | None = None) -> list[dict[str, str]]:
-        """What the teacher sees: the teacher-only instruction ahead of the row's system text."""
+    def teacher_messages(
+        self, instruction: str | None = None, examples: Sequence[Mapping[str, str]] = ()
+    ) -> list[dict[str, str]]:
+        """What the teacher sees: the teacher-only instruction ahead of the row's system text, then
+        the teacher-only example turns, then the row's own turns."""
         messages = self.student_messages()
-        if not instruction:
-            return messages
+        head: list[dict[str, str]] = []
         if messages[0]["role"] == "system":
-            return [
-                {"role": "system", "content": f"{instruction}\n\n{messages[0]['content']}"},
-                *messages[1:],
-            ]
-        return [{"role": "system", "content": instruction}, *messages]
+            head, messages = [messages[0]], messages[1:]
+        if instruction:
+            text = f"{instruction}\n\n{head[0]['content']}" if head else instruction
+            head = [{"role": "system", "content": text}]
+        return [*head, *(dict(e) for e in examples), *messages]
 
     def prompt_text(self) -> str:
         """The last user turn: what a judge is shown as "the question"."""

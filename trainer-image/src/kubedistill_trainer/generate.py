@@ -233,6 +233,7 @@ async def generate_candidates(
     and starts no new one.
     """
     outcome = Outcome()
+    examples = gen.few_shot_turns()
     queue: Iterator[Work] = iter(todo)
     stop = stop or asyncio.Event()
     consecutive_failures = 0
@@ -257,7 +258,7 @@ async def generate_candidates(
             cost = None
             try:
                 completion = await client.complete(
-                    work.row.teacher_messages(gen.system_prompt),
+                    work.row.teacher_messages(gen.system_prompt, examples),
                     n=gen.n_samples,
                     temperature=gen.temperature,
                     max_tokens=gen.max_tokens,
@@ -332,8 +333,10 @@ def worst_case_cost(teacher: ResolvedTeacher, works: Sequence[Work], gen: Genera
     """The most one prompt can cost: the longest prompt, billed per request, and maxTokens per sample."""
     if not works:
         return 0.0
+    examples = gen.few_shot_turns()
     longest = max(
-        estimate_tokens(w.row.teacher_messages(gen.system_prompt), teacher.chars_per_token) for w in works
+        estimate_tokens(w.row.teacher_messages(gen.system_prompt, examples), teacher.chars_per_token)
+        for w in works
     )
     requests = 1 if teacher.supports_n else gen.n_samples
     return teacher.cost(longest * requests, gen.max_tokens * gen.n_samples)

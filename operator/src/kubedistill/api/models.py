@@ -119,6 +119,15 @@ class DatasetSpec(Model):
         return self
 
 
+class FewShotExample(Model):
+    user: Annotated[str, Field(max_length=32768)] = Field(
+        description="An example input, sent as a user turn."
+    )
+    assistant: Annotated[str, Field(max_length=32768)] = Field(
+        description="The answer wanted for it, sent as the assistant's turn."
+    )
+
+
 class GenerationSpec(Model):
     n_samples: int = Field(default=4, ge=1, le=32, description="Teacher candidates per prompt.")
     temperature: float = Field(default=0.8, gt=0.0, le=2.0, description="Sampling temperature (> 0).")
@@ -127,8 +136,21 @@ class GenerationSpec(Model):
     system_prompt: str | None = Field(
         default=None,
         max_length=65536,
-        description="Instruction sent to the teacher only (few-shot examples welcome); the student never sees it.",
+        description="Instruction sent to the teacher only; the student never sees it.",
     )
+    few_shot: list[FewShotExample] | None = Field(
+        default=None,
+        max_length=64,
+        description="Worked examples sent to the teacher only, as chat turns ahead of each prompt.",
+    )
+
+    def few_shot_turns(self) -> list[dict[str, str]]:
+        """The examples as alternating user/assistant messages."""
+        return [
+            {"role": role, "content": text}
+            for example in self.few_shot or ()
+            for role, text in (("user", example.user), ("assistant", example.assistant))
+        ]
 
 
 class LLMJudge(Model):
