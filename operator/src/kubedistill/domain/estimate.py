@@ -52,11 +52,23 @@ class _Counter:
             return len(self.tokenizer.encode(text))
         return int(self.tokenizer(text))
 
+    def chat(self, messages: Sequence[dict[str, str]]) -> int | None:
+        """Tokens of the request as the tokenizer's chat template renders it, when it has one: exact
+        for a teacher of the student's family, where the per-message overhead of the template (role
+        markers, separators) would otherwise be guessed."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            return None
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
     def describe(self) -> str:
         return "tokenizer" if self.tokenizer is not None else f"{self.chars_per_token} chars/token"
 
 
 def request_tokens(messages: Sequence[dict[str, str]], count: _Counter) -> int:
+    rendered = count.chat(messages)
+    if rendered is not None:
+        return rendered
     return sum(count(m["content"]) + MESSAGE_OVERHEAD for m in messages) + REQUEST_OVERHEAD
 
 
@@ -80,7 +92,9 @@ def estimate(
     count = _Counter(tokenizer, teacher.chars_per_token)
     prompts = len(rows)
     requests_per_prompt = 1 if teacher.supports_n else gen.n_samples
-    prompt_tokens = [request_tokens(r.teacher_messages(gen.system_prompt), count) for r in rows]
+    prompt_tokens = [
+        request_tokens(r.teacher_messages(gen.system_prompt, gen.few_shot_turns()), count) for r in rows
+    ]
     input_tokens = sum(prompt_tokens) * requests_per_prompt
     output_per_sample = (
         measured_output_tokens if measured_output_tokens is not None else float(gen.max_tokens)
