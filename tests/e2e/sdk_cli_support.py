@@ -1,5 +1,6 @@
-"""What the SDK and CLI end-to-end tests share: an operator process on the test control plane whose stage
-pods run the contract-honouring fake stage (`kubedistill.testing.fake_stage`) in the local kubelet."""
+"""What the end-to-end tests share: a small DistillationJob, and an operator process on the test control
+plane whose stage pods run the contract-honouring fake stage (`kubedistill.testing.fake_stage`) in the
+local kubelet."""
 
 from __future__ import annotations
 
@@ -21,6 +22,24 @@ ROWS = [
     {"id": "t2", "prompt": "The app crashes when I open settings.", "reference": "bug"},
     {"id": "t3", "prompt": "Where is my parcel?", "reference": "shipping"},
 ]
+
+
+def job_body(name: str, **spec: Any) -> dict[str, Any]:
+    """A DistillationJob small enough for fake stages; `spec` keys replace the defaults whole."""
+    return {
+        "apiVersion": "kubedistill.io/v1alpha1",
+        "kind": "DistillationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "teacher": {"model": "openai/gpt-4o-mini"},
+            "student": {"model": "qwen3-0.6b"},
+            "dataset": {"prompts": ["What is 2+2?", "Name a colour.", "Say hi."]},
+            "generation": {"nSamples": 2},
+            "curation": {"judge": {"majority": {}}, "topK": 1},
+            "training": {"steps": 2},
+            **spec,
+        },
+    }
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from sdk_cli_support import operator_process
+from sdk_cli_support import job_body, operator_process
 from typer.testing import CliRunner, Result
 
 from kubedistill.cli import app
@@ -42,23 +42,8 @@ def cluster_args(
 
 
 def job_doc(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubedistill.io/v1alpha1",
-        "kind": "DistillationJob",
-        "metadata": {"name": name},
-        "spec": {
-            "teacher": {
-                "model": "openai/gpt-4o-mini",
-                "apiKeySecretRef": {"name": "openai", "key": "api-key"},
-            },
-            "student": {"model": "qwen3-0.6b"},
-            "dataset": {"prompts": ["I was charged twice.", "The app crashes.", "Where is my parcel?"]},
-            "generation": {"nSamples": 2},
-            "curation": {"judge": {"majority": {}}, "topK": 1},
-            "training": {"steps": 2},
-            **spec,
-        },
-    }
+    teacher = {"model": "openai/gpt-4o-mini", "apiKeySecretRef": {"name": "openai", "key": "api-key"}}
+    return job_body(name, **{"teacher": teacher, **spec})
 
 
 def write(tmp_path: Path, *docs: dict[str, Any]) -> Path:

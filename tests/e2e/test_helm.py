@@ -26,6 +26,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from sdk_cli_support import job_body
 
 from conftest import wait_for
 from kubedistill.testing import argocd, helm
@@ -330,23 +331,8 @@ def test_rbac_allows_what_the_operator_does_and_nothing_more(
 
 
 def job(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubedistill.io/v1alpha1",
-        "kind": "DistillationJob",
-        "metadata": {"name": name},
-        "spec": {
-            "teacher": {
-                "model": "openai/gpt-4o-mini",
-                "apiKeySecretRef": {"name": "teacher", "key": "api-key"},
-            },
-            "student": {"model": "qwen3-0.6b"},
-            "dataset": {"prompts": ["What is 2+2?", "Name a colour.", "Say hi."]},
-            "generation": {"nSamples": 2},
-            "curation": {"judge": {"majority": {}}, "topK": 1},
-            "training": {"steps": 2},
-            "promotion": {"alias": "smart"},
-        },
-    }
+    teacher = {"model": "openai/gpt-4o-mini", "apiKeySecretRef": {"name": "teacher", "key": "api-key"}}
+    return job_body(name, teacher=teacher, promotion={"alias": "smart"})
 
 
 Sample = tuple[str, frozenset[tuple[str, str]]]

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from sdk_cli_support import job_body
 
 from kubedistill.testing.kubelet import LocalKubelet
 
@@ -118,23 +119,6 @@ def custom(k8s_api: client.ApiClient) -> client.CustomObjectsApi:
 @pytest.fixture
 def batch(k8s_api: client.ApiClient) -> client.BatchV1Api:
     return client.BatchV1Api(k8s_api)
-
-
-def job_body(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DistillationJob",
-        "metadata": {"name": name},
-        "spec": {
-            "teacher": {"model": "openai/gpt-4o-mini"},
-            "student": {"model": "qwen3-0.6b"},
-            "dataset": {"prompts": ["What is 2+2?", "Name a colour.", "Say hi."]},
-            "generation": {"nSamples": 2},
-            "curation": {"judge": {"majority": {}}, "topK": 1},
-            "training": {"steps": 2},
-            **spec,
-        },
-    }
 
 
 def create_job(custom: client.CustomObjectsApi, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
