@@ -10,8 +10,8 @@ venv:
 	@scripts/bootstrap.sh
 
 controlplane: venv
-	@$(PY) -m kubedistill.testing.cluster build
-	@$(PY) -m kubedistill.testing.helm build >/dev/null
+	@$(PY) -m kubedistill_testing.cluster build
+	@$(PY) -m kubedistill_testing.helm build >/dev/null
 
 demo: venv
 	$(VENV)/bin/kubedistill run examples/quickstart/job.yaml --local --workdir .work/quickstart

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from kubedistill.api.models import TrainingSpec
-from kubedistill.testing.tiny_model import tiny_llama
+from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer.train import Example, bond_step_loss, collate, encode_example
 
 WARMUP = 3

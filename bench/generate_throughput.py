@@ -51,7 +51,7 @@ REPEATS = 3
 def start_teacher(*args: str) -> tuple[subprocess.Popen[str], str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path[:2]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kubedistill.testing.fake_teacher", "--latency", str(LATENCY), *args],
+        [sys.executable, "-m", "kubedistill_testing.fake_teacher", "--latency", str(LATENCY), *args],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

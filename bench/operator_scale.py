@@ -262,8 +262,8 @@ def main() -> int:
     import yaml
     from kubernetes import client, config
 
-    from kubedistill.testing import cluster
-    from kubedistill.testing.kubelet import LocalKubelet
+    from kubedistill_testing import cluster
+    from kubedistill_testing.kubelet import LocalKubelet
 
     workdir = Path(tempfile.mkdtemp(prefix="kd-bench-"))
     stage_file = workdir / "instant_stage.py"

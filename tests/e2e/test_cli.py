@@ -17,7 +17,7 @@ from sdk_cli_support import job_body, operator_process
 from typer.testing import CliRunner, Result
 
 from kubedistill.cli import app
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing.kubelet import LocalKubelet
 
 pytestmark = pytest.mark.cluster
 

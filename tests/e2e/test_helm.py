@@ -29,9 +29,9 @@ from kubernetes.dynamic import DynamicClient
 from sdk_cli_support import job_body
 
 from conftest import wait_for
-from kubedistill.testing import argocd, helm
-from kubedistill.testing.helm import VALUE_SETS
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing import argocd, helm
+from kubedistill_testing.helm import VALUE_SETS
+from kubedistill_testing.kubelet import LocalKubelet
 
 pytestmark = pytest.mark.cluster
 
@@ -123,7 +123,7 @@ def extra_namespaces(k8s_api: client.ApiClient) -> Iterator[list[str]]:
 
 
 def kube_version() -> str:
-    from kubedistill.testing.cluster import pinned_version, tools_module_dir
+    from kubedistill_testing.cluster import pinned_version, tools_module_dir
 
     return pinned_version((tools_module_dir() / "go.mod").read_text()).lstrip("v")
 
@@ -377,7 +377,7 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
     """Cluster-wide, the operator may not read Secrets at all: its existence check of the teacher's
     Secret is refused (403) and must not stop the job; namespaced, it checks with its Role."""
     kubelet.images[OPERATOR_IMAGE] = [sys.executable, "-c", IN_POD]
-    kubelet.images[FAKE_STAGE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
+    kubelet.images[FAKE_STAGE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
     core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
     core.create_namespaced_secret(
         namespace, {"metadata": {"name": "teacher"}, "stringData": {"api-key": "sk-test"}}

@@ -23,7 +23,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from sdk_cli_support import job_body
 
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing.kubelet import LocalKubelet
 
 pytestmark = pytest.mark.cluster
 
@@ -36,7 +36,7 @@ WAIT_S = 60.0
 @pytest.fixture
 def fake_stage_image(kubelet: LocalKubelet) -> Iterator[str]:
     """Map a test image to the fake stage program in the shared local kubelet."""
-    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill.testing.fake_stage"]
+    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
     yield f"{FAKE_IMAGE}:1"
 
 

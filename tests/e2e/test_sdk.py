@@ -13,7 +13,7 @@ from sdk_cli_support import ROWS, operator_process, wait_until
 
 from kubedistill import Distiller
 from kubedistill.errors import Conflict, Invalid, NotFound
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing.kubelet import LocalKubelet
 
 pytestmark = pytest.mark.cluster
 

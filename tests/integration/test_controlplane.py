@@ -19,8 +19,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from conftest import install_crds, wait_for
-from kubedistill.testing import cluster
-from kubedistill.testing.kubelet import LocalKubelet
+from kubedistill_testing import cluster
+from kubedistill_testing.kubelet import LocalKubelet
 
 GROUP, VERSION, PLURAL = "test.kubedistill.io", "v1", "widgets"
 
@@ -459,7 +459,7 @@ def test_deployment_becomes_available(
 def test_up_on_busy_port_is_fast_and_down_leaves_no_process(tmp_path: Path, control_plane: Path) -> None:
     if os.environ.get("KUBEDISTILL_TEST_KUBECONFIG"):
         pytest.skip("uses the built control plane binaries")
-    command = [sys.executable, "-m", "kubedistill.testing.cluster"]
+    command = [sys.executable, "-m", "kubedistill_testing.cluster"]
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

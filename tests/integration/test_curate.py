@@ -14,7 +14,7 @@ import pytest
 from data_stage_helpers import KEY, invocation, priced_catalog, result, run_stage, spec, start_stage
 
 from kubedistill import store
-from kubedistill.testing.fake_teacher import FakeTeacher
+from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_trainer.judges import JudgeItem, judge_messages
 
 LABELS = ["billing", "bug", "account", "feature"]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from kubedistill import store
 from kubedistill.api.models import Stage
-from kubedistill.testing.tiny_model import tiny_llama
+from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer import export, runtime
 
 pytestmark = pytest.mark.slow

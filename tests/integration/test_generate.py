@@ -25,8 +25,8 @@ from data_stage_helpers import (
 )
 
 from kubedistill import store
-from kubedistill.testing.fake_teacher import FakeTeacher, count_tokens, prompt_tokens
-from kubedistill.testing.s3 import RcloneS3, free_port
+from kubedistill_testing.fake_teacher import FakeTeacher, count_tokens, prompt_tokens
+from kubedistill_testing.s3 import RcloneS3, free_port
 
 
 def cost(tokens_in: int, tokens_out: int) -> float:

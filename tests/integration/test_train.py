@@ -12,7 +12,7 @@ from model_stage_helpers import curated_rows, invocation, job_spec, run_stage, s
 
 from kubedistill import store
 from kubedistill.api.models import Stage
-from kubedistill.testing.tiny_model import tiny_llama
+from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer import runtime, train
 
 pytestmark = pytest.mark.slow

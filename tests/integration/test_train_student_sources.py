@@ -10,7 +10,7 @@ from model_stage_helpers import curated_rows, invocation, job_spec
 
 from kubedistill import store
 from kubedistill.api.models import Stage
-from kubedistill.testing.tiny_model import tiny_llama
+from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer import export, models, runtime, train
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubedistill.testing import argocd
+from kubedistill_testing import argocd
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH = ROOT / "deploy" / "argocd" / "health"

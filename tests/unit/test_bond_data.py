@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kubedistill.api.models import TrainingSpec
-from kubedistill.testing.tiny_model import tiny_llama
+from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer.bond import bond_loss
 from kubedistill_trainer.train import (
     Encoded,

@@ -16,9 +16,9 @@ import yaml
 
 from kubedistill.api.models import STAGES, ResourceRequirements, Stage
 from kubedistill.settings import from_mapping
-from kubedistill.testing import helm
-from kubedistill.testing.cluster import pinned_version, tools_module_dir
-from kubedistill.testing.helm import VALUE_SETS
+from kubedistill_testing import helm
+from kubedistill_testing.cluster import pinned_version, tools_module_dir
+from kubedistill_testing.helm import VALUE_SETS
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubedistill"

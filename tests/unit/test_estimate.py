@@ -13,7 +13,7 @@ from kubedistill.api.models import DistillationJobSpec, Stage
 from kubedistill.api.stage import JobRef, StageInvocation
 from kubedistill.catalog import load_catalog
 from kubedistill.domain.estimate import estimate
-from kubedistill.testing.fake_teacher import FakeTeacher
+from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_trainer import generate
 
 

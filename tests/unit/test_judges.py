@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kubedistill.api.models import DistillationJobSpec, JudgeSpec
-from kubedistill.testing.fake_teacher import FakeTeacher
+from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_trainer.curate import prompt_text
 from kubedistill_trainer.judges import (
     JudgeItem,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kubedistill.testing.kubelet import (
+from kubedistill_testing.kubelet import (
     ConfigError,
     ContainerState,
     container_env,

@@ -167,7 +167,7 @@ def test_child_events_wake_the_owner_only_on_meaningful_changes() -> None:
     from kubernetes.client import Configuration
 
     from kubedistill.catalog import load_catalog
-    from kubedistill.handlers.service import Reconciler
+    from kubedistill.handlers.reconciler import Reconciler
     from kubedistill.k8s.client import Kube
     from kubedistill.settings import Settings
 

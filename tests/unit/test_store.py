@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kubedistill import store
-from kubedistill.testing.s3 import RcloneS3, free_port
+from kubedistill_testing.s3 import RcloneS3, free_port
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from kubedistill.catalog import ResolvedTeacher
-from kubedistill.testing.fake_teacher import FakeTeacher, count_tokens, prompt_tokens
+from kubedistill_testing.fake_teacher import FakeTeacher, count_tokens, prompt_tokens
 from kubedistill_trainer import teacher as teacher_mod
 from kubedistill_trainer.teacher import (
     TeacherAuthFailed,
@@ -176,7 +176,7 @@ def test_wrong_key_fails_fast_without_leaking_it(server: FakeTeacher) -> None:
 
 
 def test_connection_refused_is_retried_then_unavailable(fast_sleep: list[float]) -> None:
-    from kubedistill.testing.s3 import free_port
+    from kubedistill_testing.s3 import free_port
 
     with pytest.raises(TeacherError, match="connection error"):
         ask({"teacher": resolved(f"http://127.0.0.1:{free_port()}/v1"), "max_retries": 2}, ["q"])
@@ -242,7 +242,7 @@ def test_fake_teacher_command_line(tmp_path: Path) -> None:
     log = tmp_path / "calls.jsonl"
     path = os.pathsep.join([str(REPO / "operator" / "src"), str(REPO / "trainer-image" / "src")])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kubedistill.testing.fake_teacher", "--answers", str(answers),
+        [sys.executable, "-m", "kubedistill_testing.fake_teacher", "--answers", str(answers),
          "--call-log", str(log), "--api-key-env", "FAKE_KEY", "--model", "m1"],
         env={**os.environ, "PYTHONPATH": path, "FAKE_KEY": KEY},
         stdout=subprocess.PIPE,
@@ -272,7 +272,7 @@ def test_responses_without_usage_are_counted_not_priced() -> None:
 
 
 def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch, fast_sleep: list[float]) -> None:
-    from kubedistill.testing.s3 import free_port
+    from kubedistill_testing.s3 import free_port
     from kubedistill_trainer.teacher import env_proxy
 
     dead_proxy = f"http://127.0.0.1:{free_port()}"

@@ -33,7 +33,7 @@ def run(
         # kopf logs every handler call of every Job event at INFO; our own transitions are logged by us.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Registering the handlers is importing them.
-    import kubedistill.handlers.operator  # noqa: F401
+    import kubedistill.handlers.registrations  # noqa: F401
 
     if metrics_port is not None:
         start_metrics_server(metrics_port)

@@ -1,4 +1,5 @@
-"""A tiny random-weight Llama with a real SentencePiece tokenizer, for tests and benchmarks (DESIGN §5).
+"""A tiny random-weight Llama with a real SentencePiece tokenizer: the student of `--preset smoke`, and of
+tests and benchmarks (DESIGN §5).
 
 Hidden 256 and FFN 1024 are multiples of 256 (the k-quant block), so llama.cpp quantises every
 matrix to q4_k_m without falling back to another type. The tokenizer is a SentencePiece BPE model
@@ -7,7 +8,7 @@ both as `tokenizer.model` (what llama.cpp's converter reads) and as the transfor
 
     build_tiny_llama(dest) -> dest          build into a directory
     tiny_llama() -> cached path             ~/.cache/kubedistill/tiny-llama-<recipe hash>/
-    python -m kubedistill.testing.tiny_model DEST
+    python -m kubedistill.local.tiny_model DEST
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def tiny_llama() -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m kubedistill.testing.tiny_model DEST", file=sys.stderr)
+        print("usage: python -m kubedistill.local.tiny_model DEST", file=sys.stderr)
         return 2
     print(build_tiny_llama(args[0]))
     return 0

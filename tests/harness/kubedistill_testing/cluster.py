@@ -6,9 +6,9 @@ directory named after the pinned version, so a new pin means a new build and not
 
 Command line::
 
-    python -m kubedistill.testing.cluster build            # build or find the binaries
-    python -m kubedistill.testing.cluster up --dir DIR     # start; prints the kubeconfig path
-    python -m kubedistill.testing.cluster down --dir DIR   # stop exactly what `up` started
+    python -m kubedistill_testing.cluster build            # build or find the binaries
+    python -m kubedistill_testing.cluster up --dir DIR     # start; prints the kubeconfig path
+    python -m kubedistill_testing.cluster down --dir DIR   # stop exactly what `up` started
 
 Every process `up` starts is recorded in ``DIR/processes.json`` with its /proc start time, so `down`
 never signals a recycled pid.
@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from kubedistill_testing.paths import repo_root
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
 GO_PACKAGES = (
@@ -81,8 +83,7 @@ def tools_module_dir() -> Path:
     override = os.environ.get("KUBEDISTILL_CONTROLPLANE_MODULE")
     if override:
         return Path(override)
-    # operator/src/kubedistill/testing/cluster.py -> repository root
-    return Path(__file__).resolve().parents[4] / "tests" / "controlplane"
+    return repo_root() / "tests" / "controlplane"
 
 
 def pinned_version(go_mod: str) -> str:
@@ -594,7 +595,7 @@ def down(directory: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kubedistill.testing.cluster", description=__doc__.split("\n")[0]
+        prog="python -m kubedistill_testing.cluster", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build (or find cached) etcd, kube-apiserver, kube-controller-manager")

@@ -1,6 +1,6 @@
 """Helm for the chart tests: built once per machine from its Go module at a pinned version.
 
-    python -m kubedistill.testing.helm build     # build or find helm; prints its path
+    python -m kubedistill_testing.helm build     # build or find helm; prints its path
 
 ``KUBEDISTILL_HELM`` names an existing helm binary instead (it must be the pinned major version).
 The build goes to ``$KUBEDISTILL_CACHE/helm-<version>/helm`` (default ``~/.cache/kubedistill``).
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kubedistill_testing.paths import repo_root
 
 HELM_MODULE = "helm.sh/helm/v3"
 HELM_VERSION = "v3.21.4"
@@ -174,8 +176,7 @@ def run(
 
 
 def chart_dir() -> Path:
-    # operator/src/kubedistill/testing/helm.py -> repository root
-    return Path(__file__).resolve().parents[4] / "charts" / "kubedistill"
+    return repo_root() / "charts" / "kubedistill"
 
 
 def template(
@@ -214,7 +215,7 @@ def template(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubedistill.testing.helm")
+    parser = argparse.ArgumentParser(prog="python -m kubedistill_testing.helm")
     parser.add_argument("command", choices=["build"])
     parser.parse_args(argv)
     try:

@@ -10,8 +10,12 @@ from typing import Any
 
 from lupa import lua51
 
-# operator/src/kubedistill/testing/argocd.py -> repository root
-HEALTH_DIR = Path(__file__).resolve().parents[4] / "deploy" / "argocd" / "health"
+from kubedistill_testing.paths import repo_root
+
+
+def health_dir() -> Path:
+    return repo_root() / "deploy" / "argocd" / "health"
+
 
 _SANDBOX = """
 return function(src, obj)
@@ -32,4 +36,4 @@ def run_health_script(script: str, obj: dict[str, Any]) -> tuple[str, str]:
 
 def health(obj: dict[str, Any]) -> tuple[str, str]:
     """The health Argo CD would show for a kubedistill object, by its kind's script."""
-    return run_health_script((HEALTH_DIR / f"{obj['kind']}.lua").read_text(), obj)
+    return run_health_script((health_dir() / f"{obj['kind']}.lua").read_text(), obj)

@@ -542,16 +542,16 @@ def apply_preset(spec: DistillationJobSpec, preset: str | None) -> DistillationJ
 def smoke_teacher(spec: DistillationJobSpec) -> Iterator[str]:
     """A loopback scripted teacher that answers each row with its reference (for --preset smoke)."""
     from kubedistill import dataset
-    from kubedistill.testing.fake_teacher import FakeTeacher
+    from kubedistill.local.scripted_teacher import ScriptedTeacher
 
     rows = dataset.load(spec.dataset).rows
     answers = {r.prompt_text(): r.reference or "other" for r in rows}
-    with FakeTeacher(answers=answers, models=(spec.teacher.model.removeprefix(LOCAL_PREFIX),)) as teacher:
+    with ScriptedTeacher(answers=answers, models=(spec.teacher.model.removeprefix(LOCAL_PREFIX),)) as teacher:
         yield str(teacher.base_url)
 
 
 def smoke_student() -> Path:
-    from kubedistill.testing.tiny_model import tiny_llama
+    from kubedistill.local.tiny_model import tiny_llama
 
     return tiny_llama()
 

@@ -18,7 +18,7 @@ from kubedistill.api.models import GROUP, VERSION
 from kubedistill.catalog import load_catalog
 from kubedistill.domain.naming import LABEL_MANAGED_BY, MANAGED_BY
 from kubedistill.handlers.alias import reconcile_alias
-from kubedistill.handlers.service import Reconciler
+from kubedistill.handlers.reconciler import Reconciler
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
 from kubedistill.metrics import default_metrics

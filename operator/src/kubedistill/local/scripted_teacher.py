@@ -1,13 +1,13 @@
-"""A loopback OpenAI-compatible teacher/judge server for tests, benchmarks and the operator's e2e runs.
+"""A loopback OpenAI-compatible server with scripted answers: the teacher of `--preset smoke`.
 
-It stands in for a paid provider only in tests: `/v1/chat/completions` (with `n`) and `/v1/models`
-over a small asyncio HTTP/1.1 server (keep-alive) in a background thread.
+`/v1/chat/completions` (with `n`) and `/v1/models` over a small asyncio HTTP/1.1 server (keep-alive)
+in a background thread. It never stands in for a paid provider in a real job: local mode starts it
+only for the smoke preset, whose point is to exercise every stage in a couple of minutes without a
+model to call. The test harness extends it with failure injection (`kubedistill_testing.fake_teacher`).
 
-    with FakeTeacher(answers={"2+2?": "4"}, latency=0.05, fail_rate=0.2) as teacher:
-        client = ... teacher.base_url ...          # http://127.0.0.1:PORT/v1
-        teacher.calls                              # the call log: one Call per HTTP request
-
-    python -m kubedistill.testing.fake_teacher --port 8099 --latency 0.05 --call-log calls.jsonl
+    with ScriptedTeacher(answers={"2+2?": "4"}) as teacher:
+        teacher.base_url                           # http://127.0.0.1:PORT/v1
+        teacher.calls                              # one Call per HTTP request
 
 Answers: a dict prompt -> answer (or a list, cycled by sample number), or a function
 `(prompt, sample, request) -> str` where `prompt` is the last user message, `sample` counts the
@@ -18,36 +18,25 @@ Usage numbers are exact and reproducible: `count_tokens` splits text into runs o
 word characters and single punctuation marks (close to a BPE tokenizer on English, ~4 chars per
 token); prompt_tokens = Σ(count_tokens(content) + 4) over messages + 2. `report_usage=False` leaves
 the usage block out, as some self-hosted servers do.
-
-Failures: with probability `fail_rate` a request fails with one of `failures` — "429" (at once,
-like a rate limiter at the edge, with Retry-After and retry-after-ms headers of `retry_after`
-seconds), "500" (after the latency), "timeout" (the server holds
-the request `hang_seconds` then answers 504, so the client's timeout fires first) or "disconnect"
-(the connection is closed with no answer). Failed requests are logged with their status.
-Prompts in `fail_prompts` always get the 429. When `api_key` is set, a request without
-`Authorization: Bearer <api_key>` gets 401.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
-import random
 import re
-import signal
-import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 AnswerFn = Callable[[str, int, dict[str, Any]], str]
 Answers = Mapping[str, str | Sequence[str]] | AnswerFn
+# (status or None to drop the connection, JSON payload, extra headers)
+Response = tuple[int | None, Any, dict[str, str]]
 
 _TOKEN = re.compile(r"\w{1,4}|[^\w\s]")
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests"}
@@ -75,6 +64,7 @@ def last_user_message(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 @dataclass
+@dataclass
 class Call:
     """One HTTP request to /chat/completions, as the server saw it."""
 
@@ -89,42 +79,25 @@ class Call:
     at: float = 0.0
 
 
-class FakeTeacher:
+
+class ScriptedTeacher:
     def __init__(
         self,
         answers: Answers | None = None,
         *,
         latency: float = 0.0,
-        fail_rate: float = 0.0,
-        failures: Sequence[str] = ("429", "500", "timeout"),
-        retry_after: float = 0.1,
-        hang_seconds: float = 30.0,
-        supports_n: bool = True,
-        api_key: str | None = None,
-        models: Sequence[str] = ("fake-teacher",),
-        seed: int = 0,
+        models: Sequence[str] = ("scripted-teacher",),
         host: str = "127.0.0.1",
         port: int = 0,
-        call_log: str | None = None,
-        fail_prompts: Collection[str] = (),
         report_usage: bool = True,
     ) -> None:
         self.answers = answers
         self.latency = latency
-        self.fail_rate = fail_rate
-        self.failures = tuple(failures)
-        self.retry_after = retry_after
-        self.hang_seconds = hang_seconds
-        self.supports_n = supports_n
-        self.api_key = api_key
         self.models = tuple(models)
         self.host = host
         self.port = port
-        self.call_log_path = call_log
-        self.fail_prompts = set(fail_prompts)
         self.report_usage = report_usage
         self.calls: list[Call] = []
-        self._random = random.Random(seed)
         self._samples: defaultdict[str, int] = defaultdict(int)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -136,8 +109,6 @@ class FakeTeacher:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
-
-    # ------------------------------------------------------------------------------- call log
 
     def ok_calls(self) -> list[Call]:
         return [c for c in self.calls if c.status == 200]
@@ -151,11 +122,6 @@ class FakeTeacher:
 
     def _record(self, call: Call) -> None:
         self.calls.append(call)
-        if self.call_log_path:
-            with open(self.call_log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(asdict(call)) + "\n")
-
-    # -------------------------------------------------------------------------------- answers
 
     def answer(self, prompt: str, sample: int, request: dict[str, Any]) -> str:
         if callable(self.answers):
@@ -165,9 +131,14 @@ class FakeTeacher:
             return scripted if isinstance(scripted, str) else scripted[sample % len(scripted)]
         return f"Answer {sample} to: {prompt[:60]}"
 
-    # ------------------------------------------------------------------------------- handlers
+    async def _before_answer(self, call: Call, headers: Mapping[str, str], request: dict[str, Any]) -> Response | None:
+        """Model time before the answer. A subclass may answer instead (an error): it records the call
+        itself, since a hanging answer must be in the log while it hangs, and returns the response."""
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        return None
 
-    async def _chat(self, headers: Mapping[str, str], body: bytes) -> tuple[int | None, Any, dict[str, str]]:
+    async def _chat(self, headers: Mapping[str, str], body: bytes) -> Response:
         try:
             request = json.loads(body)
             messages = request["messages"]
@@ -177,52 +148,9 @@ class FakeTeacher:
         n = int(request.get("n") or 1)
         model = str(request.get("model", ""))
         call = Call(prompt=prompt, n=n, status=0, model=model, kind="ok", messages=messages, at=time.time())
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            sent = headers.get("authorization", "").removeprefix("Bearer ")
-            call.status, call.kind = 401, "unauthorized"
-            self._record(call)
-            # Like real providers: the error echoes a masked form of the key that was sent.
-            masked = f"{sent[:3]}****{sent[-4:]}" if len(sent) > 8 else "****"
-            return (
-                401,
-                {"error": {"message": f"Incorrect API key provided: {masked}", "code": "invalid_api_key"}},
-                {},
-            )
-        if n > 1 and not self.supports_n:
-            call.status, call.kind = 400, "bad_request"
-            self._record(call)
-            return 400, {"error": {"message": "n > 1 is not supported", "type": "invalid_request_error"}}, {}
-        kind = (
-            self._random.choice(self.failures)
-            if self.fail_rate and self._random.random() < self.fail_rate
-            else ""
-        )
-        if prompt in self.fail_prompts:
-            kind = "429"
-        if kind == "429":
-            # Rate limiters answer at the edge, before any model time.
-            call.status, call.kind = 429, "429"
-            self._record(call)
-            retry = {
-                "retry-after": str(max(1, round(self.retry_after))),
-                "retry-after-ms": str(int(self.retry_after * 1000)),
-            }
-            return 429, {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}, retry
-        if self.latency:
-            await asyncio.sleep(self.latency)
-        if kind == "timeout":
-            call.status, call.kind = 504, kind
-            self._record(call)
-            await asyncio.sleep(self.hang_seconds)
-            return 504, {"error": {"message": "upstream timeout"}}, {}
-        if kind == "disconnect":
-            call.status, call.kind = 0, kind
-            self._record(call)
-            return None, None, {}
-        if kind:
-            call.status, call.kind = 500, kind
-            self._record(call)
-            return 500, {"error": {"message": "internal error", "type": "server_error"}}, {}
+        refused = await self._before_answer(call, headers, request)
+        if refused is not None:
+            return refused
         max_tokens = int(request.get("max_tokens") or request.get("max_completion_tokens") or 1 << 30)
         choices = []
         for i in range(n):
@@ -258,12 +186,12 @@ class FakeTeacher:
 
     async def _route(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes
-    ) -> tuple[int | None, Any, dict[str, str]]:
+    ) -> Response:
         path = path.split("?", 1)[0].rstrip("/")
         if method == "POST" and path == "/v1/chat/completions":
             return await self._chat(headers, body)
         if method == "GET" and path == "/v1/models":
-            data = [{"id": m, "object": "model", "owned_by": "kubedistill-fake"} for m in self.models]
+            data = [{"id": m, "object": "model", "owned_by": "kubedistill-scripted"} for m in self.models]
             return 200, {"object": "list", "data": data}, {}
         return 404, {"error": {"message": f"no route {method} {path}"}}, {}
 
@@ -333,14 +261,13 @@ class FakeTeacher:
         loop.run_until_complete(asyncio.sleep(0))
         loop.close()
 
-    def start(self) -> FakeTeacher:
-        self._thread = threading.Thread(target=self._run_loop, name="fake-teacher", daemon=True)
+    def start(self) -> Self:
+        self._thread = threading.Thread(target=self._run_loop, name="scripted-teacher", daemon=True)
         self._thread.start()
         self._ready.wait(timeout=30)
         if self._start_error is not None:
-            raise RuntimeError(f"fake teacher could not start: {self._start_error}")
+            raise RuntimeError(f"scripted teacher could not start: {self._start_error}")
         return self
-
     def stop(self) -> None:
         loop, server = self._loop, self._server
         if loop is None or server is None or self._thread is None:
@@ -354,7 +281,7 @@ class FakeTeacher:
         self._thread.join(timeout=10)
         self._loop = self._server = self._thread = None
 
-    def __enter__(self) -> FakeTeacher:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -363,66 +290,3 @@ class FakeTeacher:
         self.stop()
 
 
-def _load_answers(path: str) -> dict[str, str | list[str]]:
-    """A .jsonl file of rows {prompt, answer | answers}, or a JSON object prompt -> answer(s)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not path.endswith(".jsonl"):
-        doc = json.loads(text)
-        if not isinstance(doc, dict):
-            raise SystemExit(f"{path}: expected a JSON object prompt -> answer(s)")
-        return doc
-    answers: dict[str, str | list[str]] = {}
-    for line in text.splitlines():
-        if line.strip():
-            row = json.loads(line)
-            answers[row["prompt"]] = row.get("answers") or row["answer"]
-    return answers
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Loopback OpenAI-compatible teacher for tests.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
-    parser.add_argument("--fail-rate", type=float, default=0.0)
-    parser.add_argument("--failures", default="429,500,timeout", help="comma-separated failure kinds")
-    parser.add_argument("--retry-after", type=float, default=0.1, help="seconds, sent with 429s")
-    parser.add_argument("--hang-seconds", type=float, default=30.0)
-    parser.add_argument("--no-n", action="store_true", help="reject n > 1 like some providers")
-    parser.add_argument(
-        "--api-key-env", help="require the key held in this env var (never on the command line)"
-    )
-    parser.add_argument(
-        "--answers", help="JSON {prompt: answer|[answers]}, or .jsonl rows {prompt, answer|answers}"
-    )
-    parser.add_argument("--model", action="append", help="model ids listed by /v1/models")
-    parser.add_argument("--call-log", help="append every call as a JSON line to this file")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    teacher = FakeTeacher(
-        _load_answers(args.answers) if args.answers else None,
-        latency=args.latency,
-        fail_rate=args.fail_rate,
-        failures=[f for f in args.failures.split(",") if f],
-        retry_after=args.retry_after,
-        hang_seconds=args.hang_seconds,
-        supports_n=not args.no_n,
-        api_key=os.environ[args.api_key_env] if args.api_key_env else None,
-        models=args.model or ["fake-teacher"],
-        seed=args.seed,
-        host=args.host,
-        port=args.port,
-        call_log=args.call_log,
-    ).start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(json.dumps({"baseURL": teacher.base_url, "port": teacher.port}), flush=True)
-    stop.wait()
-    teacher.stop()
-    sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()

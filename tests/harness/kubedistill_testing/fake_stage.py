@@ -1,6 +1,6 @@
 """A stage program that honours the stage contract without any ML: for operator tests and benchmarks.
 
-    python -m kubedistill.testing.fake_stage STAGE
+    python -m kubedistill_testing.fake_stage STAGE
 
 It reads the invocation like the real stages (KUBEDISTILL_JOB / KUBEDISTILL_JOB_FILE), writes
 progress.json while it "works", then result.json and the termination message, and exits 0 or 1.

@@ -1,0 +1,198 @@
+"""The scripted teacher with the faults of a paid provider, for tests, benchmarks and e2e runs.
+
+    with FakeTeacher(answers={"2+2?": "4"}, latency=0.05, fail_rate=0.2) as teacher:
+        client = ... teacher.base_url ...          # http://127.0.0.1:PORT/v1
+        teacher.calls                              # the call log: one Call per HTTP request
+
+    python -m kubedistill_testing.fake_teacher --port 8099 --latency 0.05 --call-log calls.jsonl
+
+Answers and usage are those of :class:`kubedistill.local.scripted_teacher.ScriptedTeacher`.
+
+Failures: with probability `fail_rate` a request fails with one of `failures` — "429" (at once,
+like a rate limiter at the edge, with Retry-After and retry-after-ms headers of `retry_after`
+seconds), "500" (after the latency), "timeout" (the server holds
+the request `hang_seconds` then answers 504, so the client's timeout fires first) or "disconnect"
+(the connection is closed with no answer). Failed requests are logged with their status.
+Prompts in `fail_prompts` always get the 429. When `api_key` is set, a request without
+`Authorization: Bearer <api_key>` gets 401.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import threading
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from kubedistill.local.scripted_teacher import (
+    Answers,
+    Call,
+    Response,
+    ScriptedTeacher,
+    count_tokens,
+    last_user_message,
+    prompt_tokens,
+    truncate_tokens,
+)
+
+__all__ = ["Call", "FakeTeacher", "count_tokens", "last_user_message", "prompt_tokens", "truncate_tokens"]
+
+
+class FakeTeacher(ScriptedTeacher):
+    def __init__(
+        self,
+        answers: Answers | None = None,
+        *,
+        latency: float = 0.0,
+        fail_rate: float = 0.0,
+        failures: Sequence[str] = ("429", "500", "timeout"),
+        retry_after: float = 0.1,
+        hang_seconds: float = 30.0,
+        supports_n: bool = True,
+        api_key: str | None = None,
+        models: Sequence[str] = ("fake-teacher",),
+        seed: int = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        call_log: str | None = None,
+        fail_prompts: Collection[str] = (),
+        report_usage: bool = True,
+    ) -> None:
+        super().__init__(
+            answers, latency=latency, models=models, host=host, port=port, report_usage=report_usage
+        )
+        self.fail_rate = fail_rate
+        self.failures = tuple(failures)
+        self.retry_after = retry_after
+        self.hang_seconds = hang_seconds
+        self.supports_n = supports_n
+        self.api_key = api_key
+        self.call_log_path = call_log
+        self.fail_prompts = set(fail_prompts)
+        self._random = random.Random(seed)
+
+    def _record(self, call: Call) -> None:
+        super()._record(call)
+        if self.call_log_path:
+            with open(self.call_log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(call)) + "\n")
+
+    async def _before_answer(self, call: Call, headers: Mapping[str, str], request: dict[str, Any]) -> Response | None:
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            sent = headers.get("authorization", "").removeprefix("Bearer ")
+            call.status, call.kind = 401, "unauthorized"
+            self._record(call)
+            # Like real providers: the error echoes a masked form of the key that was sent.
+            masked = f"{sent[:3]}****{sent[-4:]}" if len(sent) > 8 else "****"
+            return (
+                401,
+                {"error": {"message": f"Incorrect API key provided: {masked}", "code": "invalid_api_key"}},
+                {},
+            )
+        if call.n > 1 and not self.supports_n:
+            call.status, call.kind = 400, "bad_request"
+            self._record(call)
+            return 400, {"error": {"message": "n > 1 is not supported", "type": "invalid_request_error"}}, {}
+        kind = (
+            self._random.choice(self.failures)
+            if self.fail_rate and self._random.random() < self.fail_rate
+            else ""
+        )
+        if call.prompt in self.fail_prompts:
+            kind = "429"
+        if kind == "429":
+            # Rate limiters answer at the edge, before any model time.
+            call.status, call.kind = 429, "429"
+            self._record(call)
+            retry = {
+                "retry-after": str(max(1, round(self.retry_after))),
+                "retry-after-ms": str(int(self.retry_after * 1000)),
+            }
+            return 429, {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}, retry
+        await super()._before_answer(call, headers, request)
+        if kind == "timeout":
+            call.status, call.kind = 504, kind
+            self._record(call)
+            await asyncio.sleep(self.hang_seconds)
+            return 504, {"error": {"message": "upstream timeout"}}, {}
+        if kind == "disconnect":
+            call.status, call.kind = 0, kind
+            self._record(call)
+            return None, None, {}
+        if kind:
+            call.status, call.kind = 500, kind
+            self._record(call)
+            return 500, {"error": {"message": "internal error", "type": "server_error"}}, {}
+        return None
+
+
+def _load_answers(path: str) -> dict[str, str | list[str]]:
+    """A .jsonl file of rows {prompt, answer | answers}, or a JSON object prompt -> answer(s)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not path.endswith(".jsonl"):
+        doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise SystemExit(f"{path}: expected a JSON object prompt -> answer(s)")
+        return doc
+    answers: dict[str, str | list[str]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            answers[row["prompt"]] = row.get("answers") or row["answer"]
+    return answers
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Loopback OpenAI-compatible teacher for tests.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--fail-rate", type=float, default=0.0)
+    parser.add_argument("--failures", default="429,500,timeout", help="comma-separated failure kinds")
+    parser.add_argument("--retry-after", type=float, default=0.1, help="seconds, sent with 429s")
+    parser.add_argument("--hang-seconds", type=float, default=30.0)
+    parser.add_argument("--no-n", action="store_true", help="reject n > 1 like some providers")
+    parser.add_argument(
+        "--api-key-env", help="require the key held in this env var (never on the command line)"
+    )
+    parser.add_argument(
+        "--answers", help="JSON {prompt: answer|[answers]}, or .jsonl rows {prompt, answer|answers}"
+    )
+    parser.add_argument("--model", action="append", help="model ids listed by /v1/models")
+    parser.add_argument("--call-log", help="append every call as a JSON line to this file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    teacher = FakeTeacher(
+        _load_answers(args.answers) if args.answers else None,
+        latency=args.latency,
+        fail_rate=args.fail_rate,
+        failures=[f for f in args.failures.split(",") if f],
+        retry_after=args.retry_after,
+        hang_seconds=args.hang_seconds,
+        supports_n=not args.no_n,
+        api_key=os.environ[args.api_key_env] if args.api_key_env else None,
+        models=args.model or ["fake-teacher"],
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+        call_log=args.call_log,
+    ).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(json.dumps({"baseURL": teacher.base_url, "port": teacher.port}), flush=True)
+    stop.wait()
+    teacher.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
