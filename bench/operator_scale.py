@@ -130,15 +130,6 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -
     raise RuntimeError("operator not healthy in time")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def measure(api: Any, kubeconfig: Path, workdir: Path, n: int, timeout: float) -> dict[str, Any]:
     from kubernetes import client, watch
 
@@ -151,6 +142,8 @@ def measure(api: Any, kubeconfig: Path, workdir: Path, n: int, timeout: float) -
             break
         except client.exceptions.ApiException:
             time.sleep(0.1)
+
+    from kubedistill_testing.cluster import free_port
 
     port = free_port()
     count_file = workdir / f"requests-{n}.txt"

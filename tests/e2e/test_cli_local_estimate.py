@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from kubedistill import local
+from kubedistill.api import jobfile
 from kubedistill.api.models import Stage
+from kubedistill.local import models as local_models
+from kubedistill.local import plan, processes, runner
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +24,7 @@ JOB = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "job.yam
     importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python (gguf extra)"
 )
 def test_estimate_is_within_15_percent_of_the_teachers_usage(tmp_path: Path) -> None:
-    run = local.LocalRun(job_file=JOB, workdir=tmp_path, environ={})
+    run = runner.LocalRun(job_file=JOB, workdir=tmp_path, environ={})
     spec = run.spec.model_copy(
         update={
             "dataset": run.spec.dataset.model_copy(update={"num_prompts": 30}),
@@ -31,15 +33,15 @@ def test_estimate_is_within_15_percent_of_the_teachers_usage(tmp_path: Path) -> 
     )
     run.spec = spec
     try:
-        gguf = local.local_gguf("smollm2-135m-instruct")
-    except local.JobInvalid as err:
+        gguf = local_models.local_gguf("smollm2-135m-instruct")
+    except jobfile.JobInvalid as err:
         pytest.skip(str(err))
     student = run.student_dir()
     with run.teacher() as url:
-        effective = local.effective_spec(spec, url, student)
+        effective = plan.effective_spec(spec, url, student)
         estimate = run.estimate_once(effective, student)
-        result = local.run_stage_process(
-            local.invocation(run.name, run.uid, effective, Stage.GENERATE, run.base),
+        result = processes.run_stage_process(
+            plan.invocation(run.name, run.uid, effective, Stage.GENERATE, run.base),
             run.local_dir,
             dict(os.environ),
             lambda *_: None,

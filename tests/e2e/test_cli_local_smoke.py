@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kubedistill.api.models import STAGES
-from kubedistill.local import run_dir, stable_uid
+from kubedistill.local.plan import run_dir, stable_uid
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import operator
 import os
 import re
-import socket
 import sys
 import urllib.request
 import uuid
@@ -30,6 +29,7 @@ from sdk_cli_support import job_body
 
 from conftest import wait_for
 from kubedistill_testing import argocd, helm
+from kubedistill_testing.cluster import free_port
 from kubedistill_testing.helm import VALUE_SETS
 from kubedistill_testing.kubelet import LocalKubelet
 
@@ -73,13 +73,6 @@ print("operator identity:", review["status"]["userInfo"]["username"], flush=True
 from kubedistill.handlers.main import main
 main(sys.argv[1:])
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def unique(prefix: str) -> str:

@@ -10,11 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kubedistill import cli_cluster
+from kubedistill.api.jobfile import parse_job as parse
 from kubedistill.api.models import STAGES, Stage
-from kubedistill.cli import app
-from kubedistill.local import needs_teacher
-from kubedistill.local import parse_job as parse
+from kubedistill.cli import app, render
+from kubedistill.local.plan import needs_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart" / "job.yaml"
@@ -115,7 +114,7 @@ def test_get_rows_follow_the_printer_columns() -> None:
             "conditions": [{"type": "Ready", "status": "False", "message": "stage train running"}],
         },
     }
-    header, rows = cli_cluster.job_rows([obj], wide=True)
+    header, rows = render.job_rows([obj], wide=True)
     assert header == ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "COST", "EVAL", "AGE", "MESSAGE"]
     assert rows[0][:7] == ["triage", "Training", "62%", "openai/gpt-4o", "qwen3-0.6b", "1.2346", ""]
     assert rows[0][8] == "stage train running"
@@ -123,10 +122,10 @@ def test_get_rows_follow_the_printer_columns() -> None:
 
 def test_age_like_kubectl() -> None:
     now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    assert cli_cluster.age("2026-01-02T03:04:00Z", now) == "5s"
-    assert cli_cluster.age("2026-01-02T02:50:05Z", now) == "14m"
-    assert cli_cluster.age("2026-01-01T01:04:05Z", now) == "1d"
-    assert cli_cluster.age(None, now) == "<unknown>"
+    assert render.age("2026-01-02T03:04:00Z", now) == "5s"
+    assert render.age("2026-01-02T02:50:05Z", now) == "14m"
+    assert render.age("2026-01-01T01:04:05Z", now) == "1d"
+    assert render.age(None, now) == "<unknown>"
 
 
 @pytest.mark.parametrize(
@@ -141,7 +140,7 @@ def test_age_like_kubectl() -> None:
 def test_stage_bars_come_from_the_whole_pipeline_percent(
     stage: Stage, percent: float, fraction: float
 ) -> None:
-    assert cli_cluster.stage_fraction(stage, percent) == pytest.approx(fraction)
+    assert render.stage_fraction(stage, percent) == pytest.approx(fraction)
 
 
 def test_only_stages_that_call_the_teacher_start_a_local_teacher() -> None:

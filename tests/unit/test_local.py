@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
-from kubedistill import local
+from kubedistill.api import jobfile
 from kubedistill.api.models import STAGES, Artifacts, Metrics, Stage
 from kubedistill.api.stage import StageProgress, StageResult
+from kubedistill.cli import local as cli_local
+from kubedistill.local import plan, presets, processes, runner
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart"
@@ -66,53 +68,53 @@ def changed(**spec: Any) -> dict[str, Any]:
     ],
 )
 def test_invalid_jobs_name_the_field(tmp_path: Path, doc: dict[str, Any], expected: str) -> None:
-    with pytest.raises(local.JobInvalid) as caught:
-        local.load_job(write_job(tmp_path, doc))
+    with pytest.raises(jobfile.JobInvalid) as caught:
+        jobfile.load_job(write_job(tmp_path, doc))
     assert any(line.startswith(expected) or expected in line for line in caught.value.lines), (
         caught.value.lines
     )
 
 
 def test_yaml_errors_and_wrong_documents_are_reported_with_where(tmp_path: Path) -> None:
-    with pytest.raises(local.JobInvalid, match=r"line 4, column 1: expected the node content"):
-        local.load_job(write_job(tmp_path, "kind: DistillationJob\nspec:\n  teacher: [\n"))
-    with pytest.raises(local.JobInvalid, match="expected one DistillationJob, found \\['ModelAlias'\\]"):
-        local.load_job(write_job(tmp_path, "kind: ModelAlias\n"))
-    with pytest.raises(local.JobInvalid, match="No such file"):
-        local.load_job(tmp_path / "missing.yaml")
+    with pytest.raises(jobfile.JobInvalid, match=r"line 4, column 1: expected the node content"):
+        jobfile.load_job(write_job(tmp_path, "kind: DistillationJob\nspec:\n  teacher: [\n"))
+    with pytest.raises(jobfile.JobInvalid, match="expected one DistillationJob, found \\['ModelAlias'\\]"):
+        jobfile.load_job(write_job(tmp_path, "kind: ModelAlias\n"))
+    with pytest.raises(jobfile.JobInvalid, match="No such file"):
+        jobfile.load_job(tmp_path / "missing.yaml")
 
 
 def test_uid_is_stable_per_name_and_preset() -> None:
-    assert local.stable_uid("a") == local.stable_uid("a")
-    assert len({local.stable_uid("a"), local.stable_uid("b"), local.stable_uid("a", "smoke")}) == 3
+    assert plan.stable_uid("a") == plan.stable_uid("a")
+    assert len({plan.stable_uid("a"), plan.stable_uid("b"), plan.stable_uid("a", "smoke")}) == 3
 
 
 def test_relative_file_uris_are_relative_to_the_job_file(tmp_path: Path) -> None:
     assert (
-        local.resolve_dataset_uri("file://data/rows.jsonl", tmp_path)
+        jobfile.resolve_dataset_uri("file://data/rows.jsonl", tmp_path)
         == (tmp_path / "data/rows.jsonl").as_uri()
     )
     for kept in ("file:///abs/rows.jsonl", "s3://b/rows.jsonl", None):
-        assert local.resolve_dataset_uri(kept, tmp_path) == kept
+        assert jobfile.resolve_dataset_uri(kept, tmp_path) == kept
 
 
 def test_secrets_come_from_env_named_like_the_key_and_are_never_in_messages(tmp_path: Path) -> None:
-    spec = local.load_job(write_job(tmp_path)).spec
-    assert local.secret_env_names("openai-api-key") == ["openai-api-key", "OPENAI_API_KEY"]
-    assert local.secret_env(spec, {"OPENAI_API_KEY": "sk-abc123"}) == {
+    spec = jobfile.load_job(write_job(tmp_path)).spec
+    assert plan.secret_env_names("openai-api-key") == ["openai-api-key", "OPENAI_API_KEY"]
+    assert plan.secret_env(spec, {"OPENAI_API_KEY": "sk-abc123"}) == {
         "KUBEDISTILL_TEACHER_API_KEY": "sk-abc123"
     }
-    assert local.secret_env(spec, {"KUBEDISTILL_TEACHER_API_KEY": "sk-x"}) == {
+    assert plan.secret_env(spec, {"KUBEDISTILL_TEACHER_API_KEY": "sk-x"}) == {
         "KUBEDISTILL_TEACHER_API_KEY": "sk-x"
     }
-    with pytest.raises(local.JobInvalid) as caught:
-        local.secret_env(spec, {"UNRELATED": "sk-secret-value"})
+    with pytest.raises(jobfile.JobInvalid) as caught:
+        plan.secret_env(spec, {"UNRELATED": "sk-secret-value"})
     (line,) = caught.value.lines
     assert "OPENAI_API_KEY or KUBEDISTILL_TEACHER_API_KEY" in line and "sk-secret-value" not in line
 
 
 def test_quickstart_job_is_valid_and_its_dataset_is_what_the_script_writes() -> None:
-    job = local.load_job(QUICKSTART / "job.yaml")
+    job = jobfile.load_job(QUICKSTART / "job.yaml")
     assert job.spec.teacher.model == "local/smollm2-135m-instruct"
     assert job.spec.curation.judge.kind == "majority"
     assert job.spec.evaluation.judge is not None and job.spec.evaluation.judge.kind == "reference"
@@ -128,13 +130,13 @@ def test_quickstart_job_is_valid_and_its_dataset_is_what_the_script_writes() -> 
 
 
 def test_smoke_preset_is_a_valid_smaller_job() -> None:
-    spec = local.load_job(QUICKSTART / "job.yaml").spec
-    smoke = local.apply_preset(spec, "smoke")
+    spec = jobfile.load_job(QUICKSTART / "job.yaml").spec
+    smoke = presets.apply_preset(spec, "smoke")
     assert smoke.training.steps < spec.training.steps and smoke.dataset.num_prompts == 60
     assert smoke.curation.top_k <= smoke.generation.n_samples
     assert smoke.generation.system_prompt == spec.generation.system_prompt
-    with pytest.raises(local.JobInvalid, match="unknown preset"):
-        local.apply_preset(spec, "huge")
+    with pytest.raises(jobfile.JobInvalid, match="unknown preset"):
+        presets.apply_preset(spec, "huge")
 
 
 def result(stage: Stage, **kwargs: Any) -> StageResult:
@@ -142,9 +144,9 @@ def result(stage: Stage, **kwargs: Any) -> StageResult:
 
 
 def test_figures_of_the_summary() -> None:
-    state = local.RunState(
+    state = runner.RunState(
         outcomes={
-            Stage.GENERATE: local.StageOutcome(
+            Stage.GENERATE: runner.StageOutcome(
                 Stage.GENERATE,
                 result(
                     Stage.GENERATE,
@@ -158,7 +160,7 @@ def test_figures_of_the_summary() -> None:
                 ),
                 seconds=61.0,
             ),
-            Stage.EVALUATE: local.StageOutcome(
+            Stage.EVALUATE: runner.StageOutcome(
                 Stage.EVALUATE,
                 result(
                     Stage.EVALUATE,
@@ -178,20 +180,23 @@ def test_figures_of_the_summary() -> None:
         },
         baseline={"baselineScore": 0.0, "studentPromptTokensPerCall": 40.0},
     )
-    f = local.compute_figures(state, {"costUSD": 0.0, "inputTokens": 250000}, 123.4)
+    f = runner.compute_figures(state, {"costUSD": 0.0, "inputTokens": 250000}, 123.4)
     assert (f["teacherScore"], f["studentBefore"], f["studentAfter"], f["retention"]) == (0.5, 0.0, 0.4, 0.8)
     assert f["teacherPromptTokensPerCall"] == 800.0 and f["teacherAnswerTokensPerCall"] == 3.0
     assert f["studentPromptTokensPerCall"] == 40.0 and f["heldOutRows"] == 40
     assert f["estimatedInputTokens"] == 250000 and f["teacherInputTokens"] == 240000
     assert f["stageSeconds"] == {"generate": 61.0, "evaluate": 0.0} and f["wallTimeSec"] == 123.4
-    rows = dict(local.summary_rows(f))
+    rows = dict(cli_local.summary_rows(f))
     assert rows["student after training"] == "40.0%" and rows["student before training"] == "0.0%"
     assert rows["student gives the teacher's answer"] == "75.0%"
-    assert dict(local.artifact_paths(state)) == {"eval": "/w/evaluate/eval.jsonl", "gguf q8_0": "/w/m.gguf"}
+    assert dict(cli_local.artifact_paths(state)) == {
+        "eval": "/w/evaluate/eval.jsonl",
+        "gguf q8_0": "/w/m.gguf",
+    }
 
 
 def test_a_rerun_resumes_from_results_on_disk(tmp_path: Path) -> None:
-    run = local.LocalRun(
+    run = runner.LocalRun(
         job_file=write_job(tmp_path), workdir=tmp_path / "work", environ={"OPENAI_API_KEY": "k" * 8}
     )
     for stage in STAGES:
@@ -217,7 +222,7 @@ def test_a_rerun_resumes_from_results_on_disk(tmp_path: Path) -> None:
 
 
 def test_a_failed_stage_is_rerun_and_the_run_stops_there(tmp_path: Path) -> None:
-    run = local.LocalRun(
+    run = runner.LocalRun(
         job_file=write_job(tmp_path), workdir=tmp_path / "work", environ={"OPENAI_API_KEY": "k" * 8}
     )
     bad = run.dir / "generate"
@@ -253,5 +258,5 @@ def test_stopping_a_child_escalates_from_sigint_to_sigterm(tmp_path: Path) -> No
     deadline = time.monotonic() + 20
     while "ready" not in out.read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert local.stop_process(proc, (0.5, 5.0)) == 3
+    assert processes.stop_process(proc, (0.5, 5.0)) == 3
     assert out.read_text().splitlines() == ["ready", "got SIGINT", "got SIGTERM"]

@@ -127,7 +127,7 @@ def test_the_http_server_serves_the_registry(metrics: OperatorMetrics) -> None:
 def test_failure_reason_prefers_the_stages_own_reason() -> None:
     from kubedistill.api.models import Stage
     from kubedistill.api.stage import StageResult
-    from kubedistill.domain.phases import ChildJob
+    from kubedistill.domain.observation import ChildJob
     from kubedistill.metrics import failure_reason
 
     def child(attempt: int, **kw: object) -> ChildJob:

@@ -21,18 +21,9 @@ from kubedistill.api.models import (
 )
 from kubedistill.api.stage import StageProgress, StageResult
 from kubedistill.domain import conditions as cond
-from kubedistill.domain.phases import (
-    Action,
-    ChildJob,
-    CreateJob,
-    DeleteJobs,
-    Observed,
-    PodSummary,
-    Promote,
-    SetSuspend,
-    decide,
-    parse_termination_message,
-)
+from kubedistill.domain.actions import Action, CreateJob, DeleteJobs, Promote, SetSuspend
+from kubedistill.domain.observation import ChildJob, Observed, PodSummary, parse_termination_message
+from kubedistill.domain.phases import decide
 from kubedistill.settings import Settings
 
 NOW = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)

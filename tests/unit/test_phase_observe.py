@@ -15,7 +15,7 @@ from kubedistill.api.models import (
 )
 from kubedistill.api.stage import StageResult
 from kubedistill.domain import conditions as cond
-from kubedistill.handlers.alias import remember, resolve
+from kubedistill.domain.alias import remember, resolve
 from kubedistill.k8s.observe import summarise_job, summarise_pod
 
 NOW = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)

@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kubedistill.api.models import Metrics, Phase, Stage
-from kubedistill.domain.phases import ChildJob
+from kubedistill.domain.observation import ChildJob
 
 NAMESPACE = "kubedistill"
 # Stages run from seconds (tests, tiny jobs) to a day (big generations, long training runs).

@@ -16,6 +16,7 @@ shard behind; S3 PUTs are atomic by nature.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,10 +24,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
+from pydantic import BaseModel, ValidationError
+
 from kubedistill.api.stage import S3_ENDPOINT_ENV
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
 
 
 class StoreError(Exception):
@@ -311,6 +317,18 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def read_model(uri: str, model: type[M]) -> M | None:
+    """A JSON artifact as a model (a stage's result.json or progress.json); None when it is not there
+    yet, or cannot be read, which is logged: writes are atomic, so that is never a half-written file."""
+    try:
+        return model.model_validate_json(read_bytes(uri))
+    except NotFound:
+        return None
+    except (StoreError, ValidationError, UnicodeDecodeError) as err:
+        log.warning("cannot read %s: %s", uri, type(err).__name__)
+        return None
 
 
 def read_jsonl(uri: str) -> list[Any]:

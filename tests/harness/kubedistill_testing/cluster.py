@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from kubedistill.local.processes import free_port as any_free_port
 from kubedistill_testing.paths import repo_root
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
@@ -364,10 +365,7 @@ def free_port(preferred: int | None = None) -> int:
                 return preferred
             except OSError:
                 pass
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    return any_free_port()
 
 
 def proc_start_time(pid: int) -> int | None:

@@ -22,13 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_ENDPOINT_ENV, S3_SECRET_KEY_ENV
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+from kubedistill_testing.cluster import free_port
 
 
 def rclone_binary() -> str:

@@ -10,195 +10,42 @@ finished stage must never run again.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-from pydantic import ValidationError
 
 from kubedistill.api.models import (
     STAGE_PHASE,
     STAGES,
-    Artifacts,
     DistillationJob,
     DistillationJobStatus,
-    Estimate,
-    Metrics,
     Phase,
-    Progress,
     Stage,
     StageState,
     StageStatus,
 )
-from kubedistill.api.stage import StageProgress, StageResult
 from kubedistill.domain import conditions as cond
+from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Promote, SetSuspend
 from kubedistill.domain.conditions import Reason, parse_time, rfc3339
+from kubedistill.domain.events import transition_events
 from kubedistill.domain.naming import child_job_name
+from kubedistill.domain.observation import (
+    BENIGN_WAITING,
+    MAX_MESSAGE,
+    ChildJob,
+    Observed,
+)
+from kubedistill.domain.plan import retry_delay, skipped_stages
+from kubedistill.domain.progress import overall_progress
+from kubedistill.domain.results import failure_message, merge_artifacts, merge_metrics
 from kubedistill.settings import Settings
 
-# Share of the whole pipeline each stage stands for in status.progress.percent.
-STAGE_WEIGHT: dict[Stage, float] = {
-    Stage.GENERATE: 35.0,
-    Stage.CURATE: 15.0,
-    Stage.TRAIN: 35.0,
-    Stage.EXPORT: 10.0,
-    Stage.EVALUATE: 5.0,
-}
 # Secrets and unscheduled pods change without an event the operator watches: look again this often.
 BLOCKED_REQUEUE_S = 15.0
-# Pod waiting reasons that are normal on the way to Running, as opposed to ones a user must fix.
-BENIGN_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
-MAX_MESSAGE = 1024
-
-
-# ------------------------------------------------------------------------------------ observation
-
-
-@dataclass(frozen=True)
-class PodSummary:
-    phase: str = "Pending"
-    unschedulable: str | None = None
-    waiting_reason: str | None = None
-    waiting_message: str | None = None
-    termination_message: str | None = None
-    exit_code: int | None = None
-
-
-@dataclass(frozen=True)
-class ChildJob:
-    """One batch/v1 Job of one stage attempt, reduced to what the decision needs."""
-
-    name: str
-    stage: Stage
-    attempt: int
-    created_at: datetime | None = None
-    finished_at: datetime | None = None
-    succeeded: bool = False
-    failed: bool = False
-    failure_reason: str | None = None
-    suspended: bool = False
-    pod: PodSummary | None = None
-    result: StageResult | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.succeeded or self.failed
-
-
-@dataclass(frozen=True)
-class Observed:
-    children: tuple[ChildJob, ...] = ()
-    missing_secrets: tuple[str, ...] = ()
-    estimate: Estimate | None = None
-    estimate_error: str | None = None
-    progress: StageProgress | None = None
-    # Name of the DistillationJob the promotion alias points at now (None: no alias or another target).
-    alias_target_job: str | None = None
-
-
-# -------------------------------------------------------------------------------------- decision
-
-
-@dataclass(frozen=True)
-class CreateJob:
-    stage: Stage
-    attempt: int
-    active_deadline_seconds: int | None = None
-
-
-@dataclass(frozen=True)
-class SetSuspend:
-    job_name: str
-    suspend: bool
-
-
-@dataclass(frozen=True)
-class DeleteJobs:
-    names: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Promote:
-    alias: str
-    quantization: str
-
-
-Action = CreateJob | SetSuspend | DeleteJobs | Promote
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str
-    reason: str
-    message: str
-
-
-@dataclass
-class Decision:
-    status: DistillationJobStatus
-    actions: list[Action] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    requeue_after: float | None = None
-
-    def requeue(self, seconds: float) -> None:
-        seconds = max(0.0, seconds)
-        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def parse_termination_message(text: str | None) -> StageResult | None:
-    """The compact StageResult a stage writes to its termination log; None for anything else."""
-    if not text or not text.lstrip().startswith("{"):
-        return None
-    try:
-        return StageResult.model_validate(json.loads(text))
-    except (json.JSONDecodeError, ValidationError):
-        return None
-
-
-def failure_message(child: ChildJob) -> str:
-    """The pod's own words first: its StageResult, its termination message/log tail, then the Job's."""
-    if child.result is not None and not child.result.ok:
-        text = (
-            f"{child.result.reason}: {child.result.message}" if child.result.message else child.result.reason
-        )
-    elif child.pod is not None and child.pod.termination_message:
-        text = child.pod.termination_message.strip()
-    elif (
-        child.pod is not None and child.pod.waiting_reason and child.pod.waiting_reason not in BENIGN_WAITING
-    ):
-        text = f"{child.pod.waiting_reason}: {child.pod.waiting_message or ''}".strip()
-    elif child.pod is not None and child.pod.exit_code is not None:
-        text = f"exit code {child.pod.exit_code}"
-    else:
-        text = child.failure_reason or "the stage's Job failed"
-    return text[-MAX_MESSAGE:] if len(text) > MAX_MESSAGE else text
-
-
-def merge_metrics(base: Metrics | None, update: Metrics) -> Metrics:
-    data = (base or Metrics()).model_dump()
-    data.update({k: v for k, v in update.model_dump().items() if v is not None})
-    return Metrics.model_validate(data)
-
-
-def merge_artifacts(base: Artifacts | None, update: Artifacts) -> Artifacts:
-    data = (base or Artifacts()).model_dump()
-    for key, value in update.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return Artifacts.model_validate(data)
-
-
-def skipped_stages(job: DistillationJob) -> frozenset[Stage]:
-    return frozenset() if job.spec.evaluation.enabled else frozenset({Stage.EVALUATE})
 
 
 def _by_stage(children: Sequence[ChildJob]) -> dict[Stage, list[ChildJob]]:
@@ -315,12 +162,12 @@ def _reconcile(ctx: _Ctx) -> None:
     suspended = _suspension(ctx, grouped)
     may_start = may_start and not suspended
 
-    skipped = skipped_stages(job)
+    skipped = skipped_stages(spec)
     current: Stage | None = None
     for stage in STAGES:
         entry = stages[stage]
         if stage in skipped:
-            entry.state, entry.message = StageState.SKIPPED, "evaluation.enabled is false"
+            entry.state, entry.message = StageState.SKIPPED, skipped[stage]
             continue
         if entry.state == StageState.SUCCEEDED:
             continue
@@ -470,12 +317,12 @@ def _advance_stage(
     if latest is not None and latest.failed:
         failures = entry.attempts
         message = failure_message(latest)
-        if failures > ctx.job.spec.retries:
+        delay = retry_delay(failures, ctx.job.spec, ctx.settings)
+        if delay is None:
             entry.state = StageState.FAILED
             entry.completion_time = _rfc(latest.finished_at) or rfc3339(ctx.now)
             entry.message = f"attempt {latest.attempt} failed: {message}"
             return f"stage {entry.name.value} failed after {failures} attempt(s): {message}"
-        delay = ctx.settings.backoff_s(failures)
         retry_at = (latest.finished_at or ctx.now) + timedelta(seconds=delay)
         wait = (retry_at - ctx.now).total_seconds()
         entry.state = StageState.BACKOFF
@@ -601,68 +448,8 @@ def _complete(ctx: _Ctx) -> None:
 
 
 def _progress(ctx: _Ctx, stages: dict[Stage, StageStatus], current: Stage | None) -> None:
-    status = ctx.status
-    done = sum(
-        STAGE_WEIGHT[s] for s in STAGES if stages[s].state in (StageState.SUCCEEDED, StageState.SKIPPED)
+    ctx.status.progress = overall_progress(
+        stages, current, ctx.status.phase, ctx.status.progress, ctx.observed.progress
     )
-    if current is None:
-        status.progress = Progress(stage=None, percent=100.0 if status.phase == Phase.SUCCEEDED else done)
-        return
-    reported = ctx.observed.progress
-    previous = status.progress
-    if reported is not None and reported.stage == current:
-        status.progress = Progress(
-            stage=current,
-            percent=round(min(100.0, done + STAGE_WEIGHT[current] * reported.fraction), 1),
-            detail=reported.detail[:MAX_MESSAGE] or None,
-            updated_at=reported.updated_at,
-        )
-    elif previous is not None and previous.stage == current:
-        status.progress = previous
-    else:
-        status.progress = Progress(stage=current, percent=round(done, 1))
-    if stages[current].state == StageState.RUNNING:
+    if current is not None and stages[current].state == StageState.RUNNING:
         ctx.decision.requeue(ctx.settings.progress_interval_s)
-
-
-# ---------------------------------------------------------------------------------------- events
-
-
-def transition_events(old: DistillationJobStatus, new: DistillationJobStatus) -> list[Event]:
-    """Kubernetes Events for what changed between two statuses: one per transition, never repeated."""
-    events: list[Event] = []
-    old_stages = {s.name: s for s in old.stages}
-    for entry in new.stages:
-        before = old_stages.get(entry.name, StageStatus(name=entry.name))
-        if entry.attempts > before.attempts:
-            events.append(
-                Event(
-                    "Normal",
-                    "StageStarted",
-                    f"{entry.name.value} attempt {entry.attempts}: Job {entry.job_name}",
-                )
-            )
-        if entry.state != before.state and entry.state in (StageState.BACKOFF, StageState.FAILED):
-            events.append(
-                Event("Warning", f"Stage{entry.state.value}", f"{entry.name.value}: {entry.message or ''}")
-            )
-        if entry.state != before.state and entry.state == StageState.SUCCEEDED:
-            events.append(
-                Event("Normal", "StageSucceeded", f"{entry.name.value}: {entry.message or 'completed'}")
-            )
-    for condition in new.conditions:
-        was = cond.find(old.conditions, condition.type)
-        flipped = was is None or was.status != condition.status or was.reason != condition.reason
-        if not flipped or condition.type in (cond.READY, cond.COMPLETE) or condition.status != "True":
-            continue
-        warning = condition.type in (
-            cond.FAILED,
-            cond.BUDGET_EXCEEDED,
-            cond.SECRET_MISSING,
-            cond.PROMOTION_SKIPPED,
-        )
-        events.append(Event("Warning" if warning else "Normal", condition.reason, condition.message))
-    # Stage phases (Generating…) are told by StageStarted; the others get an event of their own.
-    if new.phase is not None and new.phase != old.phase and new.phase not in STAGE_PHASE.values():
-        events.append(Event("Normal", f"Phase{new.phase.value}", f"phase is now {new.phase.value}"))
-    return events

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from kubedistill import store
 from kubedistill.api.models import (
+    API_VERSION,
     AliasTarget,
     DistillationJob,
     DistillationJobStatus,
@@ -29,18 +30,12 @@ from kubedistill.api.models import (
 from kubedistill.builders import artifact_root, build_stage_manifests
 from kubedistill.catalog import Catalog
 from kubedistill.domain import conditions as cond
+from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Event, Promote, SetSuspend
+from kubedistill.domain.alias import RESOLVABLE
 from kubedistill.domain.naming import artifact_base
-from kubedistill.domain.phases import (
-    CreateJob,
-    Decision,
-    DeleteJobs,
-    Event,
-    Observed,
-    Promote,
-    SetSuspend,
-    decide,
-)
-from kubedistill.handlers.alias import RESOLVABLE, reconcile_alias
+from kubedistill.domain.observation import Observed
+from kubedistill.domain.phases import decide
+from kubedistill.handlers.alias import reconcile_alias
 from kubedistill.k8s import observe, resources
 from kubedistill.k8s.client import ApiError, Kube
 from kubedistill.metrics import OperatorMetrics, failure_reason
@@ -246,7 +241,7 @@ class Reconciler:
         existing = await resources.get_alias(self.kube, namespace, action.alias)
         if existing is None:
             manifest = {
-                "apiVersion": "kubedistill.io/v1alpha1",
+                "apiVersion": API_VERSION,
                 "kind": "ModelAlias",
                 "metadata": {"name": action.alias, "namespace": namespace},
                 "spec": {"target": target},

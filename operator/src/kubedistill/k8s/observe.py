@@ -8,11 +8,8 @@ go through `kubedistill.store`, which is blocking, so they run in a worker threa
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from typing import Any
-
-from pydantic import ValidationError
 
 from kubedistill import dataset as datasets
 from kubedistill import store
@@ -23,12 +20,11 @@ from kubedistill.builders.stage_job import CONTAINER
 from kubedistill.domain.conditions import parse_time
 from kubedistill.domain.estimate import estimate
 from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_STAGE
-from kubedistill.domain.phases import ChildJob, PodSummary, parse_termination_message, skipped_stages
+from kubedistill.domain.observation import ChildJob, PodSummary, parse_termination_message
+from kubedistill.domain.plan import skipped_stages
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
 from kubedistill.settings import Settings
-
-log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
@@ -100,16 +96,6 @@ def summarise_job(job: Obj, pods: Sequence[Obj]) -> ChildJob | None:
 # ------------------------------------------------------------------------------------------- reads
 
 
-def _read_json_model(uri: str, model: type[StageResult] | type[StageProgress]) -> Any:
-    try:
-        return model.model_validate_json(store.read_bytes(uri))
-    except store.NotFound:
-        return None
-    except (store.StoreError, ValidationError, UnicodeDecodeError) as err:
-        log.warning("cannot read %s: %s", uri, type(err).__name__)
-        return None
-
-
 async def observe_children(kube: Kube, job: DistillationJob, settings: Settings) -> tuple[ChildJob, ...]:
     namespace, name = job.metadata.namespace or "default", job.metadata.name
     jobs = await resources.list_child_jobs(kube, namespace, name)
@@ -122,7 +108,7 @@ async def observe_children(kube: Kube, job: DistillationJob, settings: Settings)
         # A finished stage without a parsable termination message: its result.json says what it did.
         if child.finished and child.result is None and child.stage not in recorded:
             uri = f"{build_invocation(job, child.stage, child.attempt, settings).stage_uri()}/{RESULT_FILE}"
-            result = await asyncio.to_thread(_read_json_model, uri, StageResult)
+            result = await asyncio.to_thread(store.read_model, uri, StageResult)
             child = ChildJob(**{**child.__dict__, "result": result})
         completed.append(child)
     return tuple(completed)
@@ -133,7 +119,7 @@ async def missing_secrets(kube: Kube, job: DistillationJob, settings: Settings) 
     namespace = job.metadata.namespace or "default"
     wanted: dict[str, str | None] = {}
     for stage in Stage:
-        if stage not in skipped_stages(job):
+        if stage not in skipped_stages(job.spec):
             for secret, key in referenced_secrets(job, stage, settings):
                 wanted.setdefault(secret, key)
     found = await asyncio.gather(*(resources.secret_exists(kube, namespace, s) for s in wanted))
@@ -149,7 +135,7 @@ async def read_progress(
     job: DistillationJob, stage: Stage, attempt: int, settings: Settings
 ) -> StageProgress | None:
     uri = f"{build_invocation(job, stage, attempt, settings).stage_uri()}/{PROGRESS_FILE}"
-    progress: StageProgress | None = await asyncio.to_thread(_read_json_model, uri, StageProgress)
+    progress: StageProgress | None = await asyncio.to_thread(store.read_model, uri, StageProgress)
     return progress
 
 

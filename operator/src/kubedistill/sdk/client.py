@@ -1,36 +1,12 @@
-"""`Distiller`: the Python client our users know from the hosted product, over the Kubernetes API.
-
-    from kubedistill import Distiller
-
-    d = Distiller(namespace="team-a")                   # kubeconfig/context like kubectl
-    job = d.create(name="ticket-triage v1", dataset_id="support-tickets",
-                   teacher_model="openai/gpt-4o", student_model="llama-3.2-1b")
-    job = d.wait(job["id"], on_update=lambda u: print(u["status"], u.get("phase")))
-    arts = d.artifacts(job["id"])                       # adapter_path, gguf_paths, metrics
-    d.register_model(id="smart", adapter_path=arts["adapter_path"], gguf_path=arts["gguf_paths"]["q4_k_m"])
-
-A job is a `DistillationJob` object; its id is the object's name (`name` made DNS-safe:
-"ticket-triage v1" → "ticket-triage-v1"; the original stays in an annotation). `status` in the
-returned dicts is coarse and lowercase (pending, running, succeeded, failed, suspended); `phase` is
-the resource's own phase (Generating, Training…).
-
-Where `dataset_id` points (first match wins):
-1. a URI (`s3://…`, `file://…`) is used as it is;
-2. a ConfigMap of that name in the namespace: its only key, else its `dataset.jsonl` key;
-3. `<datasets_uri>/<dataset_id>.jsonl`, where `datasets_uri` is the constructor argument or env
-   `KUBEDISTILL_DATASETS_URI` (e.g. `s3://my-bucket/datasets`);
-otherwise `NotFound`. `create_dataset(id, rows)` stores rows as such a ConfigMap.
-
-Errors are `kubedistill.errors` types (NotFound, Invalid, Conflict, Forbidden…) with the API
-server's message. The kubernetes client is imported lazily: `estimate`, `teacher_models` and
-`student_models` work offline, without a cluster.
+"""`Distiller`, the SDK's client: DistillationJobs and ModelAliases over the Kubernetes API (the sync
+kubernetes client, imported lazily so `estimate` and the catalogs work offline). Together with the
+operator's `k8s/` (async, inside kopf) it is one of the two places that talk to the API server.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,287 +14,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubedistill import dataset as ds
-from kubedistill.api.models import API_VERSION, GROUP, VERSION, Phase, Stage
+from kubedistill.api.models import API_VERSION, GROUP, VERSION, Stage
 from kubedistill.catalog import Catalog, load_catalog
-from kubedistill.domain.estimate import estimate as estimate_spec
-from kubedistill.errors import (
-    Conflict,
-    DistillerError,
-    Forbidden,
-    Invalid,
-    NotFound,
-    Unauthorized,
-    from_status,
+from kubedistill.errors import DistillerError, Invalid, NotFound, from_status
+from kubedistill.sdk import offline
+from kubedistill.sdk.mapping import (
+    DATASET_KEY,
+    DATASETS_URI_ENV,
+    TERMINAL,
+    alias_target,
+    alias_view,
+    artifacts_view,
+    dataset_spec,
+    job_body,
+    job_id,
+    summary,
 )
 
 if TYPE_CHECKING:
     from kubernetes import client as k8s
 
-__all__ = ["Conflict", "Distiller", "DistillerError", "Forbidden", "Invalid", "NotFound", "Unauthorized"]
-
 JOBS = "distillationjobs"
 ALIASES = "modelaliases"
-DATASETS_URI_ENV = "KUBEDISTILL_DATASETS_URI"
-DATASET_KEY = "dataset.jsonl"
-DISPLAY_NAME_ANNOTATION = f"{GROUP}/display-name"
-DEFAULT_QUANTIZATIONS = ("q4_k_m", "q8_0")
-
-_COARSE: dict[str, str] = {
-    Phase.SUCCEEDED: "succeeded",
-    Phase.FAILED: "failed",
-    Phase.SUSPENDED: "suspended",
-    Phase.PENDING: "pending",
-    Phase.ESTIMATING: "pending",
-}
-TERMINAL = frozenset({"succeeded", "failed"})
 # `Distiller.list` shadows the builtin inside the class body.
 Dicts = list[dict[str, Any]]
-
-
-# ------------------------------------------------------------------------------- pure mapping
-
-
-def job_id(name: str) -> str:
-    """A DNS-1123 name from a display name: lowercase, runs of other characters become one '-'."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:63].strip("-")
-    if not slug:
-        raise Invalid(f"metadata.name: {name!r} has no letter or digit to build a name from")
-    return slug
-
-
-def coarse_status(phase: str | None) -> str:
-    if not phase:
-        return "pending"
-    return _COARSE.get(phase, "running")
-
-
-def dataset_spec(
-    dataset_id: str, configmap_keys: Sequence[str] | None, datasets_uri: str | None
-) -> dict[str, Any]:
-    """`spec.dataset` for a dataset id (see the module docstring for the order)."""
-    if "://" in dataset_id:
-        return {"uri": dataset_id}
-    if configmap_keys is not None:
-        keys = list(configmap_keys)
-        key = keys[0] if len(keys) == 1 else DATASET_KEY
-        if key not in keys:
-            raise Invalid(
-                f"ConfigMap {dataset_id} has keys {keys}: name one {DATASET_KEY!r} or keep only one"
-            )
-        return {"configMapRef": {"name": dataset_id, "key": key}}
-    if datasets_uri:
-        return {"uri": f"{datasets_uri.rstrip('/')}/{dataset_id}.jsonl"}
-    raise NotFound(
-        f"dataset {dataset_id!r}: no ConfigMap of that name, and no datasets_uri "
-        f"(or env {DATASETS_URI_ENV}) to look for {dataset_id}.jsonl in"
-    )
-
-
-def _secret_ref(value: str | tuple[str, str] | None) -> dict[str, str] | None:
-    """`"name/key"` or `(name, key)` → a secretKeyRef; the key's value never passes through here."""
-    if value is None:
-        return None
-    name, key = value if isinstance(value, tuple) else value.split("/", 1) if "/" in value else (value, "")
-    if not key:
-        raise Invalid(f"spec.teacher.apiKeySecretRef: {value!r} must be 'secret-name/key'")
-    return {"name": name, "key": key}
-
-
-def _judge(judge: str | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(judge, str):
-        return {judge: {}}
-    return dict(judge)
-
-
-def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def job_body(
-    name: str,
-    dataset: Mapping[str, Any],
-    teacher_model: str,
-    student_model: str,
-    *,
-    num_prompts: int | None = 500,
-    n_samples: int = 4,
-    training_steps: int = 100,
-    bond_beta: float = 0.5,
-    bond_gamma: float = 0.1,
-    export_gguf: bool = True,
-    quantization_types: Sequence[str] = DEFAULT_QUANTIZATIONS,
-    top_k: int = 2,
-    judge: str | Mapping[str, Any] = "llm",
-    teacher_base_url: str | None = None,
-    teacher_api_key_secret: str | tuple[str, str] | None = None,
-    system_prompt: str | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    test_fraction: float | None = None,
-    alias: str | None = None,
-    min_eval_score: float | None = None,
-    max_teacher_cost_usd: float | None = None,
-    labels: Mapping[str, str] | None = None,
-    spec_overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The DistillationJob object `Distiller.create` submits: the seed's keywords → the CRD's fields."""
-    teacher: dict[str, Any] = {"model": teacher_model}
-    if teacher_base_url:
-        teacher["baseURL"] = teacher_base_url
-    ref = _secret_ref(teacher_api_key_secret)
-    if ref:
-        teacher["apiKeySecretRef"] = ref
-    generation: dict[str, Any] = {"nSamples": n_samples}
-    for key, value in (
-        ("systemPrompt", system_prompt),
-        ("maxTokens", max_tokens),
-        ("temperature", temperature),
-    ):
-        if value is not None:
-            generation[key] = value
-    data = dict(dataset)
-    if num_prompts is not None:
-        data["numPrompts"] = num_prompts
-    if test_fraction is not None:
-        data["testFraction"] = test_fraction
-    spec: dict[str, Any] = {
-        "teacher": teacher,
-        "student": {"model": student_model},
-        "dataset": data,
-        "generation": generation,
-        "curation": {"judge": _judge(judge), "topK": top_k},
-        "training": {"steps": training_steps, "bondBeta": bond_beta, "bondGamma": bond_gamma},
-        "export": {"gguf": export_gguf, "quantizations": list(quantization_types)},
-    }
-    promotion = {k: v for k, v in (("alias", alias), ("minEvalScore", min_eval_score)) if v is not None}
-    if promotion:
-        spec["promotion"] = promotion
-    if max_teacher_cost_usd is not None:
-        spec["budget"] = {"maxTeacherCostUSD": max_teacher_cost_usd}
-    if spec_overrides:
-        spec = deep_merge(spec, spec_overrides)
-    metadata: dict[str, Any] = {"name": job_id(name)}
-    if metadata["name"] != name:
-        metadata["annotations"] = {DISPLAY_NAME_ANNOTATION: name}
-    if labels:
-        metadata["labels"] = dict(labels)
-    return {"apiVersion": API_VERSION, "kind": "DistillationJob", "metadata": metadata, "spec": spec}
-
-
-def summary(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """A job object as the dict `create`, `get`, `list` and `wait` return."""
-    meta, status = obj.get("metadata", {}), obj.get("status") or {}
-    phase = status.get("phase")
-    progress = status.get("progress") or {}
-    return {
-        "id": meta.get("name"),
-        "name": meta.get("annotations", {}).get(DISPLAY_NAME_ANNOTATION, meta.get("name")),
-        "namespace": meta.get("namespace"),
-        "uid": meta.get("uid"),
-        "status": coarse_status(phase),
-        "phase": phase,
-        "stage": progress.get("stage"),
-        "progress": progress.get("percent", 0.0),
-        "detail": progress.get("detail"),
-        "message": _ready_message(status),
-        "teacher_model": obj.get("spec", {}).get("teacher", {}).get("model"),
-        "student_model": obj.get("spec", {}).get("student", {}).get("model"),
-        "created_at": meta.get("creationTimestamp"),
-        "completed_at": status.get("completionTime"),
-        "metrics": status.get("metrics") or {},
-    }
-
-
-def _ready_message(status: Mapping[str, Any]) -> str | None:
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    for kind in ("Failed", "Ready"):
-        if kind in conditions and conditions[kind].get("message"):
-            return str(conditions[kind]["message"])
-    return None
-
-
-def artifacts_view(obj: Mapping[str, Any]) -> dict[str, Any]:
-    """The seed's `artifacts()` shape from a job's status."""
-    status = obj.get("status") or {}
-    arts, metrics = status.get("artifacts") or {}, status.get("metrics") or {}
-    return {
-        "adapter_path": arts.get("adapterURI"),
-        "merged_path": arts.get("mergedURI"),
-        "gguf_paths": dict(arts.get("ggufURIs") or {}),
-        "eval_path": arts.get("evalURI"),
-        "dataset_path": arts.get("datasetURI"),
-        "metrics": {
-            "teacher_cost_total": metrics.get("teacherCostTotal"),
-            "student_loss_final": metrics.get("studentLossFinal"),
-            "training_time_sec": metrics.get("trainingTimeSec"),
-            "eval_score": metrics.get("evalScore"),
-            "teacher_eval_score": metrics.get("teacherEvalScore"),
-            "retention": metrics.get("retention"),
-            "teacher_calls": metrics.get("teacherCalls"),
-            "curated": metrics.get("curated"),
-        },
-    }
-
-
-def alias_target(
-    adapter_path: str | None, gguf_path: str | None, base_model: str | None, distillation_job: str | None
-) -> dict[str, Any]:
-    if distillation_job:
-        return {"distillationJob": distillation_job}
-    target = {"ggufURI": gguf_path, "adapterURI": adapter_path, "baseModel": base_model}
-    return {k: v for k, v in target.items() if v}
-
-
-def estimate_body(
-    student_model: str,
-    num_prompts: int,
-    n_samples: int,
-    teacher_model: str,
-    max_tokens: int | None,
-    training_steps: int,
-    judge: str | Mapping[str, Any],
-    system_prompt: str | None,
-) -> dict[str, Any]:
-    generation: dict[str, Any] = {"nSamples": n_samples}
-    if max_tokens is not None:
-        generation["maxTokens"] = max_tokens
-    if system_prompt:
-        generation["systemPrompt"] = system_prompt
-    return {
-        "teacher": {"model": teacher_model},
-        "student": {"model": student_model},
-        "dataset": {"prompts": ["x"], "numPrompts": num_prompts},
-        "generation": generation,
-        "curation": {"judge": _judge(judge), "topK": min(2, n_samples)},
-        "training": {"steps": training_steps},
-    }
-
-
-def estimate_dict(report: Any, catalog: Catalog, teacher_model: str) -> dict[str, Any]:
-    e = report.estimate
-    teacher = catalog.resolve_teacher(teacher_model)
-    return {
-        "estimated_cost": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
-        "teacher_cost": round(e.teacher_cost_usd, 6),
-        "judge_cost": round(e.judge_cost_usd, 6),
-        "teacher_calls": e.teacher_calls,
-        "input_tokens": e.input_tokens,
-        "output_tokens": e.output_tokens,
-        "gpu_minutes": e.gpu_minutes,
-        "sufficient": e.fits_budget,
-        "tier": "local" if teacher.provider == "local" else "api",
-        "is_sandbox": False,
-        "breakdown": report.breakdown,
-    }
-
-
-# ------------------------------------------------------------------------------------- client
 
 
 class Distiller:
@@ -400,41 +119,18 @@ class Distiller:
     # ------------------------------------------------------------------------------- jobs
 
     def create(
-        self,
-        name: str,
-        dataset_id: str,
-        teacher_model: str,
-        student_model: str,
-        num_prompts: int | None = 500,
-        n_samples: int = 4,
-        training_steps: int = 100,
-        bond_beta: float = 0.5,
-        bond_gamma: float = 0.1,
-        export_gguf: bool = True,
-        quantization_types: Sequence[str] = DEFAULT_QUANTIZATIONS,
-        **options: Any,
+        self, name: str, dataset_id: str, teacher_model: str, student_model: str, **options: Any
     ) -> dict[str, Any]:
         """Submit a DistillationJob; returns {"id", "status", "phase", …}.
 
-        `options` are `job_body`'s keywords: top_k, judge ("llm" | "majority" | "reference" | a
-        judge dict), teacher_base_url, teacher_api_key_secret ("secret/key"), system_prompt,
-        max_tokens, temperature, test_fraction, alias, min_eval_score, max_teacher_cost_usd,
-        labels, spec_overrides (merged into the spec last).
+        `options` are `mapping.job_body`'s keywords, with the seed's defaults: num_prompts,
+        n_samples, training_steps, bond_beta, bond_gamma, export_gguf, quantization_types, top_k,
+        judge ("llm" | "majority" | "reference" | a judge dict), teacher_base_url,
+        teacher_api_key_secret ("secret/key"), system_prompt, max_tokens, temperature,
+        test_fraction, alias, min_eval_score, max_teacher_cost_usd, labels, spec_overrides (merged
+        into the spec last).
         """
-        body = job_body(
-            name,
-            self.resolve_dataset(dataset_id),
-            teacher_model,
-            student_model,
-            num_prompts=num_prompts,
-            n_samples=n_samples,
-            training_steps=training_steps,
-            bond_beta=bond_beta,
-            bond_gamma=bond_gamma,
-            export_gguf=export_gguf,
-            quantization_types=quantization_types,
-            **options,
-        )
+        body = job_body(name, self.resolve_dataset(dataset_id), teacher_model, student_model, **options)
         return summary(self.apply(body, replace=False))
 
     def apply(self, body: Mapping[str, Any], replace: bool = True) -> dict[str, Any]:
@@ -600,6 +296,27 @@ class Distiller:
             text: str = self._core.read_namespaced_pod_log(newest.metadata.name, self.namespace, **kwargs)
         return text
 
+    def events(self, id: str) -> Dicts:
+        """The job's Kubernetes Events, oldest first: {type, reason, time, message}."""
+        try:
+            found = self._core.list_namespaced_event(
+                self.namespace,
+                field_selector=f"involvedObject.name={id},involvedObject.kind=DistillationJob",
+            ).items
+        except _api_exception():
+            # Events are a courtesy of `describe`: without them the rest still shows.
+            return []
+        found.sort(key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+        return [
+            {
+                "type": e.type or "",
+                "reason": e.reason or "",
+                "time": (e.last_timestamp or e.metadata.creation_timestamp).isoformat(),
+                "message": e.message or "",
+            }
+            for e in found
+        ]
+
     # ---------------------------------------------------------------------------- datasets
 
     def resolve_dataset(self, dataset_id: str) -> dict[str, Any]:
@@ -633,76 +350,15 @@ class Distiller:
 
     # ------------------------------------------------------------------ estimate, catalogs
 
-    def estimate(
-        self,
-        student_model: str,
-        num_prompts: int = 500,
-        n_samples: int = 4,
-        teacher_model: str = "openai/gpt-4o",
-        *,
-        max_tokens: int | None = None,
-        training_steps: int = 100,
-        judge: str | Mapping[str, Any] = "llm",
-        system_prompt: str | None = None,
-        rows: Sequence[Mapping[str, Any]] | None = None,
-        mean_prompt_chars: int = 400,
-    ) -> dict[str, Any]:
-        """Teacher dollars and GPU minutes before anything runs; offline.
-
-        Token counts come from `rows` when given (the real dataset), else from `num_prompts`
-        prompts of `mean_prompt_chars` characters.
-        """
-        from kubedistill.api.models import DistillationJobSpec
-
-        spec = DistillationJobSpec.model_validate(
-            estimate_body(
-                student_model,
-                num_prompts,
-                n_samples,
-                teacher_model,
-                max_tokens,
-                training_steps,
-                judge,
-                system_prompt,
-            )
-        )
-        parsed = (
-            ds.rows_from_json(rows)
-            if rows is not None
-            else [ds.Row(id=str(i), prompt="x" * mean_prompt_chars) for i in range(num_prompts)]
-        )
-        report = estimate_spec(spec, parsed, self.catalog)
-        return estimate_dict(report, self.catalog, teacher_model)
+    def estimate(self, student_model: str, *args: Any, **options: Any) -> dict[str, Any]:
+        """Teacher dollars and GPU minutes before anything runs; offline (`offline.estimate`)."""
+        return offline.estimate(self.catalog, student_model, *args, **options)
 
     def teacher_models(self) -> Dicts:
-        out = []
-        for t in self.catalog.teachers.values():
-            resolved = self.catalog.resolve_teacher(t.id)
-            out.append(
-                {
-                    "id": t.id,
-                    "provider": resolved.provider,
-                    "base_url": resolved.base_url,
-                    "input_per_m_tok": t.input_per_m_tok,
-                    "output_per_m_tok": t.output_per_m_tok,
-                    "price_date": t.price_date,
-                }
-            )
-        return out
+        return offline.teacher_models(self.catalog)
 
     def student_models(self) -> Dicts:
-        return [
-            {
-                "id": s.id,
-                "hf_id": s.hf_id,
-                "params": f"{s.params_b:g}B",
-                "params_b": s.params_b,
-                "min_vram_gb": s.min_vram_gb,
-                "typical_training_minutes": s.typical_training_minutes,
-                "lora_target_modules": self.catalog.lora_targets(s.id),
-            }
-            for s in self.catalog.students.values()
-        ]
+        return offline.student_models(self.catalog)
 
     # ------------------------------------------------------------------------- aliases
 
@@ -744,23 +400,6 @@ class Distiller:
                 GROUP, VERSION, self.namespace, ALIASES, id, {"spec": {"target": target}}
             )
         return alias_view(patched)
-
-
-def alias_view(obj: Mapping[str, Any]) -> dict[str, Any]:
-    status = obj.get("status") or {}
-    ready: Mapping[str, Any] = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
-    )
-    return {
-        "id": obj.get("metadata", {}).get("name"),
-        "target": obj.get("spec", {}).get("target", {}),
-        "gguf_path": status.get("ggufURI"),
-        "adapter_path": status.get("adapterURI"),
-        "model": status.get("model"),
-        "ready": ready.get("status") == "True",
-        "message": ready.get("message"),
-        "history": [h.get("target") for h in status.get("history") or []],
-    }
 
 
 def _context_namespace(kubeconfig: str | None, context: str | None) -> str:

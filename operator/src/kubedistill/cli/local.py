@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -15,12 +16,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
+from kubedistill.api.jobfile import JobInvalid
 from kubedistill.api.models import Stage
 from kubedistill.api.stage import StageProgress
-from kubedistill.local import JobInvalid, LocalRun, RunState, artifact_paths, summary_rows
+from kubedistill.cli.app import app
+from kubedistill.cli.options import err_console, print_invalid
+from kubedistill.local.runner import LocalRun, RunState
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
-err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _eta(seconds: float | None) -> str:
@@ -76,6 +79,59 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def artifact_paths(state: RunState) -> list[tuple[str, str]]:
+    """(what, local path) of every artifact the stages reported."""
+    out: list[tuple[str, str]] = []
+    for outcome in state.outcomes.values():
+        if outcome.result is None:
+            continue
+        for key, value in outcome.result.artifacts.to_k8s().items():
+            values = value.items() if isinstance(value, dict) else [("", value)]
+            for sub, uri in values:
+                label = key.removesuffix("URI").removesuffix("URIs") + (f" {sub}" if sub else "")
+                out.append((label, uri.removeprefix("file://")))
+    return out
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    if value is None:
+        return "–"
+    if kind == "usd":
+        return f"${value:.4f}"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "s":
+        return f"{value:.0f} s"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
+    judge = f.get("judge") or "judge"
+    rows = f.get("heldOutRows")
+    return [
+        ("teacher calls / cost", f"{_fmt(f['teacherCalls'])} / {_fmt(f['teacherCostUSD'], 'usd')}"
+         f" (estimated {_fmt(f['estimatedCostUSD'], 'usd')})"),
+        ("teacher tokens in / out",
+         f"{_fmt(f['teacherInputTokens'])} / {_fmt(f['teacherOutputTokens'])}"
+         f" (estimated {_fmt(f['estimatedInputTokens'])} / {_fmt(f['estimatedOutputTokens'])})"),
+        ("candidates kept by curation", f"{_fmt(f['curated'])} of {_fmt(f['candidates'])}"),
+        ("final BOND loss / training time", f"{_fmt(f['lossFinal'])} / {_fmt(f['trainingTimeSec'], 's')}"),
+        (f"teacher score ({judge}, {_fmt(rows)} held-out rows)", _fmt(f["teacherScore"], "pct")),
+        ("student before training", _fmt(f["studentBefore"], "pct")),
+        ("student after training", _fmt(f["studentAfter"], "pct")),
+        ("retention (after / teacher)", _fmt(f["retention"], "pct")),
+        ("student gives the teacher's answer", _fmt(f["agreementWithTeacher"], "pct")),
+        ("tokens per call, teacher (prompt / answer)",
+         f"{_fmt(f['teacherPromptTokensPerCall'])} / {_fmt(f['teacherAnswerTokensPerCall'])}"),
+        ("tokens per call, student (prompt / answer)",
+         f"{_fmt(f['studentPromptTokensPerCall'])} / {_fmt(f['studentAnswerTokensPerCall'])}"),
+        ("student speed", f"{_fmt(f['studentTokensPerSecond'])} tokens/s"),
+        ("wall time (all runs of this job)", _fmt(f["wallTimeSec"], "s")),
+    ]  # fmt: skip
+
+
 def _summary(console: Console, run: LocalRun, state: RunState) -> None:
     table = Table(title=f"{run.name}: summary", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
@@ -102,8 +158,7 @@ def run_local(
     try:
         run = LocalRun(job_file=job_file, workdir=workdir, preset=preset)
     except JobInvalid as err:
-        for line in err.lines:
-            err_console.print(f"error: {line}", markup=False, highlight=False)
+        print_invalid(err.lines)
         return EXIT_INVALID
     if fresh and run.dir.exists():
         shutil.rmtree(run.dir)
@@ -124,8 +179,7 @@ def run_local(
             bars = StageBars(progress, run.stages())
             state = run.execute(bars.update, lambda note: progress.console.print(note))
     except JobInvalid as err:
-        for line in err.lines:
-            err_console.print(f"error: {line}", markup=False, highlight=False)
+        print_invalid(err.lines)
         return EXIT_INVALID
     except RuntimeError as err:
         err_console.print(f"error: {err}", markup=False, highlight=False)
@@ -148,23 +202,20 @@ def run_local(
     return EXIT_OK
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("run")
-    def run_command(
-        job_file: Annotated[Path, typer.Argument(help="DistillationJob YAML, the same the operator takes.")],
-        local: Annotated[
-            bool, typer.Option("--local", help="Run on this machine (the only mode so far).")
-        ] = False,
-        workdir: Annotated[Path, typer.Option("--workdir", help="Where artifacts are kept.")] = Path(".work"),
-        preset: Annotated[
-            str | None, typer.Option("--preset", help="smoke: tiny model, scripted teacher, few steps (CI).")
-        ] = None,
-        fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results of this job.")] = False,
-    ) -> None:
-        """Run a DistillationJob locally: the same stages as in the cluster, as child processes."""
-        if not local:
-            typer.echo(
-                "error: `run` needs --local; in a cluster use `kubedistill apply -f JOB.yaml`", err=True
-            )
-            raise typer.Exit(EXIT_INVALID)
-        raise typer.Exit(run_local(job_file, workdir, preset, fresh))
+@app.command("run")
+def run_command(
+    job_file: Annotated[Path, typer.Argument(help="DistillationJob YAML, the same the operator takes.")],
+    local: Annotated[
+        bool, typer.Option("--local", help="Run on this machine (the only mode so far).")
+    ] = False,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where artifacts are kept.")] = Path(".work"),
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="smoke: tiny model, scripted teacher, few steps (CI).")
+    ] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Forget earlier results of this job.")] = False,
+) -> None:
+    """Run a DistillationJob locally: the same stages as in the cluster, as child processes."""
+    if not local:
+        typer.echo("error: `run` needs --local; in a cluster use `kubedistill apply -f JOB.yaml`", err=True)
+        raise typer.Exit(EXIT_INVALID)
+    raise typer.Exit(run_local(job_file, workdir, preset, fresh))

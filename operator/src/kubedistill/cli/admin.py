@@ -1,4 +1,4 @@
-"""The `kubedistill` command line: one typer app, one function per command."""
+"""Commands for whoever runs kubedistill: `crds` (the CRDs from the models) and `operator` (run it)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,8 @@ from typing import Annotated
 
 import typer
 
-from kubedistill import cli_cluster, cli_local
 from kubedistill.api import crdgen
-
-app = typer.Typer(
-    name="kubedistill",
-    help="Distil a team's LLM traffic into a small, cheap model — on Kubernetes or locally.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-
-
-@app.callback()
-def _root() -> None:
-    """Distil a team's LLM traffic into a small, cheap model — on Kubernetes or locally."""
+from kubedistill.cli.app import app
 
 
 @app.command()
@@ -52,12 +40,3 @@ def operator_command(ctx: typer.Context) -> None:
     from kubedistill.handlers.main import main as run_operator
 
     run_operator(list(ctx.args))
-
-
-# Commands of other modules (local mode, the cluster commands) register themselves on the app.
-cli_local.register(app)
-cli_cluster.register(app)
-
-
-def main() -> None:
-    app()
