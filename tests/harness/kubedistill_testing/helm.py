@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ def build(version: str = HELM_VERSION) -> Path:
         partial.mkdir(exist_ok=True)
         print(f"kubedistill: building helm {version} (once per machine)", file=sys.stderr)
         env = {**os.environ, "GOBIN": str(partial), "GOTOOLCHAIN": "local"}
+        started = time.monotonic()
         result = subprocess.run(
             [_go(), "install", f"-ldflags={ldflags(version, env)}", f"{HELM_MODULE}/cmd/helm@{version}"],
             env=env,
@@ -147,6 +149,7 @@ def build(version: str = HELM_VERSION) -> Path:
             raise HelmError(f"go install {HELM_MODULE}/cmd/helm@{version} failed: {last.strip()}")
         (partial / "helm").rename(target)
         partial.rmdir()
+        print(f"kubedistill:   helm built in {time.monotonic() - started:.0f} s", file=sys.stderr)
     return target
 
 
