@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from kubedistill.api.jobfile import JobInvalid
+from kubedistill.local.processes import spawn, stop_process
 
 CACHE = Path(os.environ.get("KUBEDISTILL_CACHE", Path.home() / ".cache" / "kubedistill"))
 
@@ -83,14 +83,12 @@ def ensure_hf_student(name: str, local_dir: Path, env: Mapping[str, str]) -> Pat
     gguf = local_gguf(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     log_path = local_dir / "logs" / "convert-student.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        code = subprocess.call(
-            [sys.executable, "-m", "kubedistill.local", "convert", str(gguf), str(dest)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-        )
+    proc = spawn([sys.executable, "-m", "kubedistill.local", "convert", str(gguf), str(dest)], log_path, env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        stop_process(proc)
+        raise
     if code != 0:
         raise RuntimeError(f"converting {gguf.name} to Hugging Face form failed; see {log_path}")
     return dest

@@ -48,6 +48,19 @@ def free_port() -> int:
         return port
 
 
+def spawn(args: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A child in its own process group (so a stop reaches all it started), output appended to a log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+        )
+
+
 def stop_process(proc: subprocess.Popen[bytes], grace: tuple[float, float] = STOP_GRACE_S) -> int:
     """SIGINT, then SIGTERM, then SIGKILL, to the child's own process group."""
     for sig, wait_s in ((signal.SIGINT, grace[0]), (signal.SIGTERM, grace[1]), (signal.SIGKILL, 30.0)):
@@ -77,9 +90,7 @@ def llama_server(gguf: Path, alias: str, log_path: Path, threads: int | None = N
         "--n_ctx", "4096",
         "--n_threads", str(threads or os.cpu_count() or 2),
     ]  # fmt: skip
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn(cmd, log_path)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -121,14 +132,7 @@ def run_stage_process(
         TERMINATION_LOG_ENV: str(local_dir / "logs" / f"{stage.value}.termination-log"),
         "PYTHONUNBUFFERED": "1",
     }
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kubedistill_trainer", stage.value],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env,
-            start_new_session=True,
-        )
+    proc = spawn([sys.executable, "-m", "kubedistill_trainer", stage.value], log_path, child_env)
     try:
         while proc.poll() is None:
             if stop_requested():
@@ -163,14 +167,9 @@ def run_baseline_process(
     inv_path = local_dir / "invocations" / "baseline.json"
     inv_path.write_text(inv.model_dump_json(by_alias=True), encoding="utf-8")
     log_path = local_dir / "logs" / "baseline.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kubedistill.local", "baseline", str(inv_path), str(out)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
-        )
+    proc = spawn(
+        [sys.executable, "-m", "kubedistill.local", "baseline", str(inv_path), str(out)], log_path, env
+    )
     try:
         code = proc.wait()
     except KeyboardInterrupt:
