@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kubedistill import cli_cluster, cli_local
+from kubedistill import cli_cluster, cli_doctor, cli_local
 from kubedistill.api import crdgen
 
 app = typer.Typer(
@@ -57,6 +57,7 @@ def operator_command(ctx: typer.Context) -> None:
 # Commands of other modules (local mode, the cluster commands) register themselves on the app.
 cli_local.register(app)
 cli_cluster.register(app)
+cli_doctor.register(app)
 
 
 def main() -> None:
