@@ -75,7 +75,7 @@ def doctor_command(
     try:
         if stop_operator:
             doctor.stop_deployment(api, deployment_namespace, deployment)
-            _say(f"deployment {stop_operator} scaled to 0; its pods are gone")
+            _say(f"deployment {stop_operator}: no operator pod runs")
         bodies = doctor.list_jobs(api, namespace or [])
         now = datetime.now(UTC)
         held = doctor.held_jobs(bodies, settings)
@@ -93,6 +93,9 @@ def doctor_command(
             _print_outcome(outcome)
     except ApiException as err:
         err_console.print(f"Error from server ({err.status} {err.reason}): {err.body}", markup=False)
+        raise typer.Exit(EXIT_STUCK) from None
+    except (TimeoutError, ValueError) as err:
+        err_console.print(f"error: {err}", markup=False)
         raise typer.Exit(EXIT_STUCK) from None
 
 

@@ -216,11 +216,19 @@ def stop_deployment(api: Any, namespace: str, name: str, timeout_s: float = 120.
     """Scale the operator's Deployment to zero and wait until its pods are gone, so that no operator
     puts a finalizer back on a job after it was released."""
     from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
     apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-    deployment = apps.read_namespaced_deployment(name, namespace)
-    apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 0}})
+    try:
+        deployment = apps.read_namespaced_deployment(name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return  # no operator to stop
+        raise
     labels = deployment.spec.selector.match_labels or {}
+    if not labels:
+        raise ValueError(f"deployment {namespace}/{name} selects its pods without matchLabels")
+    apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 0}})
     selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
     deadline = time.monotonic() + timeout_s
     while core.list_namespaced_pod(namespace, label_selector=selector).items:
