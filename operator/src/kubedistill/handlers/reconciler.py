@@ -46,7 +46,6 @@ from kubedistill.k8s import observe, resources
 from kubedistill.k8s.client import ApiError, Kube
 from kubedistill.metrics import OperatorMetrics, failure_reason
 from kubedistill.settings import Settings
-from kubedistill.store import StoreError
 
 log = logging.getLogger("kubedistill.operator")
 
@@ -372,7 +371,7 @@ class Reconciler:
         try:
             base = artifact_base(artifact_root(job, self.settings), namespace, name, job.metadata.uid or "")
             deleted = await asyncio.to_thread(store.delete_prefix, base + "/")
-        except (StoreError, ValueError) as err:  # ValueError: no artifact storage is configured at all
+        except (store.StoreError, ValueError) as err:  # ValueError: no artifact storage is configured at all
             await self._report_deleting(
                 body, cond.Reason.ARTIFACT_DELETION_FAILED, f"the artifacts could not be deleted: {err}"
             )
