@@ -143,7 +143,7 @@ def release_finalizer(api: Any, held: Held, body: Mapping[str, Any]) -> None:
         {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]},
     ]
     client.CustomObjectsApi(api).patch_namespaced_custom_object(
-        GROUP, VERSION, held.namespace, PLURAL, held.name, patch
+        GROUP, VERSION, held.namespace, PLURAL, held.name, patch, _content_type="application/json-patch+json"
     )
 
 
