@@ -440,6 +440,9 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
         assert f"rollout status deployment/{release}-kubedistill" in notes
         jobs_namespace = "default" if cluster_wide else namespace
         assert f"kubectl -n {jobs_namespace} get distillationjobs -w" in notes
+        # What uninstall does to running jobs and the kept CRDs, said before anyone runs it.
+        assert "`helm uninstall` keeps the CRDs, so every DistillationJob and ModelAlias stays" in notes
+        assert "pre-delete hook first stops the operator" in notes
 
         def operator_pod() -> dict[str, Any] | None:
             pods = core.list_namespaced_pod(
