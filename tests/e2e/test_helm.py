@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import re
@@ -28,6 +29,7 @@ from kubernetes.dynamic import DynamicClient
 from sdk_cli_support import job_body
 
 from conftest import wait_for
+from kubedistill.domain.deletion import FINALIZER
 from kubedistill_testing import argocd, helm
 from kubedistill_testing.cluster import free_port
 from kubedistill_testing.helm import VALUE_SETS
@@ -43,8 +45,8 @@ NOT_SERVED = {"ServiceMonitor", "PrometheusRule"}
 
 # A real kubelet mounts the token at /var/run/secrets/kubernetes.io/serviceaccount; the local kubelet
 # cannot, and names its directory instead. This turns that directory into the kubeconfig an in-cluster
-# client would build, then starts the operator exactly as the image's ENTRYPOINT does.
-IN_POD = """
+# client would build.
+POD_KUBECONFIG = """
 import os, sys, pathlib, yaml
 sa = pathlib.Path(os.environ["KUBEDISTILL_SERVICEACCOUNT_DIR"])
 server = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
@@ -56,6 +58,11 @@ kubeconfig = {
 }
 (sa / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
 os.environ["KUBECONFIG"] = str(sa / "kubeconfig")
+"""
+# The operator, started exactly as the image's ENTRYPOINT does.
+IN_POD = (
+    POD_KUBECONFIG
+    + """
 import asyncio
 from kubedistill.k8s.client import Kube
 
@@ -73,6 +80,17 @@ print("operator identity:", review["status"]["userInfo"]["username"], flush=True
 from kubedistill.handlers.main import main
 main(sys.argv[1:])
 """
+)
+# The image's `kubedistill` command (the uninstall hook's); KUBERNETES_SERVICE_HOST would send the CLI to
+# the in-cluster files a real kubelet mounts.
+KUBEDISTILL_COMMAND = (
+    POD_KUBECONFIG
+    + """
+del os.environ["KUBERNETES_SERVICE_HOST"]
+from kubedistill.cli import main
+main()
+"""
+)
 
 
 def unique(prefix: str) -> str:
@@ -264,6 +282,8 @@ def installed_rbac(
         d
         for d in helm.template(values, release=release, namespace=namespace)
         if d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+        # The uninstall hook's Role exists only while the hook runs (tests/unit/test_chart.py checks it).
+        and (d["metadata"].get("annotations") or {}).get("helm.sh/hook") != "pre-delete"
     ]
     try:
         for doc in docs:
@@ -358,19 +378,30 @@ def healthy(port: int) -> bool:
         return False
 
 
+@pytest.fixture
+def pod_commands(kubelet: LocalKubelet, tmp_path: Path) -> LocalKubelet:
+    """The operator image (any tag), its `kubedistill` command and the fake stage, in the local kubelet."""
+    kubelet.images[OPERATOR_IMAGE] = [sys.executable, "-c", IN_POD]
+    kubelet.images[FAKE_STAGE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
+    command = tmp_path / "kubedistill"
+    command.write_text(f"#!{sys.executable}\n{KUBEDISTILL_COMMAND}")
+    command.chmod(0o755)
+    kubelet.commands["kubedistill"] = str(command)
+    return kubelet
+
+
 @pytest.mark.parametrize("cluster_wide", [False, True], ids=["namespaced", "cluster-wide"])
 def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
     cluster_wide: bool,
     control_plane: Path,
-    kubelet: LocalKubelet,
+    pod_commands: LocalKubelet,
     namespace: str,
     k8s_api: client.ApiClient,
     tmp_path: Path,
 ) -> None:
     """Cluster-wide, the operator may not read Secrets at all: its existence check of the teacher's
     Secret is refused (403) and must not stop the job; namespaced, it checks with its Role."""
-    kubelet.images[OPERATOR_IMAGE] = [sys.executable, "-c", IN_POD]
-    kubelet.images[FAKE_STAGE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
+    kubelet = pod_commands
     core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
     core.create_namespaced_secret(
         namespace, {"metadata": {"name": "teacher"}, "stringData": {"api-key": "sk-test"}}
@@ -402,6 +433,9 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
         assert f"rollout status deployment/{release}-kubedistill" in notes
         jobs_namespace = "default" if cluster_wide else namespace
         assert f"kubectl -n {jobs_namespace} get distillationjobs -w" in notes
+        # What uninstall does to running jobs and the kept CRDs, said before anyone runs it.
+        assert "`helm uninstall` keeps the CRDs, so every DistillationJob and ModelAlias stays" in notes
+        assert "pre-delete hook first stops the operator" in notes
 
         def operator_pod() -> dict[str, Any] | None:
             pods = core.list_namespaced_pod(
@@ -481,6 +515,187 @@ def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
             b.metadata.name == f"{release}-kubedistill"
             for b in client.RbacAuthorizationV1Api(k8s_api).list_cluster_role_binding().items
         )
+
+
+# ------------------------------------------------------------------------------ upgrade, uninstall
+
+
+def lifecycle_values(tmp_path: Path, watch: list[str], stage_env: dict[str, str]) -> dict[str, Any]:
+    """A namespaced install whose fake stages take their time (KUBEDISTILL_FAKE_SLEEP)."""
+    return {
+        "watchNamespaces": watch,
+        "crds": {"enabled": False, "keep": True},
+        "image": {"repository": OPERATOR_IMAGE, "tag": "e2e", "pullPolicy": "Never"},
+        "trainer": {
+            "image": {"repository": FAKE_STAGE_IMAGE, "tag": "1", "pullPolicy": "Never"},
+            "env": stage_env,
+        },
+        "stages": {"train": {"gpus": 0}},
+        "storage": {"artifactRoot": (tmp_path / "artifacts").as_uri()},
+        "operator": {"progressIntervalSeconds": 1, "retryBackoffBaseSeconds": 1},
+        "healthPort": free_port(),
+        "metrics": {"port": free_port()},
+    }
+
+
+def helm_values(tmp_path: Path, values: dict[str, Any]) -> list[str]:
+    path = tmp_path / f"values-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["--values", str(path)]
+
+
+def operator_pods(core: client.CoreV1Api, namespace: str) -> list[Any]:
+    return list(
+        core.list_namespaced_pod(namespace, label_selector="app.kubernetes.io/component=operator").items
+    )
+
+
+def dj(custom: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        found: dict[str, Any] = custom.get_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", namespace, "distillationjobs", name
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    return found
+
+
+def phase_of(custom: client.CustomObjectsApi, namespace: str, name: str) -> str | None:
+    return ((dj(custom, namespace, name) or {}).get("status") or {}).get("phase")
+
+
+def test_helm_upgrade_of_the_operator_mid_stage_runs_no_stage_twice(
+    control_plane: Path, pod_commands: LocalKubelet, namespace: str, k8s_api: client.ApiClient, tmp_path: Path
+) -> None:
+    core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
+    batch = client.BatchV1Api(k8s_api)
+    release = unique("kd")
+    values = lifecycle_values(tmp_path, [namespace], {"KUBEDISTILL_FAKE_SLEEP": "train:15"})
+    kube = ["--kubeconfig", str(control_plane), "--namespace", namespace]
+    chart = [release, str(helm.chart_dir()), *kube, "--skip-crds"]
+    helm.build()
+    helm.run(["install", *chart, *helm_values(tmp_path, values)])
+    try:
+        wait_for(
+            lambda: [p for p in operator_pods(core, namespace) if p.status.phase == "Running"], timeout=60
+        )
+        custom.create_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", namespace, "distillationjobs", job_body("rolling")
+        )
+        wait_for(
+            lambda: phase_of(custom, namespace, "rolling") == "Training", timeout=90, what="train to run"
+        )
+
+        values["image"]["tag"] = "e2e-2"
+        helm.run(["upgrade", *chart, *helm_values(tmp_path, values)])
+
+        def upgraded() -> Any:
+            pods = operator_pods(core, namespace)
+            images = [p.spec.containers[0].image for p in pods]
+            running = [p for p in pods if p.status.phase == "Running"]
+            return running[0] if images == [f"{OPERATOR_IMAGE}:e2e-2"] and running else None
+
+        new_pod = wait_for(upgraded, timeout=60, what="the upgraded operator Pod to run alone")
+        wait_for(
+            lambda: phase_of(custom, namespace, "rolling") in ("Succeeded", "Failed"),
+            timeout=120,
+            what="the job to finish under the new operator",
+        )
+        done = dj(custom, namespace, "rolling")
+        assert done is not None and done["status"]["phase"] == "Succeeded", done
+        assert [s["attempts"] for s in done["status"]["stages"]] == [1] * 5
+        jobs = batch.list_namespaced_job(namespace, label_selector="kubedistill.io/job=rolling").items
+        assert sorted(j.metadata.name for j in jobs) == sorted(
+            f"rolling-{s}-1" for s in ("generate", "curate", "train", "export", "evaluate")
+        )
+        # The new operator came up while the train stage ran, and took it over.
+        train = next(j for j in jobs if j.metadata.name == "rolling-train-1")
+        assert train.status.start_time <= new_pod.status.start_time <= train.status.completion_time
+    finally:
+        helm.run(["uninstall", release, *kube, "--wait", "--timeout", "60s"], check=False)
+
+
+def test_helm_uninstall_leaves_no_job_or_namespace_stuck(
+    control_plane: Path, pod_commands: LocalKubelet, namespace: str, k8s_api: client.ApiClient, tmp_path: Path
+) -> None:
+    """Both jobs mid-stage at uninstall: afterwards each deletes in seconds, and so does their namespace.
+    The one that asked for its artifacts to go with it is told they stay, and where."""
+    core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
+    jobs_ns = unique("kd-helm-jobs")
+    core.create_namespace({"metadata": {"name": jobs_ns}})
+    release = unique("kd")
+    values = lifecycle_values(tmp_path, [jobs_ns], {"KUBEDISTILL_FAKE_SLEEP": "generate:120"})
+    kube = ["--kubeconfig", str(control_plane), "--namespace", namespace]
+    helm.build()
+    try:
+        wait_for(
+            lambda: core.list_namespaced_service_account(jobs_ns).items, what="the default ServiceAccount"
+        )
+        helm.run(
+            ["install", release, str(helm.chart_dir()), *kube, "--skip-crds", *helm_values(tmp_path, values)]
+        )
+        wait_for(
+            lambda: [p for p in operator_pods(core, namespace) if p.status.phase == "Running"], timeout=60
+        )
+        cleans = {"deleteOnJobDeletion": True}
+        for body in (job_body("cleaning", storage=cleans), job_body("plain")):
+            custom.create_namespaced_custom_object(
+                "kubedistill.io", "v1alpha1", jobs_ns, "distillationjobs", body
+            )
+        for name in ("cleaning", "plain"):
+            wait_for(lambda name=name: phase_of(custom, jobs_ns, name) == "Generating", timeout=90, what=name)
+        assert (dj(custom, jobs_ns, "cleaning") or {})["metadata"].get("finalizers") == [FINALIZER]
+        assert not (dj(custom, jobs_ns, "plain") or {})["metadata"].get("finalizers")
+        uid = (dj(custom, jobs_ns, "cleaning") or {})["metadata"]["uid"]
+
+        helm.run(["uninstall", release, *kube, "--wait", "--timeout", "120s"])
+
+        logs = pod_commands.root / "logs" / namespace
+        (hook_log,) = [p / "release-finalizers.log" for p in logs.glob(f"{release}-kubedistill-uninstall-*")]
+        said = hook_log.read_text()
+        where = f"{(tmp_path / 'artifacts').as_uri()}/{jobs_ns}/cleaning/{uid}"
+        assert (
+            f"released distillationjob {jobs_ns}/cleaning — LEFT BEHIND: artifacts at {where} will stay"
+            in said
+        )
+        assert f"released distillationjob {jobs_ns}/plain" not in said  # it never had the finalizer
+        events = core.list_namespaced_event(jobs_ns).items
+        left = [e for e in events if e.reason == "ArtifactsLeftBehind"]
+        assert [e.involved_object.name for e in left] == ["cleaning"] and where in left[0].message
+        # Nothing of the release is left, the hook's own objects included.
+        assert not operator_pods(core, namespace)
+        assert not [
+            r
+            for r in client.RbacAuthorizationV1Api(k8s_api).list_namespaced_role(namespace).items
+            if r.metadata.name.startswith(release)
+        ]
+        assert not client.BatchV1Api(k8s_api).list_namespaced_job(namespace).items
+
+        for name in ("cleaning", "plain"):
+            custom.delete_namespaced_custom_object(
+                "kubedistill.io", "v1alpha1", jobs_ns, "distillationjobs", name
+            )
+            wait_for(
+                lambda name=name: dj(custom, jobs_ns, name) is None, timeout=5, what=f"{name} to be deleted"
+            )
+        core.delete_namespace(jobs_ns)
+
+        def namespace_gone() -> bool:
+            try:
+                core.read_namespace(jobs_ns)
+            except ApiException as err:
+                if err.status == 404:
+                    return True
+                raise
+            return False
+
+        wait_for(namespace_gone, timeout=60, what=f"namespace {jobs_ns} to be deleted")
+    finally:
+        helm.run(["uninstall", release, *kube, "--wait", "--timeout", "60s"], check=False)
+        with contextlib.suppress(ApiException):
+            core.delete_namespace(jobs_ns)
 
 
 @pytest.fixture(autouse=True)

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from sdk_cli_support import job_body
 
+from kubedistill.domain.deletion import FINALIZER
 from kubedistill_testing.kubelet import LocalKubelet
 
 pytestmark = pytest.mark.cluster
@@ -179,6 +180,45 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S)
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def gone(custom: client.CustomObjectsApi, namespace: str, name: str) -> bool:
+    try:
+        get_job(custom, namespace, name)
+    except ApiException as err:
+        if err.status == 404:
+            return True
+        raise
+    return False
+
+
+def finalizers(custom: client.CustomObjectsApi, namespace: str, name: str) -> list[str]:
+    found: list[str] = get_job(custom, namespace, name)["metadata"].get("finalizers") or []
+    return found
+
+
+def conditions_until_deleted(
+    custom: client.CustomObjectsApi, namespace: str, name: str, version: str, type_: str
+) -> list[dict[str, Any]]:
+    """Every `type_` condition the job showed, version by version from `version` until it was deleted."""
+    seen = []
+    stream = watch.Watch()
+    for event in stream.stream(
+        custom.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        "distillationjobs",
+        field_selector=f"metadata.name={name}",
+        resource_version=version,
+        timeout_seconds=int(WAIT_S),
+    ):
+        found = condition(event["object"], type_)
+        if found is not None:
+            seen.append(found)
+        if event["type"] == "DELETED":
+            stream.stop()
+    return seen
 
 
 def events_for(k8s_api: client.ApiClient, namespace: str, name: str) -> list[str]:
@@ -338,16 +378,13 @@ def test_deletion_mid_run_removes_the_children(
     uid = get_job(custom, ns, "doomed-early")["metadata"]["uid"]
     progress = operator.artifacts / ns / "doomed-early" / uid / "generate" / "progress.json"
     wait_until(progress.is_file, "generate to report progress")
+    version = get_job(custom, ns, "doomed-early")["metadata"]["resourceVersion"]
     custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", "doomed-early")
-
-    def gone() -> bool:
-        try:
-            get_job(custom, ns, "doomed-early")
-        except ApiException as err:
-            return err.status == 404
-        return False
-
-    wait_until(gone, "the DistillationJob to be deleted")
+    # The finalizer's wait for the stage pods shows in the deleted job's status.
+    deleting = conditions_until_deleted(custom, ns, "doomed-early", version, "Deleting")
+    wait_until(lambda: gone(custom, ns, "doomed-early"), "the DistillationJob to be deleted")
+    assert deleting and deleting[0]["status"] == "True" and deleting[0]["reason"] == "StagePodsTerminating"
+    assert "stage pod(s) still terminating (doomed-early-generate-1-" in deleting[0]["message"]
     assert child_jobs(batch, ns, "doomed-early") == []
     core = client.CoreV1Api(k8s_api)
     selector = f"{LABEL_JOB}=doomed-early"
@@ -476,3 +513,56 @@ def test_ttl_after_finished_deletes_the_children(
     # The status keeps what the children reported.
     kept = get_job(custom, ns, "brief")
     assert kept["status"]["phase"] == "Succeeded" and kept["status"]["metrics"]["evalScore"] == 0.9
+
+
+def set_deletes_artifacts(custom: client.CustomObjectsApi, namespace: str, name: str, value: bool) -> None:
+    patch = {"spec": {"storage": {"deleteOnJobDeletion": value}}}
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "distillationjobs", name, patch)
+
+
+def test_only_a_job_that_deletes_its_artifacts_carries_the_finalizer(
+    operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
+) -> None:
+    ns = operator.namespace
+    operator.start(KUBEDISTILL_FAKE_SLEEP="generate:30")
+    create_job(custom, ns, "plain")
+    create_job(custom, ns, "cleaning", storage={"deleteOnJobDeletion": True})
+    wait_until(lambda: FINALIZER in finalizers(custom, ns, "cleaning"), "the finalizer on the cleaning job")
+    wait_phase(custom, operator, "plain", {"Generating"})
+    assert finalizers(custom, ns, "plain") == []
+    # The spec decides, both ways.
+    set_deletes_artifacts(custom, ns, "plain", True)
+    wait_until(lambda: FINALIZER in finalizers(custom, ns, "plain"), "the finalizer to be added")
+    for name in ("plain", "cleaning"):
+        set_deletes_artifacts(custom, ns, name, False)
+        wait_until(lambda name=name: finalizers(custom, ns, name) == [], "the finalizer to be removed")
+    assert running_stage(get_job(custom, ns, "cleaning")) == "generate"  # the job itself goes on
+    # No operator: a job without the finalizer is deleted at once (the reported bug: kubectl delete
+    # hung), and the garbage collector deletes its running stage Job.
+    operator.stop()
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", "cleaning")
+    wait_until(lambda: gone(custom, ns, "cleaning"), "the job to be deleted", timeout=5)
+    wait_until(
+        lambda: child_jobs(batch, ns, "cleaning") == [], "the garbage collector to delete the stage Job"
+    )
+
+
+def test_the_finalizers_an_older_operator_left_are_removed_at_startup(
+    operator: Operator, custom: client.CustomObjectsApi
+) -> None:
+    """Today's operator put its finalizer on every job; after the upgrade only those that need it keep it."""
+    ns = operator.namespace
+    for name, spec in (("old-plain", {}), ("old-cleaning", {"storage": {"deleteOnJobDeletion": True}})):
+        body = job_body(name, **spec)
+        body["metadata"]["finalizers"] = [FINALIZER]
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", body)
+    operator.start()
+    wait_until(lambda: finalizers(custom, ns, "old-plain") == [], "the unneeded finalizer to be removed")
+    done = wait_phase(custom, operator, "old-cleaning", {"Succeeded", "Failed"})
+    assert done["status"]["phase"] == "Succeeded" and done["metadata"]["finalizers"] == [FINALIZER]
+    assert (
+        wait_phase(custom, operator, "old-plain", {"Succeeded", "Failed"})["status"]["phase"] == "Succeeded"
+    )
+    # The kept finalizer still does its work (and leaves the namespace deletable).
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", "old-cleaning")
+    wait_until(lambda: gone(custom, ns, "old-cleaning"), "the job with the finalizer to be deleted")

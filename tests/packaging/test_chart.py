@@ -32,12 +32,25 @@ def kube_version() -> str:
     return pinned_version((tools_module_dir() / "go.mod").read_text()).lstrip("v")
 
 
+def is_uninstall_hook(doc: dict[str, Any]) -> bool:
+    return ((doc["metadata"].get("annotations")) or {}).get("helm.sh/hook") == "pre-delete"
+
+
 @pytest.fixture(scope="module")
-def render() -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+def render_all() -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    """Everything `helm install` creates, and the uninstall hook's objects."""
     helm.build()
     return lambda values: helm.template(
         values, namespace=NAMESPACE, kube_version=kube_version(), include_crds=True
     )
+
+
+@pytest.fixture(scope="module")
+def render(
+    render_all: Callable[..., list[dict[str, Any]]],
+) -> Callable[[dict[str, Any]], list[dict[str, Any]]]:
+    """What `helm install` creates (the uninstall hook's objects live only while it runs)."""
+    return lambda values: [d for d in render_all(values) if not is_uninstall_hook(d)]
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -78,9 +91,9 @@ def test_helm_lint_strict(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_rendered_manifests_pass_kubernetes_validate(
-    name: str, render: Callable[..., list[dict[str, Any]]]
+    name: str, render_all: Callable[..., list[dict[str, Any]]]
 ) -> None:
-    docs = render(VALUE_SETS[name])
+    docs = render_all(VALUE_SETS[name])
     version = kube_version()
     checked = 0
     for doc in docs:
@@ -268,6 +281,64 @@ def test_secret_reads_only_where_listed(render: Callable[..., list[dict[str, Any
     assert (role["metadata"]["namespace"], rules_of(role)) == ("ml", {("", "secrets", "get")})
     assert not rules_of(one(docs, "ClusterRole")) & FORBIDDEN
     assert not [d for d in render({"rbac": {"create": False}}) if d["kind"].endswith(("Role", "RoleBinding"))]
+
+
+# ----------------------------------------------------------------------------------- uninstall hook
+
+
+def test_the_uninstall_hook_stops_the_operator_then_releases_the_finalizers(
+    render_all: Callable[..., list[dict[str, Any]]],
+) -> None:
+    docs = render_all(VALUE_SETS["namespaced-minio"])
+    hooks = [d for d in docs if is_uninstall_hook(d)]
+    assert {d["kind"] for d in hooks} == {"Role", "RoleBinding", "Job"}
+    for doc in hooks:
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete"
+        # Nothing of the hook outlives it, whether it worked or not.
+        policy = set(annotations["helm.sh/hook-delete-policy"].split(","))
+        assert {"hook-succeeded", "hook-failed"} <= policy
+        assert doc["metadata"]["namespace"] == NAMESPACE
+    role = one(hooks, "Role")
+    assert rules_of(role) == {
+        ("apps", "deployments", "get"),
+        ("apps", "deployments/scale", "patch"),
+        ("", "pods", "list"),
+    }
+    deployment = one(docs, "Deployment", "kd-kubedistill")["metadata"]["name"]
+    scaled = [r for r in role["rules"] if r["apiGroups"] == ["apps"]]
+    assert all(r["resourceNames"] == [deployment] for r in scaled)
+    # It runs as the operator's ServiceAccount, which may already list and patch the jobs.
+    assert one(hooks, "RoleBinding")["subjects"][0]["name"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    job = one(hooks, "Job")
+    order = {d["kind"]: int(d["metadata"]["annotations"]["helm.sh/hook-weight"]) for d in hooks}
+    assert order["Role"] < order["Job"] and order["RoleBinding"] < order["Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    (container,) = pod["containers"]
+    assert container["command"] == [
+        "kubedistill",
+        "doctor",
+        f"--stop-operator={NAMESPACE}/{deployment}",
+        "--release-finalizers",
+        "--delete-artifacts",
+        "--namespace=ml",
+        "--namespace=research",
+    ]
+    # The operator's settings and S3 access, to find and delete artifacts as the operator would.
+    operator = one(docs, "Deployment", "kd-kubedistill")["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == operator["envFrom"] and container["env"] == operator["env"]
+    assert container["image"] == operator["image"]
+    # The hook's pods are not the operator's: waiting for those to go must not wait for itself.
+    selector = one(docs, "Deployment", "kd-kubedistill")["spec"]["selector"]["matchLabels"]
+    assert not selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_uninstall_hook_can_be_turned_off(render_all: Callable[..., list[dict[str, Any]]]) -> None:
+    assert not [d for d in render_all({"uninstallHook": {"enabled": False}}) if is_uninstall_hook(d)]
+    (job,) = [d for d in render_all({"uninstallHook": {"deleteArtifacts": False}}) if d["kind"] == "Job"]
+    assert "--delete-artifacts" not in job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--namespace" not in " ".join(job["spec"]["template"]["spec"]["containers"][0]["command"])
 
 
 # -------------------------------------------------------------------------------------------- CRDs

@@ -113,3 +113,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
+
+{{/* The operator's settings and storage access; the uninstall hook (kubedistill doctor) gets the same. */}}
+{{- define "kubedistill.operatorEnv" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "kubedistill.fullname" . }}-settings
+env:
+  - name: POD_NAMESPACE
+    valueFrom:
+      fieldRef:
+        fieldPath: metadata.namespace
+  {{- with (include "kubedistill.storageEndpoint" .) }}
+  # The operator reads progress and results from the artifact store itself.
+  - name: KUBEDISTILL_S3_ENDPOINT
+    value: {{ . | quote }}
+  {{- end }}
+  {{- with (include "kubedistill.storageSecret" .) }}
+  - name: AWS_ACCESS_KEY_ID
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: AWS_ACCESS_KEY_ID
+  - name: AWS_SECRET_ACCESS_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: AWS_SECRET_ACCESS_KEY
+  {{- end }}
+  {{- with .Values.operator.extraEnv }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}

@@ -19,6 +19,8 @@ BUDGET_EXCEEDED = "BudgetExceeded"
 SECRET_MISSING = "SecretMissing"
 PROMOTED = "Promoted"
 PROMOTION_SKIPPED = "PromotionSkipped"
+# Set on a deleted job while its finalizer still has work to do (only jobs that delete their artifacts).
+DELETING = "Deleting"
 
 
 class Reason:
@@ -47,6 +49,8 @@ class Reason:
     JOB_NOT_FOUND = "JobNotFound"
     JOB_NOT_SUCCEEDED = "JobNotSucceeded"
     ARTIFACT_MISSING = "ArtifactMissing"
+    PODS_TERMINATING = "StagePodsTerminating"
+    ARTIFACT_DELETION_FAILED = "ArtifactDeletionFailed"
 
 
 def rfc3339(moment: datetime) -> str:

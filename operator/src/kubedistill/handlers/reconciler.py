@@ -32,6 +32,7 @@ from kubedistill.catalog import Catalog
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Event, Promote, SetSuspend
 from kubedistill.domain.alias import RESOLVABLE
+from kubedistill.domain.deletion import is_deleting, terminating_message
 from kubedistill.domain.naming import artifact_base
 from kubedistill.domain.observation import Observed
 from kubedistill.domain.phases import decide
@@ -47,7 +48,15 @@ Key = tuple[str, str]
 # With nothing scheduled, look again this often anyway: a missed watch event must not strand a job.
 IDLE_RESYNC_S = 300.0
 ERROR_BACKOFF_S = 5.0
+# A deleted job's finalizer looks again this often while stage pods terminate, and after a failed
+# artifact deletion (the store may be back).
+FINALIZE_POLL_S = 1.0
+FINALIZE_RETRY_S = 15.0
 _QUIET_CHILD = json.dumps(["", False, False, False])
+
+
+class JobGone(Exception):
+    """The job no longer exists, or is being deleted: its reconcile loop ends."""
 
 
 class EventPoster(Protocol):
@@ -125,7 +134,8 @@ class Reconciler:
     async def run(
         self, namespace: str, name: str, stopped: Stopped, body: dict[str, Any] | None = None
     ) -> None:
-        """Reconcile until stopped; `body`, as the watch just delivered it, saves the first read."""
+        """Reconcile until stopped or the job is gone; `body`, as the watch just delivered it, saves the
+        first read."""
         key = (namespace, name)
         wakeup = self._wakeups.setdefault(key, asyncio.Event())
         try:
@@ -134,6 +144,8 @@ class Reconciler:
                 try:
                     delay = await self.reconcile(namespace, name, body)
                     body = None
+                except JobGone:
+                    return
                 except ApiError as err:
                     log.warning("reconcile failed: %s", err, extra={"job": name, "namespace": namespace})
                     if self.metrics is not None:
@@ -155,10 +167,11 @@ class Reconciler:
     # -- one pass -----------------------------------------------------------------------------------
 
     async def reconcile(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> float | None:
+        """One pass; the seconds until the next one is due (None: only when something changes)."""
         if body is None:
             body = await resources.get_distillation_job(self.kube, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
+        if body is None or is_deleting(body):
+            raise JobGone(f"{namespace}/{name}")
         try:
             job = DistillationJob.model_validate(body)
         except ValidationError as err:
@@ -333,8 +346,10 @@ class Reconciler:
 
     # -- deletion -----------------------------------------------------------------------------------
 
-    async def finalize(self, body: dict[str, Any]) -> bool:
-        """Delete the children (and the artifacts if asked); True once nothing is left."""
+    async def finalize(self, body: dict[str, Any]) -> float | None:
+        """The finalizer's work for a job that deletes its artifacts with it: delete its stage Jobs, wait
+        until their pods have stopped writing, then delete the artifacts. None once done; otherwise the
+        seconds before trying again, with the `Deleting` condition saying what it waits for."""
         job = DistillationJob.model_validate(body)
         namespace, name = job.metadata.namespace or "default", job.metadata.name
         children = await resources.list_child_jobs(self.kube, namespace, name)
@@ -342,13 +357,45 @@ class Reconciler:
             if not child["metadata"].get("deletionTimestamp"):
                 await resources.delete_job(self.kube, namespace, child["metadata"]["name"])
         if children:
-            return False
-        if job.spec.storage.delete_on_job_deletion:
+            pods = await resources.list_child_pods(self.kube, namespace, name)
+            message = terminating_message(
+                [c["metadata"]["name"] for c in children], [p["metadata"]["name"] for p in pods]
+            )
+            await self._report_deleting(body, cond.Reason.PODS_TERMINATING, message)
+            return FINALIZE_POLL_S
+        try:
             base = artifact_base(artifact_root(job, self.settings), namespace, name, job.metadata.uid or "")
             deleted = await asyncio.to_thread(store.delete_prefix, base + "/")
-            log.info(
-                "deleted %d artifact(s) under %s", deleted, base, extra={"job": name, "namespace": namespace}
+        except (store.StoreError, ValueError) as err:  # ValueError: no artifact storage is configured at all
+            await self._report_deleting(
+                body, cond.Reason.ARTIFACT_DELETION_FAILED, f"the artifacts could not be deleted: {err}"
             )
+            return FINALIZE_RETRY_S
+        log.info(
+            "deleted %d artifact(s) under %s", deleted, base, extra={"job": name, "namespace": namespace}
+        )
+        return None
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        """The job is gone: its per-job metrics go with it."""
         if self.metrics is not None:
             self.metrics.forget_job(namespace, name)
-        return True
+
+    async def _report_deleting(self, body: dict[str, Any], reason: str, message: str) -> None:
+        meta = body["metadata"]
+        status = DistillationJobStatus.model_validate(body.get("status") or {})
+        conditions = cond.set_condition(
+            status.conditions,
+            cond.DELETING,
+            "True",
+            reason,
+            message,
+            now=self.clock(),
+            generation=meta.get("generation"),
+        )
+        if conditions == status.conditions:
+            return
+        status.conditions = conditions
+        await resources.patch_distillation_job_status(
+            self.kube, meta["namespace"], meta["name"], {"conditions": status.to_k8s()["conditions"]}
+        )

@@ -1,7 +1,10 @@
 """The kopf handlers: thin on purpose. Each parses what kopf hands it and calls the service in memo.
 
 Handlers return None (kopf would store a returned value in status.<handler>) and patch status
-themselves through the status subresource.
+themselves through the status subresource. Each job's reconcile loop is a task of ours (handlers.loops),
+not a kopf daemon, so that kopf puts its finalizer only on the jobs the on-delete handler serves: those
+that delete their artifacts with them. kopf also takes the finalizer off a job that no longer asks for
+it, including, when the operator starts, every job an older operator left one on.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import kopf
 
 from kubedistill.api.models import GROUP, VERSION
 from kubedistill.catalog import load_catalog
+from kubedistill.domain.deletion import DELETE_ARTIFACTS_FIELD, FINALIZER, is_deleting
 from kubedistill.domain.naming import LABEL_MANAGED_BY, MANAGED_BY
 from kubedistill.handlers.alias import reconcile_alias
+from kubedistill.handlers.loops import JobLoops
 from kubedistill.handlers.reconciler import Reconciler
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
@@ -26,7 +31,6 @@ from kubedistill.settings import Settings, from_env, from_mapping
 
 DJ = (GROUP, VERSION, "distillationjobs")
 ALIAS = (GROUP, VERSION, "modelaliases")
-FINALIZER = f"{GROUP}/finalizer"
 SETTINGS_CONFIGMAP_ENV = "KUBEDISTILL_SETTINGS_CONFIGMAP"
 
 
@@ -76,37 +80,35 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     kube = Kube.from_env()
     ours = await settings_from_configmap(kube, ours)
     configure_kopf(settings, ours)
-    memo.service = Reconciler(
+    service = Reconciler(
         kube=kube,
         settings=ours,
         catalog=load_catalog(),
         post_event=_post_event,
         metrics=default_metrics(),
     )
+    memo.service = service
+    memo.loops = JobLoops(run=service.run, wake=service.wake)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.loops.stop_all()
     await memo.service.kube.close()
 
 
-@kopf.daemon(*DJ, cancellation_timeout=1.0)
-async def distillation_job(
-    namespace: str | None,
-    name: str,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    stopped: kopf.DaemonStopped,
-    **_: Any,
-) -> None:
-    """One reconcile loop per job for as long as it exists."""
-    await memo.service.run(namespace or "default", name, stopped, dict(body))
-
-
 @kopf.on.event(*DJ)
-async def distillation_job_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def distillation_job_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Every event of a job (the first listing included) keeps its one reconcile loop going and wakes it."""
     meta = body.get("metadata", {})
-    memo.service.wake(meta.get("namespace"), meta.get("name"), meta.get("resourceVersion"))
+    namespace, name = meta.get("namespace") or "default", meta.get("name")
+    if type == "DELETED" or is_deleting(body):
+        await memo.loops.stop(namespace, name)
+        if type == "DELETED":
+            memo.service.forget_job(namespace, name)
+        return
+    if not memo.loops.ensure(namespace, name, dict(body)):
+        memo.service.wake(namespace, name, meta.get("resourceVersion"))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
@@ -119,10 +121,12 @@ async def child_job_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, 
             memo.service.child_changed(meta.get("namespace"), owner.get("name"), dict(body))
 
 
-@kopf.on.delete(*DJ)
+@kopf.on.delete(*DJ, field=DELETE_ARTIFACTS_FIELD, value=True)
 async def distillation_job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if not await memo.service.finalize(dict(body)):
-        raise kopf.TemporaryError("waiting for the stage Jobs to go", delay=1)
+    """Only jobs with spec.storage.deleteOnJobDeletion: the field filter is what limits the finalizer."""
+    retry_after = await memo.service.finalize(dict(body))
+    if retry_after is not None:
+        raise kopf.TemporaryError("the job's stage pods or artifacts are not gone yet", delay=retry_after)
 
 
 @kopf.on.event(*ALIAS)
