@@ -250,7 +250,8 @@ def estimate_table(result: Mapping[str, Any]) -> Table:
         ["teacher calls", str(result["teacher_calls"])],
         ["input / output tokens", f"{result['input_tokens']:,} / {result['output_tokens']:,} "
          f"(output from {b['outputTokensFrom']}, counted by {b['tokenCounting']})"],
-        ["teacher cost", f"${result['teacher_cost']:.4f}"],
+        ["teacher cost", f"${result['teacher_cost']:.4f} ({b['teacherMode']}, {result['cached_input_tokens']:,} input "
+         f"tokens from the provider's cache; ${b['teacherCostAtSyncPriceUSD']:.4f} at sync prices)"],
         ["judge cost", f"${result['judge_cost']:.4f} ({b['judge']})"],
         ["estimated cost", f"${result['estimated_cost']:.4f}"],
         ["GPU minutes", f"{result['gpu_minutes']:.2f} ({b['student']}, {b['studentParamsB']}B)"],
@@ -266,6 +267,7 @@ def estimate_file(job_file: Path) -> dict[str, Any]:
     from kubedistill import dataset
     from kubedistill.catalog import load_catalog
     from kubedistill.domain.estimate import estimate
+    from kubedistill.domain.pricing import BatchUnsupported
 
     job = load_job(job_file)
     spec = with_dataset_path(job.spec, job_file.parent)
@@ -274,7 +276,11 @@ def estimate_file(job_file: Path) -> dict[str, Any]:
     except Exception as err:  # a dataset in a ConfigMap or an unreachable bucket
         raise JobInvalid([f"spec.dataset: cannot read it from here to count tokens: {err}"]) from None
     catalog = load_catalog()
-    return sdk.estimate_dict(estimate(spec, rows, catalog), catalog, spec.teacher.model)
+    try:
+        report = estimate(spec, rows, catalog)
+    except BatchUnsupported as err:
+        raise JobInvalid([f"spec.teacher.mode: {err}"]) from None
+    return sdk.estimate_dict(report, catalog, spec.teacher.model)
 
 
 def register(app: typer.Typer) -> None:
