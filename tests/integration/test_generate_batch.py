@@ -34,13 +34,13 @@ BATCH_FACTOR = 0.5
 
 
 def catalog_env(
-    directory: Path, base_url: str, *, supports_n: bool = True, batch: bool = True
+    directory: Path, base_url: str, *, supports_n: bool = True, batch_api: str | None = "openai"
 ) -> dict[str, str]:
-    """Env pricing `acme/teacher-1` at `base_url`, with (or without) an OpenAI-compatible batch API."""
+    """Env pricing `acme/teacher-1` at `base_url`, with (or without) a batch API."""
     directory.mkdir(parents=True, exist_ok=True)
-    batch_api = f", batchAPI: openai, batchPriceFactor: {BATCH_FACTOR}" if batch else ""
+    batch = f", batchAPI: {batch_api}, batchPriceFactor: {BATCH_FACTOR}" if batch_api else ""
     (directory / "teachers.yaml").write_text(
-        f"providers:\n  acme: {{baseURL: '{base_url}', supportsN: {str(supports_n).lower()}{batch_api}}}\n"
+        f"providers:\n  acme: {{baseURL: '{base_url}', supportsN: {str(supports_n).lower()}{batch}}}\n"
         f"teachers:\n  - {{id: acme/teacher-1, inputPerMTok: {PRICE_IN}, outputPerMTok: {PRICE_OUT},"
         " priceDate: '2026-11-01'}\n"
     )
@@ -61,9 +61,9 @@ def seeded_answer(prompt: str, sample: int, request: dict[str, Any]) -> str:
 def teacher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[FakeTeacher, dict[str, str]]]:
     """A fake teacher with a batch API (FakeTeacher kwargs by indirect parametrisation)."""
     kwargs = dict(getattr(request, "param", {}))
-    supports_n = kwargs.pop("catalog_supports_n", True)
+    batch_api = kwargs.pop("catalog", "openai")  # the catalog says n works: the server may disagree
     with FakeTeacher(api_key=KEY, **kwargs) as fake:
-        yield fake, catalog_env(tmp_path / "catalog", fake.base_url, supports_n=supports_n)
+        yield fake, catalog_env(tmp_path / "catalog", fake.base_url, batch_api=batch_api)
 
 
 def batch_spec(prompts: list[str], **sections: Any) -> dict[str, Any]:
@@ -271,7 +271,7 @@ def test_budget_splits_the_job_into_batches_and_is_never_overspent(
 
 def test_batch_mode_for_a_provider_without_a_batch_api_is_refused(tmp_path: Path) -> None:
     with FakeTeacher(api_key=KEY) as fake:
-        env = catalog_env(tmp_path / "catalog", fake.base_url, batch=False)
+        env = catalog_env(tmp_path / "catalog", fake.base_url, batch_api=None)
         inv = invocation((tmp_path / "art").as_uri(), batch_spec(["a", "b"]))
         run = run_stage(tmp_path, inv, env)
         assert fake.calls == [] and fake.batch_api.log == []
@@ -281,3 +281,58 @@ def test_batch_mode_for_a_provider_without_a_batch_api_is_refused(tmp_path: Path
         "teacher.mode batch: the catalog lists no batch API for acme/teacher-1" in run.termination["message"]
     )
     assert json.dumps(run.termination).count(KEY) == 0
+
+
+def test_anthropic_message_batches_give_the_candidates_of_sync_mode_at_the_batch_price(
+    tmp_path: Path,
+) -> None:
+    prompts = [f"Ticket {i}: refund please" for i in range(40)]
+    rows = {}
+    for mode in ("sync", "batch"):
+        with FakeTeacher(api_key=KEY, supports_n=False) as fake:
+            env = catalog_env(
+                tmp_path / mode / "catalog", fake.base_url, supports_n=False, batch_api="anthropic"
+            )
+            inv = invocation((tmp_path / mode / "art").as_uri(), batch_spec(prompts, teacher={"mode": mode}))
+            run = run_stage(tmp_path / mode, inv, env)
+            assert run.returncode == 0, run.output
+            # Anthropic has no seed: the samples of a prompt are the same, in whichever order they came.
+            rows[mode] = {r["id"]: sorted(r["candidates"]) for r in shard_rows(inv)}
+            metrics = result(inv)["metrics"]
+            factor = BATCH_FACTOR if mode == "batch" else 1.0
+            assert metrics["teacherCostTotal"] == pytest.approx(factor * sync_cost(*fake.usage_totals()))
+            assert metrics["teacherCalls"] == 80
+        if mode == "batch":
+            assert fake.batch_api.created() == ["msgbatch_000001"] and {c.kind for c in fake.calls} == {
+                "batch"
+            }
+    assert rows["batch"] == rows["sync"] and len(rows["batch"]) == 40
+
+
+@pytest.mark.parametrize(
+    "teacher",
+    [
+        dict(
+            supports_n=False, batch_failures={"q1": 1}, expire_batches=1, stray_results=1, catalog="anthropic"
+        )
+    ],
+    indirect=True,
+)
+def test_anthropic_errored_and_expired_requests_are_retried_and_strays_counted(
+    teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
+) -> None:
+    _, env = teacher
+    prompts = [f"q{i}" for i in range(30)]
+    inv = invocation((tmp_path / "art").as_uri(), batch_spec(prompts))
+
+    run = run_stage(tmp_path, inv, env)
+
+    assert run.returncode == 0, run.output
+    res = result(inv)
+    # 60 requests; the first batch expires after 30 (one of them errored): 31 retried in a second batch.
+    assert [(b["id"], b["status"], b["requests"]) for b in res["details"]["batches"]] == [
+        ("msgbatch_000001", "ended", 60),
+        ("msgbatch_000002", "ended", 31),
+    ]
+    assert sorted(r["prompt"] for r in shard_rows(inv)) == sorted(prompts)
+    assert res["details"]["unknownResults"] == 2 and res["metrics"]["candidates"] == 60

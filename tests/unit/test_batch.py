@@ -10,14 +10,8 @@ from kubedistill.api.models import GenerationSpec
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.dataset import Row
 from kubedistill.domain import pricing
-from kubedistill_trainer.batch import (
-    MAX_BATCH_REQUESTS,
-    Group,
-    affordable,
-    batch_line,
-    collect,
-    sample_groups,
-)
+from kubedistill_trainer.batch import MAX_BATCH_REQUESTS, Group, affordable, sample_groups
+from kubedistill_trainer.batch_api import anthropic_collect, anthropic_params, openai_collect, openai_line
 from kubedistill_trainer.generate import Work
 
 
@@ -102,7 +96,7 @@ def test_sample_groups_match_the_sync_requests() -> None:
     assert with_n == [Group("p0-s0", "r0", 0, 3, 7), Group("p1-s0", "r1", 0, 3, 7)]
     one_by_one = sample_groups(works(1), gen, teacher(supports_n=False))
     assert [(g.first, g.n, g.seed) for g in one_by_one] == [(0, 1, 7), (1, 1, 8), (2, 1, 9)]
-    line = batch_line(with_n[0], works(1)[0], gen, teacher())
+    line = openai_line(teacher(), with_n[0], [{"role": "user", "content": "prompt 0"}], gen)
     assert line["custom_id"] == "p0-s0" and line["url"] == "/v1/chat/completions"
     assert line["body"] == {
         "model": "t",
@@ -138,7 +132,7 @@ def test_collect_maps_results_by_custom_id_and_counts_the_rest() -> None:
         {"custom_id": "e", "response": {"status_code": 400, "body": {"error": {"message": "bad n"}}}},
         {"custom_id": "f", "response": {"status_code": 429, "body": {}}},
     ]
-    got = collect(output, errors, ["a", "b", "c", "d", "e", "f", "g"], t)
+    got = openai_collect(output, errors, ["a", "b", "c", "d", "e", "f", "g"], t)
     assert got.answers["a"].texts == ["A"] and set(got.answers) == {"a"}
     assert got.answers["a"].usage.cached_input_tokens == 60
     assert got.answers["a"].usage.cost_usd == pytest.approx(t.cost(100, 5, cached_tokens=60, batch=True))
@@ -147,3 +141,46 @@ def test_collect_maps_results_by_custom_id_and_counts_the_rest() -> None:
     assert got.rejected == {"e": "HTTP 400: bad n"}
     # Every answered line is paid for, whether or not it maps to a request.
     assert got.usage.calls == 3
+
+
+def test_anthropic_requests_have_no_n_and_their_results_map_back() -> None:
+    gen = GenerationSpec(n_samples=2, seed=7, max_tokens=16)
+    claude = teacher(supports_n=True, batch_api="anthropic")
+    # Anthropic has no n: one request per sample even where the catalog says n works for sync calls.
+    assert [(g.n, g.first) for g in sample_groups(works(1), gen, claude)] == [(1, 0), (1, 1)]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+    ]
+    assert anthropic_params(claude, messages, gen) == {
+        "model": "t",
+        "max_tokens": 16,
+        "system": "be brief",
+        "messages": messages[1:],
+        "temperature": 0.8,
+    }
+    message = {
+        "content": [{"type": "text", "text": "6"}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 30, "cache_read_input_tokens": 70, "output_tokens": 2},
+    }
+
+    def errored(kind: str) -> dict[str, Any]:
+        return {"type": "errored", "error": {"type": "error", "error": {"type": kind, "message": "no"}}}
+
+    lines = [
+        {"custom_id": "a", "result": {"type": "succeeded", "message": message}},
+        {"custom_id": "b", "result": {"type": "expired"}},
+        {"custom_id": "c", "result": errored("overloaded_error")},
+        {"custom_id": "d", "result": errored("invalid_request_error")},
+        {"custom_id": "stray", "result": {"type": "succeeded", "message": message}},
+    ]
+    got = anthropic_collect(lines, ["a", "b", "c", "d", "e"], claude)
+    usage = got.answers["a"].usage
+    assert got.answers["a"].texts == ["6"]
+    assert (usage.input_tokens, usage.cached_input_tokens, usage.output_tokens) == (100, 70, 2)
+    assert usage.cost_usd == pytest.approx(claude.cost(100, 2, cached_tokens=70, batch=True))
+    assert sorted(got.retry) == ["b", "c", "e"] and got.rejected == {"d": "invalid_request_error: no"}
+    assert got.unknown == 1 and got.usage.calls == 2

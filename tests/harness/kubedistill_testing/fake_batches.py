@@ -1,10 +1,18 @@
-"""OpenAI's Batch API on the fake teacher: `/v1/files` and `/v1/batches`, answered by the chat handler.
+"""Providers' batch APIs on the fake teacher, answered by its chat handler.
+
+OpenAI (`Authorization: Bearer`):
 
     POST /v1/files                 multipart (purpose=batch, file=JSONL of {custom_id, method, url, body})
     GET  /v1/files/{id}/content    the file's bytes (input, output or error file)
     POST /v1/batches               {input_file_id, endpoint: /v1/chat/completions, completion_window: 24h}
     GET  /v1/batches/{id}          the batch object: status, request_counts, output_file_id, error_file_id
     GET  /v1/batches               newest first (a client that lost a batch id finds it by input file)
+
+Anthropic Message Batches (`x-api-key`):
+
+    POST /v1/messages/batches               {requests: [{custom_id, params: {model, max_tokens, messages, system?}}]}
+    GET  /v1/messages/batches/{id}          processing_status in_progress | ended, request_counts
+    GET  /v1/messages/batches/{id}/results  JSONL of {custom_id, result: {type: succeeded | errored | expired}}
 
 A batch is `in_progress` for `completion_delay` seconds after it is created (its completed count
 grows with the time elapsed, as a provider's does), then the first retrieve runs every line through
@@ -42,7 +50,7 @@ IN_BATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("in_batch", defa
 @dataclass
 class Batch:
     id: str
-    input_file_id: str
+    input_file_id: str | None
     created_at: float
     headers: dict[str, str]
     lines: list[dict[str, Any]]
@@ -53,12 +61,30 @@ class Batch:
     error_file_id: str | None = None
     completed: int = 0
     failed: int = 0
+    expired: int = 0
+    anthropic: bool = False
 
     def to_json(self, delay: float) -> dict[str, Any]:
         completed = self.completed
         if self.status in ("in_progress", "finalizing") and delay > 0:
             share = min(1.0, (time.time() - self.created_at) / delay)
             completed = int(len(self.lines) * share)
+        if self.anthropic:
+            ended = self.status not in ("in_progress", "finalizing")
+            return {
+                "id": self.id,
+                "type": "message_batch",
+                "processing_status": "ended" if ended else "in_progress",
+                "request_counts": {
+                    "processing": 0 if ended else len(self.lines) - completed,
+                    "succeeded": completed,
+                    "errored": self.failed - self.expired,
+                    "canceled": 0,
+                    "expired": self.expired,
+                },
+                "created_at": int(self.created_at),
+                "results_url": f"/v1/messages/batches/{self.id}/results" if ended else None,
+            }
         return {
             "id": self.id,
             "object": "batch",
@@ -94,6 +120,8 @@ class FakeBatchAPI:
     async def route(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response | None:
         """The response for a batch endpoint, or None when `path` is not one."""
         parts = path.split("/")[2:]  # /v1/<parts>
+        if parts[:2] == ["messages", "batches"]:
+            return await self._anthropic(method, parts[2:], headers, body)
         if parts == ["files"] and method == "POST":
             return self._upload(headers, body)
         if len(parts) == 3 and parts[0] == "files" and parts[2] == "content" and method == "GET":
@@ -110,6 +138,28 @@ class FakeBatchAPI:
                 return _not_found(f"batch {parts[1]}")
             await self._maybe_finish(batch)
             return 200, batch.to_json(self.completion_delay), {}
+        return None
+
+    async def _anthropic(
+        self, method: str, parts: list[str], headers: Mapping[str, str], body: bytes
+    ) -> Response | None:
+        if not parts and method == "POST":
+            try:
+                requests = json.loads(body)["requests"]
+                lines = [{"custom_id": r["custom_id"], "body": _chat_body(r["params"])} for r in requests]
+            except (ValueError, KeyError, TypeError):
+                return _invalid("requests must be a list of {custom_id, params}")
+            # The chat handler checks the key as a bearer token.
+            auth = {"authorization": f"Bearer {headers.get('x-api-key', '')}"}
+            return self._register(lines, None, auth, None, anthropic=True)
+        batch = self.batches.get(parts[0]) if parts else None
+        if batch is None or not batch.anthropic:
+            return _not_found(f"message batch {parts[0] if parts else ''}")
+        if parts[1:] == [] and method == "GET":
+            await self._maybe_finish(batch)
+            return 200, batch.to_json(self.completion_delay), {}
+        if parts[1:] == ["results"] and method == "GET" and batch.output_file_id:
+            return 200, self.files[batch.output_file_id], {}
         return None
 
     def _upload(self, headers: Mapping[str, str], body: bytes) -> Response:
@@ -139,17 +189,32 @@ class FakeBatchAPI:
             return _invalid("input_file_id must name an uploaded JSONL file")
         if request.get("endpoint") != "/v1/chat/completions" or request.get("completion_window") != "24h":
             return _invalid("endpoint must be /v1/chat/completions and completion_window 24h")
+        return self._register(
+            lines, request["input_file_id"], headers, request.get("metadata"), anthropic=False
+        )
+
+    def _register(
+        self,
+        lines: list[dict[str, Any]],
+        input_file_id: str | None,
+        headers: Mapping[str, str],
+        metadata: dict[str, str] | None,
+        *,
+        anthropic: bool,
+    ) -> Response:
         ids = [line.get("custom_id") for line in lines]
         if len(set(ids)) != len(ids) or not all(isinstance(i, str) for i in ids):
-            return _invalid("every line needs a unique custom_id")
+            return _invalid("every request needs a unique custom_id")
+        prefix = "msgbatch" if anthropic else "batch"
         batch = Batch(
-            id=f"batch_{len(self.batches) + 1:06d}",
-            input_file_id=request["input_file_id"],
+            id=f"{prefix}_{len(self.batches) + 1:06d}",
+            input_file_id=input_file_id,
             created_at=time.time(),
             headers={k: v for k, v in headers.items() if k == "authorization"},
             lines=lines,
-            metadata=request.get("metadata"),
+            metadata=metadata,
             expires=len(self.batches) < self.expire_batches,
+            anthropic=anthropic,
         )
         self.batches[batch.id] = batch
         self.log.append(
@@ -163,8 +228,7 @@ class FakeBatchAPI:
         # Answering takes awaits: a retrieve meanwhile must not answer the lines a second time.
         batch.status = "finalizing"
         done = batch.lines[: len(batch.lines) // 2] if batch.expires else batch.lines
-        outputs: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
+        answered: list[tuple[str, int, Any]] = []  # (custom_id, HTTP status, chat payload)
         token = IN_BATCH.set(True)
         try:
             for line in done:
@@ -172,32 +236,30 @@ class FakeBatchAPI:
                 if self._failed_so_far[prompt] < self.failures.get(prompt, 0):
                     self._failed_so_far[prompt] += 1
                     failure = {"error": {"message": "internal error", "type": "server_error"}}
-                    errors.append(_result(line["custom_id"], 500, failure))
+                    answered.append((line["custom_id"], 500, failure))
                     continue
                 status, payload, _ = await self.chat(batch.headers, json.dumps(line["body"]).encode())
-                (outputs if status == 200 else errors).append(
-                    _result(line["custom_id"], status or 500, payload)
-                )
+                answered.append((line["custom_id"], status or 500, payload))
         finally:
             IN_BATCH.reset(token)
-        for line in batch.lines[len(done) :]:
-            expired = {
-                "code": "batch_expired",
-                "message": "not executed before the completion window expired",
-            }
-            errors.append(
-                {
-                    "id": f"req_{line['custom_id']}",
-                    "custom_id": line["custom_id"],
-                    "response": None,
-                    "error": expired,
-                }
-            )
-        for k in range(self.stray_results if outputs else 0):
-            outputs.append({**outputs[0], "custom_id": f"never-submitted-{k}"})
-        batch.completed, batch.failed = len(outputs), len(errors)
-        batch.output_file_id = self._store(outputs)
-        batch.error_file_id = self._store(errors)
+        expired = [line["custom_id"] for line in batch.lines[len(done) :]]
+        ok = [a for a in answered if a[1] == 200]
+        strays = [(f"never-submitted-{k}", *ok[0][1:]) for k in range(self.stray_results if ok else 0)]
+        batch.completed, batch.failed, batch.expired = (
+            len(ok) + len(strays),
+            len(done) - len(ok) + len(expired),
+            len(expired),
+        )
+        if batch.anthropic:
+            results = [_anthropic_result(*a) for a in [*answered, *strays]]
+            results += [{"custom_id": c, "result": {"type": "expired"}} for c in expired]
+            batch.output_file_id = self._store(results)
+        else:
+            batch.output_file_id = self._store([_result(*a) for a in [*ok, *strays]])
+            errors = [_result(*a) for a in answered if a[1] != 200]
+            expiry = {"code": "batch_expired", "message": "not executed before the completion window expired"}
+            errors += [{"id": f"req_{c}", "custom_id": c, "response": None, "error": expiry} for c in expired]
+            batch.error_file_id = self._store(errors)
         batch.status = "expired" if batch.expires else "completed"
 
     def _store(self, rows: list[dict[str, Any]]) -> str | None:
@@ -215,6 +277,44 @@ def _result(custom_id: str, status: int, body: Any) -> dict[str, Any]:
         "response": {"status_code": status, "request_id": f"r-{custom_id}", "body": body},
         "error": None,
     }
+
+
+def _chat_body(params: Mapping[str, Any]) -> dict[str, Any]:
+    """An Anthropic request's params as the chat body the handler answers."""
+    system = [{"role": "system", "content": params["system"]}] if params.get("system") else []
+    body = {
+        "model": params["model"],
+        "messages": system + list(params["messages"]),
+        "max_tokens": params["max_tokens"],
+    }
+    if "temperature" in params:
+        body["temperature"] = params["temperature"]
+    return body
+
+
+def _anthropic_result(custom_id: str, status: int, payload: Any) -> dict[str, Any]:
+    if status != 200:
+        error = {"type": "error", "error": {"type": "api_error", "message": "internal error"}}
+        if status == 400:
+            error["error"] = {"type": "invalid_request_error", "message": str(payload)}
+        return {"custom_id": custom_id, "result": {"type": "errored", "error": error}}
+    choice = payload["choices"][0]
+    usage = payload.get("usage") or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    message = {
+        "id": f"msg_{custom_id}",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": choice["message"]["content"]}],
+        "stop_reason": "max_tokens" if choice["finish_reason"] == "length" else "end_turn",
+        "usage": {
+            "input_tokens": usage.get("prompt_tokens", 0) - cached,
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0,
+            "output_tokens": usage.get("completion_tokens", 0),
+        },
+    }
+    return {"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}
 
 
 def _invalid(message: str) -> Response:

@@ -21,10 +21,11 @@ repeat those of an earlier request reports the tokens of the longest such run as
 `usage.prompt_tokens_details.cached_tokens`, when it is at least `cache_min_tokens` long (as OpenAI
 does, without its 128-token steps). `cached_tokens_total` sums them.
 
-Batch API: `/v1/files` and `/v1/batches` (:mod:`kubedistill_testing.fake_batches`, reachable as
-`teacher.batch_api`), with `completion_delay`, `batch_failures`, `expire_batches` and `stray_results`.
-Lines of a batch are answered by the same handler as synchronous requests, without the random faults
-above, and logged as calls of kind "batch".
+Batch APIs: OpenAI's `/v1/files` + `/v1/batches` and Anthropic's `/v1/messages/batches`
+(:mod:`kubedistill_testing.fake_batches`, reachable as `teacher.batch_api`), with `completion_delay`,
+`batch_failures`, `expire_batches` and `stray_results`. Lines of a batch are answered by the same
+handler as synchronous requests, without the random faults above, and logged as calls of kind
+"batch".
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ class FakeTeacher(ScriptedTeacher):
 
     async def _route(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response:
         path = path.split("?", 1)[0].rstrip("/")
-        if path.startswith(("/v1/files", "/v1/batches")):
-            if not self._authorized(headers):
+        if path.startswith(("/v1/files", "/v1/batches", "/v1/messages/batches")):
+            # Anthropic's API takes the key in x-api-key.
+            key = headers.get("x-api-key")
+            if not self._authorized({"authorization": f"Bearer {key}"} if key else headers):
                 return (
                     401,
                     {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},

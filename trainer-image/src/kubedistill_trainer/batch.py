@@ -1,59 +1,47 @@
-"""Batch mode of generate (`teacher.mode: batch`): the provider's Batch API at its batch price.
-
-For an OpenAI-compatible provider (catalog `batchAPI: openai`):
+"""Batch mode of generate (`teacher.mode: batch`): the provider's batch API at its batch price.
 
 1. every prompt becomes one request per sample group — one with `n` where the provider supports it,
-   else one per sample with `seed + i`, exactly the requests sync mode sends — as a JSONL line
-   `{custom_id, method, url, body}`;
-2. the file is uploaded (`/v1/files`, purpose `batch`) and a batch created (`/v1/batches`, 24h);
-3. the batch is polled with backoff until it ends; the output and error files are downloaded and
-   mapped back by `custom_id`; answered prompts go to the same candidate shards as sync mode;
-4. requests that failed inside the batch (5xx/429 in the error file, `batch_expired`, never run)
-   are retried — in a follow-up batch, or synchronously when few are left — at most
-   MAX_ATTEMPTS times; a 4xx is the request's own fault and fails the stage (TeacherRejected).
-   An output line whose `custom_id` was never submitted is counted (`unknownResults`) and billed.
+   else one per sample with `seed + i`: the requests sync mode sends (Anthropic: one per sample, it
+   has neither `n` nor seeds);
+2. they are submitted as one batch (`kubedistill_trainer.batch_api`: OpenAI-compatible files +
+   batches, or Anthropic Message Batches), polled with backoff until it ends, and its results mapped
+   back by `custom_id`; answered prompts go to the same candidate shards as sync mode;
+3. requests that failed inside the batch (5xx/429, expired, never run) are retried — in a follow-up
+   batch, or synchronously when SYNC_RETRY_MAX or fewer are left — at most MAX_ATTEMPTS times; an
+   invalid request (4xx) fails the stage (TeacherRejected). A result whose `custom_id` was never
+   submitted is counted (`unknownResults`) and billed.
 
 Resumable: `<stage>/batch/batch-NNNNN.json` records each batch's requests, input file id and batch
 id as soon as each exists, before any polling. A rerun after a crash or a SIGTERM finishes the
 batches recorded there — polling them, never submitting them again — before it submits anything
-new; a batch whose creation was not recorded is looked up by its input file first.
+new; a batch whose creation was not recorded is looked up by its input file first (OpenAI).
 
 Budget: a batch is submitted only when its worst case (the longest prompt, `maxTokens` per sample,
 at the batch price) fits what the budget has left, so a budget smaller than the whole job splits it
 into batches submitted one after another, each sized to what is left after the previous one's
 actual cost; when not even one request fits, nothing is submitted and the stage stops with
-BudgetExceeded.
+BudgetExceeded. The synchronous retries are held to the budget at the sync price.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from kubedistill import store
 from kubedistill.api.models import GenerationSpec
 from kubedistill.catalog import ResolvedTeacher
+from kubedistill_trainer.batch_api import BatchAPI, BatchView, Collected
 from kubedistill_trainer.teacher import (
     Completion,
-    MalformedCompletion,
     TeacherAuthFailed,
     TeacherClient,
     TeacherError,
     TeacherRejected,
-    Usage,
-    backoff_delay,
-    env_proxy,
-    parse_completion,
-    request_body,
-    retry_after_seconds,
 )
 
 if TYPE_CHECKING:
@@ -63,9 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_PREFIX = "batch/batch-"
-ENDPOINT = "/v1/chat/completions"
-COMPLETION_WINDOW = "24h"
-# OpenAI's limit on requests per batch.
+# OpenAI's limit on requests per batch (Anthropic's is 100,000).
 MAX_BATCH_REQUESTS = 50_000
 # Failed requests are retried synchronously (full price, at once) when no more than this many are
 # left: a follow-up batch may take hours to save a few cents.
@@ -76,10 +62,6 @@ MAX_ATTEMPTS = 3
 POLL_FIRST_S = 0.5
 POLL_FACTOR = 1.5
 POLL_MAX_S = 60.0
-# Batch states after which nothing more will be answered.
-FINAL_STATES = frozenset({"completed", "failed", "expired", "cancelled"})
-# Per-request HTTP statuses in the error file worth another try (the rest are the request's fault).
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 
 # ------------------------------------------------------------------------------------- pure parts
@@ -96,11 +78,16 @@ class Group:
     seed: int | None
 
 
+def with_n(teacher: ResolvedTeacher) -> bool:
+    """Whether one batch request asks for all samples of a prompt (Anthropic's API has no `n`)."""
+    return teacher.supports_n and teacher.batch_api != "anthropic"
+
+
 def sample_groups(works: Sequence[Work], gen: GenerationSpec, teacher: ResolvedTeacher) -> list[Group]:
     """The requests sync mode would send for `works`: one with n, or n with seed + i."""
     groups: list[Group] = []
     for k, work in enumerate(works):
-        if teacher.supports_n:
+        if with_n(teacher):
             groups.append(Group(f"p{k}-s0", work.row.id, 0, gen.n_samples, gen.seed))
             continue
         for i in range(gen.n_samples):
@@ -109,85 +96,11 @@ def sample_groups(works: Sequence[Work], gen: GenerationSpec, teacher: ResolvedT
     return groups
 
 
-def batch_line(group: Group, work: Work, gen: GenerationSpec, teacher: ResolvedTeacher) -> dict[str, Any]:
-    messages = work.row.teacher_messages(gen.system_prompt, gen.few_shot_turns())
-    body = request_body(teacher, messages, group.n, gen.temperature, gen.max_tokens, group.seed)
-    return {"custom_id": group.custom_id, "method": "POST", "url": ENDPOINT, "body": body}
-
-
 def affordable(groups: Sequence[Group], fit: float | None) -> int:
     """How many of `groups` one batch may hold: at most MAX_BATCH_REQUESTS, and at most `fit`
     requests at their worst case (None: no budget)."""
     cap = min(len(groups), MAX_BATCH_REQUESTS)
     return cap if fit is None else max(0, min(cap, math.floor(fit + 1e-9)))
-
-
-@dataclass
-class Collected:
-    """A finished batch's results, mapped back to its requests."""
-
-    answers: dict[str, Completion] = field(default_factory=dict)
-    retry: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    unknown: int = 0
-    usage: Usage = field(default_factory=Usage)
-    responses_without_usage: int = 0
-
-
-def collect(
-    output: Sequence[Mapping[str, Any]],
-    errors: Sequence[Mapping[str, Any]],
-    submitted: Sequence[str],
-    teacher: ResolvedTeacher,
-) -> Collected:
-    """Output lines answer requests; error lines and requests in neither file (a cancelled or expired
-    batch) are retried, except 4xx answers, which are rejections. A line for a custom_id that was
-    never submitted (or answered twice) is counted and, being paid for, its usage kept."""
-    wanted = set(submitted)
-    out = Collected()
-    for line in output:
-        custom_id = str(line.get("custom_id"))
-        completion = _completion(line, teacher)
-        if completion is not None:
-            if not completion.usage.calls:
-                out.responses_without_usage += 1
-                completion.usage.calls = 1
-            out.usage.add(completion.usage)
-        if custom_id not in wanted:
-            out.unknown += 1
-            continue
-        wanted.discard(custom_id)
-        if completion is None:
-            out.retry.append(custom_id)
-        else:
-            out.answers[custom_id] = completion
-    for line in errors:
-        custom_id = str(line.get("custom_id"))
-        if custom_id not in wanted:
-            continue
-        wanted.discard(custom_id)
-        response = line.get("response") or {}
-        status = int(response.get("status_code") or 0) if isinstance(response, Mapping) else 0
-        if 400 <= status < 500 and status not in RETRYABLE_STATUSES:
-            body = response.get("body") or {}
-            error = body.get("error") if isinstance(body, Mapping) else None
-            message = error.get("message") if isinstance(error, Mapping) else str(body)
-            out.rejected[custom_id] = f"HTTP {status}: {str(message)[:200]}"
-        else:
-            out.retry.append(custom_id)
-    out.retry += [c for c in submitted if c in wanted]
-    return out
-
-
-def _completion(line: Mapping[str, Any], teacher: ResolvedTeacher) -> Completion | None:
-    """The chat completion an output line carries, or None when it carries none (not a 200, malformed)."""
-    response = line.get("response")
-    if not isinstance(response, Mapping) or response.get("status_code") != 200:
-        return None
-    try:
-        return parse_completion(response.get("body"), teacher, batch=True)
-    except MalformedCompletion:
-        return None
 
 
 @dataclass
@@ -220,95 +133,6 @@ def progress_detail(state: BatchState, answered: int, total: int) -> str:
         f"{answered}/{total} prompts answered; batch {state.batch_id} {state.status}: "
         f"{done}/{counts.get('total', len(state.groups))} requests done ({counts.get('failed', 0)} failed)"
     )
-
-
-# --------------------------------------------------------------------------------------- the API
-
-
-class BatchAPI:
-    """The provider's files and batches endpoints, with the client's retry policy for transient
-    errors (429, 5xx, connection errors); the key goes only into the Authorization header."""
-
-    def __init__(
-        self,
-        teacher: ResolvedTeacher,
-        api_key: str | None,
-        *,
-        timeout: float = 120.0,
-        max_retries: int = 8,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
-    ) -> None:
-        if not teacher.base_url:
-            raise TeacherError(f"no base URL for teacher {teacher.id}: set teacher.baseURL")
-        self.teacher = teacher
-        self._api_key = api_key
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=teacher.base_url.rstrip("/") + "/",
-            headers=headers,
-            timeout=timeout,
-            proxy=env_proxy(teacher.base_url),
-            trust_env=False,
-        )
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
-        self._rng = random.Random()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            try:
-                response = await self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                last = f"connection error ({type(exc).__name__})"
-            else:
-                status = response.status_code
-                if status in (401, 403):
-                    raise TeacherAuthFailed(
-                        f"teacher {self.teacher.id} at {self.teacher.base_url} refused the API key "
-                        f"(HTTP {status}); check the Secret named by teacher.apiKeySecretRef"
-                    )
-                if status < 400:
-                    return response
-                if status != 429 and status < 500:
-                    text = response.text[:300]
-                    if self._api_key:
-                        text = text.replace(self._api_key, "***")
-                    raise TeacherRejected(f"{method} {path} refused: HTTP {status}: {text}")
-                last, retry_after = f"HTTP {status}", retry_after_seconds(response.headers)
-            if attempt < self.max_retries:
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap, self._rng)
-                await asyncio.sleep(delay if retry_after is None else retry_after)
-        raise TeacherError(f"{method} {path} at {self.teacher.base_url} failed (last: {last})")
-
-    async def upload(self, content: bytes) -> str:
-        files = {"file": ("requests.jsonl", content, "application/jsonl")}
-        response = await self._call("POST", "files", data={"purpose": "batch"}, files=files)
-        return str(response.json()["id"])
-
-    async def create(self, input_file_id: str) -> dict[str, Any]:
-        body = {"input_file_id": input_file_id, "endpoint": ENDPOINT, "completion_window": COMPLETION_WINDOW}
-        return dict((await self._call("POST", "batches", json=body)).json())
-
-    async def retrieve(self, batch_id: str) -> dict[str, Any]:
-        return dict((await self._call("GET", f"batches/{batch_id}")).json())
-
-    async def find(self, input_file_id: str) -> dict[str, Any] | None:
-        """The batch made from `input_file_id`, if one was created (among the 100 newest)."""
-        listing = (await self._call("GET", "batches", params={"limit": 100})).json()
-        return next((b for b in listing.get("data", []) if b.get("input_file_id") == input_file_id), None)
-
-    async def lines(self, file_id: str | None) -> list[dict[str, Any]]:
-        if not file_id:
-            return []
-        text = (await self._call("GET", f"files/{file_id}/content")).text
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------ the runner
@@ -362,7 +186,7 @@ class BatchRun:
         self.make_row = make_row
         self.budget = budget
         self.spent = spent
-        self.groups_per_row = 1 if self.teacher.supports_n else gen.n_samples
+        self.groups_per_row = 1 if with_n(self.teacher) else gen.n_samples
         # At the sync price; a batch request costs batch_price_factor of it.
         self.worst_sync_request = worst_row_cost / self.groups_per_row
         self.stop = stop
@@ -400,7 +224,7 @@ class BatchRun:
         for state in recorded:
             if state.collected:
                 continue
-            if state.input_file_id is None:
+            if state.input_file_id is None and state.batch_id is None:
                 # Killed before its upload was recorded: nothing was submitted, its prompts are asked anew.
                 state.collected = True
                 self._save(state)
@@ -439,25 +263,28 @@ class BatchRun:
         return retries
 
     async def _submit(self, state: BatchState) -> None:
-        content = "".join(
-            json.dumps(batch_line(g, self.works[g.row_id], self.gen, self.teacher)) + "\n"
-            for g in state.groups
-        ).encode()
+        lines = [self.api.line(g, self._messages(g), self.gen) for g in state.groups]
         try:
-            state.input_file_id = await self.api.upload(content)
-            state.status = "uploaded"
-            self._save(state)
-            created = await self.api.create(state.input_file_id)
+            state.input_file_id = await self.api.prepare(lines)
+            if state.input_file_id is not None:
+                state.status = "uploaded"
+                self._save(state)
+            created = await self.api.create(state.input_file_id, lines)
         except TeacherError as exc:
             self.outcome.fatal = exc
             return
         self._update(state, created)
         log.info("batch %s created: %d requests", state.batch_id, len(state.groups))
 
-    def _update(self, state: BatchState, batch: Mapping[str, Any]) -> None:
-        state.batch_id = str(batch["id"])
-        state.status = str(batch.get("status", "validating"))
-        state.counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items()}
+    def _messages(self, group: Group) -> list[dict[str, str]]:
+        return self.works[group.row_id].row.teacher_messages(
+            self.gen.system_prompt, self.gen.few_shot_turns()
+        )
+
+    def _update(self, state: BatchState, view: BatchView) -> None:
+        if view.status != state.status:
+            log.info("batch %s: %s", view.id, view.status)
+        state.batch_id, state.status, state.counts = view.id, view.status, view.counts
         self._save(state)
 
     async def _finish(self, state: BatchState) -> None:
@@ -467,36 +294,31 @@ class BatchRun:
                 assert state.input_file_id is not None
                 # Killed between creating the batch and recording it: find it rather than pay twice.
                 found = await self.api.find(state.input_file_id)
-                self._update(state, found or await self.api.create(state.input_file_id))
-            batch = await self._poll(state)
-            if batch is None:
+                self._update(state, found or await self.api.create(state.input_file_id, []))
+            view = await self._poll(state)
+            if view is None:
                 return
-            if state.status == "failed":
-                errors = (batch.get("errors") or {}).get("data") or []
-                why = "; ".join(str(e.get("message")) for e in errors[:3]) or "no reason given"
-                self.outcome.fatal = TeacherRejected(f"batch {state.batch_id} failed: {why}")
+            if view.failed_because is not None:
+                self.outcome.fatal = TeacherRejected(f"batch {view.id} failed: {view.failed_because}")
                 return
-            output = await self.api.lines(batch.get("output_file_id"))
-            error_lines = await self.api.lines(batch.get("error_file_id"))
+            got = await self.api.results(view, [g.custom_id for g in state.groups])
         except TeacherError as exc:
             self.outcome.fatal = exc
             return
-        self._take(state, collect(output, error_lines, [g.custom_id for g in state.groups], self.teacher))
+        self._take(state, got)
         state.collected = True
         self._save(state)
 
-    async def _poll(self, state: BatchState) -> dict[str, Any] | None:
+    async def _poll(self, state: BatchState) -> BatchView | None:
         """The batch once it is final, or None when a stop came first."""
         assert state.batch_id is not None
         delay = POLL_FIRST_S
         while True:
-            batch = await self.api.retrieve(state.batch_id)
-            if batch.get("status") != state.status:
-                log.info("batch %s: %s", state.batch_id, batch.get("status"))
-            self._update(state, batch)
+            view = await self.api.retrieve(state.batch_id)
+            self._update(state, view)
             self.on_progress(progress_detail(state, self.outcome.answered, len(self.works)), self.spent)
-            if state.status in FINAL_STATES:
-                return batch
+            if view.final:
+                return view
             try:
                 await asyncio.wait_for(self.stop.wait(), timeout=delay)
                 return None
@@ -553,10 +375,9 @@ class BatchRun:
             if left is not None and left < 1:
                 self.outcome.budget_stopped = True
                 return
-            work = self.works[group.row_id]
             try:
                 completion = await self.client.complete(
-                    work.row.teacher_messages(self.gen.system_prompt, self.gen.few_shot_turns()),
+                    self._messages(group),
                     n=group.n,
                     temperature=self.gen.temperature,
                     max_tokens=self.gen.max_tokens,

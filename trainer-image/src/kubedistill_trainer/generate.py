@@ -37,7 +37,8 @@ from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
 from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.domain import pricing
-from kubedistill_trainer.batch import BatchAPI, BatchRun
+from kubedistill_trainer.batch import BatchRun
+from kubedistill_trainer.batch_api import open_batch_api
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.teacher import (
     Completion,
@@ -352,7 +353,7 @@ async def generate_in_batches(
         )
 
     start = time.perf_counter()
-    api = BatchAPI(
+    api = open_batch_api(
         teacher, os.environ.get(TEACHER_API_KEY_ENV) or None, timeout=inv.spec.teacher.timeout_seconds
     )
     try:
