@@ -120,8 +120,9 @@ def test_batch_mode_gives_the_candidates_of_sync_mode_once_at_the_batch_price(
 
 
 @pytest.mark.parametrize("teacher", [dict(completion_delay=120.0)], indirect=True)
-def test_killed_while_the_batch_runs_resumes_polling_without_a_second_batch(
-    teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_stopped_while_the_batch_runs_resumes_polling_without_a_second_batch(
+    sig: signal.Signals, teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
 ) -> None:
     fake, env = teacher
     base = (tmp_path / "art").as_uri()
@@ -135,8 +136,8 @@ def test_killed_while_the_batch_runs_resumes_polling_without_a_second_batch(
         time.sleep(0.1)
         if store.exists(f"{base}/generate/progress.json"):
             detail = store.read_json(f"{base}/generate/progress.json")["detail"]
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.send_signal(sig)
+    proc.communicate(timeout=30)
     assert detail.startswith("Generating — 0/50 prompts answered; batch batch_000001 in_progress: "), detail
     state = store.read_json(f"{base}/generate/batch/batch-00000.json")
     assert (state["batch_id"], state["input_file_id"], state["collected"]) == (
@@ -144,7 +145,10 @@ def test_killed_while_the_batch_runs_resumes_polling_without_a_second_batch(
         "file-000001",
         False,
     )
-    assert not store.exists(f"{base}/generate/result.json")
+    if sig == signal.SIGTERM:  # stops polling at once; the batch goes on at the provider
+        assert proc.returncode == 1 and result(inv)["reason"] == "Interrupted"
+    else:
+        assert not store.exists(f"{base}/generate/result.json")
 
     fake.batch_api.completion_delay = 0.0  # the provider finishes while no pod is running
     run = run_stage(tmp_path, inv, env)
@@ -267,6 +271,22 @@ def test_budget_splits_the_job_into_batches_and_is_never_overspent(
     assert small.returncode == 1 and small.termination is not None
     assert small.termination["reason"] == "BudgetExceeded"
     assert len(fake.batch_api.created()) == created and result(too_small)["metrics"]["teacherCostTotal"] == 0
+
+
+@pytest.mark.parametrize(("prompts", "mode"), [(100, "batch"), (99, "sync")])
+def test_auto_mode_uses_the_batch_api_from_100_requests_on(
+    prompts: int, mode: str, teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
+) -> None:
+    fake, env = teacher
+    inv = invocation(
+        (tmp_path / "art").as_uri(), batch_spec([f"q{i}" for i in range(prompts)], teacher={"mode": "auto"})
+    )
+
+    run = run_stage(tmp_path, inv, env)
+
+    assert run.returncode == 0, run.output
+    assert result(inv)["details"]["teacherMode"] == mode
+    assert len(fake.batch_api.created()) == (mode == "batch")
 
 
 def test_batch_mode_for_a_provider_without_a_batch_api_is_refused(tmp_path: Path) -> None:

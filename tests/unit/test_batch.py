@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from kubedistill.api.models import GenerationSpec
+from kubedistill.api.models import DistillationJob, GenerationSpec
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.dataset import Row
 from kubedistill.domain import pricing
+from kubedistill.k8s import observe
 from kubedistill_trainer.batch import MAX_BATCH_REQUESTS, Group, affordable, sample_groups
 from kubedistill_trainer.batch_api import anthropic_collect, anthropic_params, openai_collect, openai_line
 from kubedistill_trainer.generate import Work
@@ -184,3 +186,24 @@ def test_anthropic_requests_have_no_n_and_their_results_map_back() -> None:
     assert usage.cost_usd == pytest.approx(claude.cost(100, 2, cached_tokens=70, batch=True))
     assert sorted(got.retry) == ["b", "c", "e"] and got.rejected == {"d": "invalid_request_error: no"}
     assert got.unknown == 1 and got.usage.calls == 2
+
+
+def test_the_operator_estimate_refuses_batch_mode_for_a_provider_without_a_batch_api() -> None:
+    def job(model: str) -> DistillationJob:
+        spec = {"teacher": {"model": model, "mode": "batch"}, "student": {"model": "qwen3-0.6b"}}
+        return DistillationJob.model_validate(
+            {
+                "metadata": {"name": "bot", "namespace": "team"},
+                "spec": {**spec, "dataset": {"prompts": ["a"]}},
+            }
+        )
+
+    catalog = load_catalog(environ={})
+    # Inline prompts: the estimate reads nothing from the cluster.
+    found, error = asyncio.run(observe.compute_estimate(None, job("groq/llama-3.1-8b-instant"), catalog))
+    assert found is None and error == (
+        "cannot estimate: teacher.mode batch: the catalog lists no batch API for groq/llama-3.1-8b-instant "
+        "(provider groq); use mode sync or auto, or set batchAPI for the provider in a catalog override"
+    )
+    found, error = asyncio.run(observe.compute_estimate(None, job("openai/gpt-4o"), catalog))
+    assert error is None and found is not None and found.teacher_mode == "batch"
