@@ -195,6 +195,7 @@ class BatchRun:
         self.answers: dict[str, dict[int, Completion]] = {}
         self.attempts: dict[str, int] = {}
         self.retry: list[Group] = []
+        self.unanswered: set[str] = set()
 
     # ---- state
 
@@ -217,6 +218,7 @@ class BatchRun:
     # ---- flow
 
     async def run(self, todo: Sequence[Work]) -> BatchOutcome:
+        self.unanswered = {w.row.id for w in todo}
         recorded = self.recorded()
         self.result.batches = recorded
         next_index = max((s.index for s in recorded), default=-1) + 1
@@ -250,7 +252,6 @@ class BatchRun:
             await self._submit(state)
             if state.batch_id is not None:
                 await self._finish(state)
-            await self.writer.flush()
             queue = self._take_retries() + queue
         await self.writer.flush()
         return self.result
@@ -306,6 +307,9 @@ class BatchRun:
             self.outcome.fatal = exc
             return
         self._take(state, got)
+        # Shards first: a crash before the state says collected only collects the batch again (rows
+        # already kept are skipped), never loses what it answered.
+        await self.writer.flush()
         state.collected = True
         self._save(state)
 
@@ -362,6 +366,9 @@ class BatchRun:
             merged.finish_reasons += parts[first].finish_reasons
             merged.usage.add(parts[first].usage)
         del self.answers[group.row_id]
+        if group.row_id not in self.unanswered:
+            return  # kept by an earlier attempt that collected this batch but died before recording so
+        self.unanswered.discard(group.row_id)
         self.writer.buffer.append(self.make_row(self.works[group.row_id], merged))
         self.outcome.answered += 1
 
