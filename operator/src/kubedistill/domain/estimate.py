@@ -97,15 +97,17 @@ def estimate(
     count = _Counter(tokenizer, teacher.chars_per_token)
     prompts = len(rows)
     requests_per_prompt = 1 if teacher.supports_n else gen.n_samples
-    requests = [r.teacher_messages(gen.system_prompt, gen.few_shot_turns()) for r in rows]
-    prompt_tokens = [request_tokens(messages, count) for messages in requests]
+    examples = gen.few_shot_turns()
+    prompt_tokens = [request_tokens(r.teacher_messages(gen.system_prompt, examples), count) for r in rows]
     input_tokens = sum(prompt_tokens) * requests_per_prompt
     output_per_sample = (
         measured_output_tokens if measured_output_tokens is not None else float(gen.max_tokens)
     )
     output_tokens = round(prompts * gen.n_samples * output_per_sample)
     mode = pricing.teacher_mode(spec.teacher.mode, teacher, prompts * requests_per_prompt)
-    prefix_tokens = sum(count(m["content"]) + MESSAGE_OVERHEAD for m in pricing.shared_prefix(requests))
+    # A second pass, not a list of every request: each copies the few-shot turns (memory of large jobs).
+    prefix = pricing.shared_prefix(r.teacher_messages(gen.system_prompt, examples) for r in rows)
+    prefix_tokens = sum(count(m["content"]) + MESSAGE_OVERHEAD for m in prefix)
     cached_tokens = pricing.predicted_cached_tokens(
         prefix_tokens, prompts * requests_per_prompt, teacher.cache_min_tokens
     )

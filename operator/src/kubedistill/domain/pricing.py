@@ -14,7 +14,7 @@ providers cache in (OpenAI: 128-token steps) — at most one step per request.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from kubedistill.catalog import ResolvedTeacher
@@ -47,19 +47,20 @@ def teacher_mode(requested: str, teacher: ResolvedTeacher, requests: int) -> Mod
     return "sync"
 
 
-def shared_prefix(requests: Sequence[Sequence[Mapping[str, str]]]) -> list[Mapping[str, str]]:
+def shared_prefix(requests: Iterable[Sequence[Mapping[str, str]]]) -> list[Mapping[str, str]]:
     """The longest run of whole messages every request starts with, never a request's last message
-    (the prompt itself, which a cache cannot serve)."""
-    if not requests:
-        return []
-    prefix = list(requests[0][:-1])
-    for messages in requests[1:]:
-        limit = min(len(prefix), len(messages) - 1)
+    (the prompt itself, which a cache cannot serve). Reads `requests` once, keeping only the prefix."""
+    prefix: list[Mapping[str, str]] | None = None
+    for messages in requests:
+        if prefix is None:
+            prefix = list(messages[:-1])
+            continue
         same = 0
+        limit = min(len(prefix), len(messages) - 1)
         while same < limit and dict(prefix[same]) == dict(messages[same]):
             same += 1
-        prefix = prefix[:same]
-    return prefix
+        del prefix[same:]
+    return prefix or []
 
 
 def predicted_cached_tokens(prefix_tokens: int, requests: int, min_tokens: int | None) -> int:
