@@ -163,6 +163,28 @@ def test_stopped_while_the_batch_runs_resumes_polling_without_a_second_batch(
     assert again.returncode == 0 and len(fake.batch_api.log) == 2
 
 
+def test_a_batch_created_but_not_recorded_is_found_by_its_input_file(
+    teacher: tuple[FakeTeacher, dict[str, str]], tmp_path: Path
+) -> None:
+    fake, env = teacher
+    base = (tmp_path / "art").as_uri()
+    prompts = [f"question {i}" for i in range(20)]
+    inv = invocation(base, batch_spec(prompts))
+    assert run_stage(tmp_path, inv, env).returncode == 0
+    # As if the pod died after creating the batch, before recording its id or writing any shard.
+    state_uri = f"{base}/generate/batch/batch-00000.json"
+    state = store.read_json(state_uri)
+    store.write_json(state_uri, state | {"batch_id": None, "status": "uploaded", "collected": False})
+    store.delete_prefix(f"{base}/generate/candidates/")
+
+    run = run_stage(tmp_path, inv, env)
+
+    assert run.returncode == 0, run.output
+    assert fake.batch_api.created() == ["batch_000001"]
+    assert sorted(r["prompt"] for r in shard_rows(inv)) == sorted(prompts)
+    assert store.read_json(state_uri)["batch_id"] == "batch_000001"
+
+
 FAIL_ONCE = {f"question {i}": 1 for i in range(30)} | {f"question {i}": 2 for i in range(5)}
 
 
