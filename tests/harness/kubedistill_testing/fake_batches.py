@@ -17,13 +17,13 @@ Anthropic Message Batches (`x-api-key`):
 A batch is `in_progress` for `completion_delay` seconds after it is created (its completed count
 grows with the time elapsed, as a provider's does), then the first retrieve runs every line through
 the chat handler — same answers, usage and cached tokens as synchronous requests, logged as calls
-of kind "batch" — and the batch is `completed`. Faults, all deterministic:
+of kind "batch" — and the batch is `completed` (Anthropic: `ended`). Faults, all deterministic:
 
 - `failures[prompt] = k`: the first k batch requests for that prompt fail (HTTP 500 in the error
-  file);
+  file; Anthropic: an errored result of type api_error);
 - `expire_batches = k`: the first k batches expire with only the first half of their lines done; the
-  rest are in the error file with code `batch_expired`;
-- `stray_results = k`: each output file gets k extra lines whose custom_id was never submitted.
+  rest are in the error file with code `batch_expired` (Anthropic: expired results);
+- `stray_results = k`: each output gets k extra answers whose custom_id was never submitted.
 
 `log` records every upload and batch creation, so a test can prove a batch was not submitted twice.
 """
