@@ -147,6 +147,7 @@ def test_stopped_while_the_batch_runs_resumes_polling_without_a_second_batch(
     )
     if sig == signal.SIGTERM:  # stops polling at once; the batch goes on at the provider
         assert proc.returncode == 1 and result(inv)["reason"] == "Interrupted"
+        assert result(inv)["message"].endswith("a rerun polls the batches already submitted")
     else:
         assert not store.exists(f"{base}/generate/result.json")
 

@@ -540,7 +540,11 @@ def run(inv: StageInvocation) -> StageResult:
                 "ok": False,
                 "reason": "Interrupted",
                 "message": f"stopped by a signal: {answered}/{total} prompts answered and kept; "
-                "a rerun asks only the missing ones",
+                + (
+                    "a rerun polls the batches already submitted"
+                    if mode == "batch"
+                    else "a rerun asks only the missing ones"
+                ),
             }
         )
     if outcome.budget_stopped:
