@@ -57,6 +57,8 @@ def test_cost_of_cached_input_and_batch_requests() -> None:
     assert t.cost(1_000_000, 1_000_000) == pytest.approx(2.0 + 8.0)
     assert t.cost(1_000_000, 1_000_000, cached_tokens=400_000) == pytest.approx(0.6 * 2.0 + 0.4 * 0.5 + 8.0)
     assert t.cost(1_000_000, 0, cached_tokens=400_000, batch=True) == pytest.approx((1.2 + 0.2) * 0.5)
+    no_discount = t.model_copy(update={"cached_input_per_m_tok": None})
+    assert no_discount.cost(1_000_000, 0, cached_tokens=1_000_000) == pytest.approx(2.0)
     catalog = load_catalog(environ={})
     gpt = catalog.resolve_teacher("openai/gpt-4o-mini")
     assert (gpt.batch_api, gpt.batch_price_factor, gpt.cache_min_tokens) == ("openai", 0.5, 1024)

@@ -92,8 +92,8 @@ class ResolvedTeacher(BaseModel):
     note: str = ""
     max_tokens_param: str = Field(default="max_tokens", description="max_completion_tokens for OpenAI.")
     supports_temperature: bool = Field(default=True, description="False for reasoning models (fixed at 1).")
-    cached_input_per_m_tok: float = Field(
-        default=0.0, description="Price of input tokens read from the cache."
+    cached_input_per_m_tok: float | None = Field(
+        default=None, description="Price of input tokens read from the cache; None: the input price."
     )
     batch_api: BatchAPI | None = Field(default=None, description="The provider's batch API, if it has one.")
     batch_price_factor: float = Field(default=1.0, description="Batch price / synchronous price.")
@@ -101,6 +101,11 @@ class ResolvedTeacher(BaseModel):
         default=None,
         description="Shortest prompt prefix the provider caches by itself; None: no automatic cache.",
     )
+
+    @property
+    def cached_input_price(self) -> float:
+        """USD per million cached input tokens: the input price where the catalog lists no discount."""
+        return self.input_per_m_tok if self.cached_input_per_m_tok is None else self.cached_input_per_m_tok
 
     def cost(
         self, input_tokens: int, output_tokens: int, *, cached_tokens: int = 0, batch: bool = False
@@ -110,7 +115,7 @@ class ResolvedTeacher(BaseModel):
         uncached = max(0, input_tokens - cached_tokens)
         dollars = (
             uncached * self.input_per_m_tok
-            + min(cached_tokens, input_tokens) * self.cached_input_per_m_tok
+            + min(cached_tokens, input_tokens) * self.cached_input_price
             + output_tokens * self.output_per_m_tok
         ) / 1e6
         return dollars * self.batch_price_factor if batch else dollars
@@ -143,10 +148,7 @@ class Catalog(BaseModel):
                 known_price=True,
                 max_tokens_param=provider.max_tokens_param,
                 supports_temperature=entry.supports_temperature,
-                # Unlisted cached price: the provider gives no cache discount for this model.
-                cached_input_per_m_tok=entry.input_per_m_tok
-                if entry.cached_input_per_m_tok is None
-                else entry.cached_input_per_m_tok,
+                cached_input_per_m_tok=entry.cached_input_per_m_tok,
                 batch_api=provider.batch_api,
                 batch_price_factor=entry.batch_price_factor or provider.batch_price_factor,
                 cache_min_tokens=provider.cache_min_tokens,

@@ -161,7 +161,7 @@ def estimate(
         "teacherBaseURL": teacher.base_url,
         "pricePerMTok": {
             "input": teacher.input_per_m_tok,
-            "cachedInput": teacher.cached_input_per_m_tok,
+            "cachedInput": teacher.cached_input_price,
             "output": teacher.output_per_m_tok,
         },
         "teacherMode": mode,
