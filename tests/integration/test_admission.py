@@ -76,6 +76,7 @@ CASES = [
     _job("teacher-unknown-field", "spec.teacher.modle", {"teacher.modle": "gpt-4o"}),
     _job("teacher-concurrency-zero", "spec.teacher.maxConcurrency", {"teacher.maxConcurrency": 0}),
     _job("teacher-timeout-zero", "spec.teacher.timeoutSeconds", {"teacher.timeoutSeconds": 0}),
+    _job("teacher-mode-unknown", "spec.teacher.mode", {"teacher.mode": "cheap"}),
     _job(
         "secret-name-invalid",
         "spec.teacher.apiKeySecretRef.name",

@@ -78,6 +78,42 @@ def test_estimate_is_offline_and_counts_the_quickstart_dataset() -> None:
     assert table.exit_code == 0 and "estimated cost" in table.output
 
 
+def quickstart_with_teacher(tmp_path: Path, teacher: dict[str, str]) -> Path:
+    doc = yaml.safe_load(QUICKSTART.read_text())
+    doc["spec"]["teacher"] = teacher
+    (tmp_path / "tickets.jsonl").write_bytes((QUICKSTART.parent / "tickets.jsonl").read_bytes())
+    job = tmp_path / f"job-{teacher.get('mode', 'sync')}.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    return job
+
+
+def test_estimate_says_the_teacher_mode_and_prices_batch_at_the_batch_price(tmp_path: Path) -> None:
+    found = {}
+    for mode in ("sync", "batch"):
+        job = quickstart_with_teacher(tmp_path, {"model": "openai/gpt-4.1-mini", "mode": mode})
+        result = runner.invoke(app, ["estimate", "-f", str(job), "-o", "json"])
+        assert result.exit_code == 0, result.output
+        found[mode] = json.loads(result.output)
+        assert found[mode]["teacher_mode"] == mode
+    assert found["batch"]["teacher_cost"] == pytest.approx(found["sync"]["teacher_cost"] / 2, rel=1e-3)
+    # teacher_cost is rounded to the millionth of a dollar, the breakdown is not.
+    assert found["batch"]["breakdown"]["teacherCostAtSyncPriceUSD"] == pytest.approx(
+        found["sync"]["teacher_cost"], rel=1e-4
+    )
+    table = runner.invoke(app, ["estimate", "-f", str(job)])
+    assert table.exit_code == 0 and "(batch, 0 input tokens from the provider's cache" in table.output
+
+
+def test_estimate_of_batch_mode_without_a_batch_api_exits_2_naming_the_field(tmp_path: Path) -> None:
+    job = quickstart_with_teacher(tmp_path, {"model": "local/smollm2-135m-instruct", "mode": "batch"})
+    result = runner.invoke(app, ["estimate", "-f", str(job)])
+    assert result.exit_code == 2
+    assert (
+        "spec.teacher.mode: teacher.mode batch: the catalog lists no batch API for local/smollm2-135m-instruct"
+        in (result.output.replace("\n", ""))
+    )
+
+
 def test_estimate_of_an_invalid_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: DistillationJob\nmetadata: {name: x}\nspec: {}\n")

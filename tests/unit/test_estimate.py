@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubedistill import dataset
 from kubedistill.api.models import DistillationJobSpec, Stage
@@ -144,3 +146,60 @@ def test_within_15_percent_of_a_loopback_run(tmp_path: Path, monkeypatch: pytest
     assert report.breakdown["outputTokensFrom"] == "measured"
     assert actual > 0
     assert abs(report.estimate.teacher_cost_usd - actual) / actual <= 0.15, (report.estimate, actual)
+
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart"
+LABELS = ("billing", "bug", "account", "feature_request", "shipping")
+
+
+def label(prompt: str, sample: int, request: dict[str, Any]) -> str:
+    return LABELS[
+        int(hashlib.sha256(f"{prompt}{request.get('seed')}".encode()).hexdigest(), 16) % len(LABELS)
+    ]
+
+
+def test_with_caching_and_batch_mode_within_15_percent_of_the_quick_start_shaped_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick start's job (instruction, twenty few-shot turns, 200 tickets × 3 samples) at a priced
+    teacher with a batch API and a prompt cache: the estimate predicts the cached share of the input
+    and the batch price, and lands within 15% of what the server's usage costs."""
+    quickstart = yaml.safe_load((QUICKSTART / "job.yaml").read_text())["spec"]
+    tickets = [json.loads(line) for line in (QUICKSTART / "tickets.jsonl").read_text().splitlines()]
+    with FakeTeacher(answers=label, supports_n=False, cache_min_tokens=256) as teacher:
+        (tmp_path / "teachers.yaml").write_text(
+            f"providers:\n  acme: {{baseURL: '{teacher.base_url}', supportsN: false, batchAPI: openai,"
+            " cacheMinTokens: 256}\n"
+            "teachers:\n  - {id: acme/t, inputPerMTok: 3.0, cachedInputPerMTok: 0.3, outputPerMTok: 15.0,"
+            " priceDate: '2026-11-01'}\n"
+        )
+        monkeypatch.setenv("KUBEDISTILL_CATALOG_DIR", str(tmp_path))
+        spec = DistillationJobSpec.model_validate(
+            quickstart
+            | {"teacher": {"model": "acme/t", "mode": "batch"}, "student": {"model": "smollm2-135m"}}
+        )
+        pilot = run_generate(tmp_path / "pilot", [t["prompt"] for t in tickets[200:230]], spec)
+        measured = pilot["metrics"]["teacherOutputTokens"] / (30 * 3)
+        prompts = [t["prompt"] for t in tickets[:200]]
+        teacher.cached_tokens_total = 0
+        actual = run_generate(tmp_path / "run", prompts, spec)["metrics"]
+        assert len(teacher.batch_api.created()) == 2  # one batch per run, nothing synchronous
+        assert {c.kind for c in teacher.calls} == {"batch"}
+
+    rows = dataset.load(
+        spec.dataset.model_copy(update={"uri": None, "num_prompts": None, "prompts": prompts})
+    ).rows
+    report = estimate(spec, rows, load_catalog(), measured_output_tokens=measured)
+    e = report.estimate
+    assert (e.teacher_mode, report.breakdown["teacherMode"]) == ("batch", "batch")
+    assert actual["teacherCachedInputTokens"] > 0.8 * actual["teacherInputTokens"]
+    assert (
+        abs(e.cached_input_tokens - actual["teacherCachedInputTokens"]) / actual["teacherCachedInputTokens"]
+        <= 0.15
+    )
+    assert abs(e.teacher_cost_usd - actual["teacherCostTotal"]) / actual["teacherCostTotal"] <= 0.15, (
+        e,
+        actual,
+    )
+    # Without the cache and the batch price the same job costs several times as much.
+    assert report.breakdown["teacherCostAtSyncPriceUSD"] > 3 * e.teacher_cost_usd

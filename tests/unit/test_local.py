@@ -189,6 +189,7 @@ def test_figures_of_the_summary() -> None:
     rows = dict(cli_local.summary_rows(f))
     assert rows["student after training"] == "40.0%" and rows["student before training"] == "0.0%"
     assert rows["student gives the teacher's answer"] == "75.0%"
+    assert rows["teacher input from its cache / saved (sync)"] == "0 (estimated –) / $0.0000"
     assert dict(cli_local.artifact_paths(state)) == {
         "eval": "/w/evaluate/eval.jsonl",
         "gguf q8_0": "/w/m.gguf",

@@ -148,6 +148,11 @@ def test_artifacts_have_the_seed_shape() -> None:
     assert arts["metrics"]["training_time_sec"] == 412.0
 
 
+def test_artifacts_carry_the_saving_against_sync_prices() -> None:
+    arts = sdk.artifacts_view({"metadata": {"name": "j"}, "status": {"metrics": {"teacherSavingUSD": 1.25}}})
+    assert arts["metrics"]["teacher_saving_usd"] == 1.25
+
+
 @pytest.mark.parametrize(
     ("phase", "coarse"),
     [(None, "pending"), ("Estimating", "pending"), ("Training", "running"), ("Promoting", "running"),

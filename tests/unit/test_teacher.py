@@ -96,6 +96,35 @@ def test_n_samples_in_one_request_and_exact_cost(server: FakeTeacher) -> None:
     assert client.usage.calls == 1 and client.usage.cost_usd == completion.usage.cost_usd
 
 
+def ask_in_order(teacher: ResolvedTeacher, messages: list[list[dict[str, str]]]) -> list[Any]:
+    async def go() -> list[Any]:
+        async with TeacherClient(teacher) as client:
+            return [await client.complete(m, max_tokens=64) for m in messages]
+
+    return asyncio.run(go())
+
+
+def test_cached_prefix_is_reported_and_priced_at_the_cached_price() -> None:
+    instruction = {"role": "system", "content": "Label the ticket. " * 40}
+    requests = [[instruction, {"role": "user", "content": p}] for p in ("a", "b", "a short one")]
+    prefix = count_tokens(instruction["content"]) + 4
+    with FakeTeacher(cache_min_tokens=prefix) as server:
+        teacher = resolved(server.base_url).model_copy(update={"cached_input_per_m_tok": 0.5})
+        # One after the other: the first request writes the cache the others read.
+        first, *rest = ask_in_order(teacher, requests)
+        assert server.cached_tokens_total == 2 * prefix
+    assert first.usage.cached_input_tokens == 0
+    assert [c.usage.cached_input_tokens for c in rest] == [prefix, prefix]
+    for completion in rest:
+        u = completion.usage
+        expected = ((u.input_tokens - prefix) * PRICE_IN + prefix * 0.5 + u.output_tokens * PRICE_OUT) / 1e6
+        assert u.cost_usd == pytest.approx(expected)
+    with FakeTeacher(cache_min_tokens=prefix + 1) as server:
+        # A prefix shorter than the provider caches is not cached.
+        completions = ask_in_order(resolved(server.base_url), requests)
+    assert [c.usage.cached_input_tokens for c in completions] == [0, 0, 0]
+
+
 def test_without_n_support_sends_n_requests_with_distinct_seeds() -> None:
     with FakeTeacher(supports_n=False) as server:
         (completion,), client = ask(

@@ -15,12 +15,24 @@ the request `hang_seconds` then answers 504, so the client's timeout fires first
 (the connection is closed with no answer). Failed requests are logged with their status.
 Prompts in `fail_prompts` always get the 429. When `api_key` is set, a request without
 `Authorization: Bearer <api_key>` gets 401.
+
+Prompt cache: with `cache_min_tokens` set, a request whose leading messages (all but the last)
+repeat those of an earlier request reports the tokens of the longest such run as
+`usage.prompt_tokens_details.cached_tokens`, when it is at least `cache_min_tokens` long (as OpenAI
+does, without its 128-token steps). `cached_tokens_total` sums them.
+
+Batch APIs: OpenAI's `/v1/files` + `/v1/batches` and Anthropic's `/v1/messages/batches`
+(:mod:`kubedistill_testing.fake_batches`, reachable as `teacher.batch_api`), with `completion_delay`,
+`batch_failures`, `expire_batches` and `stray_results`. Lines of a batch are answered by the same
+handler as synchronous requests, without the random faults above, and logged as calls of kind
+"batch".
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -41,6 +53,7 @@ from kubedistill.local.scripted_teacher import (
     prompt_tokens,
     truncate_tokens,
 )
+from kubedistill_testing.fake_batches import IN_BATCH, FakeBatchAPI
 
 __all__ = ["Call", "FakeTeacher", "count_tokens", "last_user_message", "prompt_tokens", "truncate_tokens"]
 
@@ -64,6 +77,11 @@ class FakeTeacher(ScriptedTeacher):
         call_log: str | None = None,
         fail_prompts: Collection[str] = (),
         report_usage: bool = True,
+        cache_min_tokens: int | None = None,
+        completion_delay: float = 0.0,
+        batch_failures: Mapping[str, int] | None = None,
+        expire_batches: int = 0,
+        stray_results: int = 0,
     ) -> None:
         super().__init__(
             answers, latency=latency, models=models, host=host, port=port, report_usage=report_usage
@@ -77,8 +95,66 @@ class FakeTeacher(ScriptedTeacher):
         self.call_log_path = call_log
         self.fail_prompts = set(fail_prompts)
         self._random = random.Random(seed)
+        self.cache_min_tokens = cache_min_tokens
+        self.cached_tokens_total = 0
+        self._cached_prefixes: set[str] = set()
+        self.batch_api = FakeBatchAPI(
+            self._chat,
+            completion_delay=completion_delay,
+            failures=dict(batch_failures or {}),
+            expire_batches=expire_batches,
+            stray_results=stray_results,
+        )
+
+    def _authorized(self, headers: Mapping[str, str]) -> bool:
+        return self.api_key is None or headers.get("authorization") == f"Bearer {self.api_key}"
+
+    async def _route(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response:
+        path = path.split("?", 1)[0].rstrip("/")
+        if path.startswith(("/v1/files", "/v1/batches", "/v1/messages/batches")):
+            # Anthropic's API takes the key in x-api-key.
+            key = headers.get("x-api-key")
+            if not self._authorized({"authorization": f"Bearer {key}"} if key else headers):
+                return (
+                    401,
+                    {"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}},
+                    {},
+                )
+            routed = await self.batch_api.route(method, path, headers, body)
+            if routed is not None:
+                return routed
+        return await super()._route(method, path, headers, body)
+
+    async def _chat(self, headers: Mapping[str, str], body: bytes) -> Response:
+        status, payload, extra = await super()._chat(headers, body)
+        if (
+            status == 200
+            and self.cache_min_tokens is not None
+            and isinstance(payload, dict)
+            and "usage" in payload
+        ):
+            cached = self._read_cache(json.loads(body)["messages"], self.cache_min_tokens)
+            payload["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
+            self.cached_tokens_total += cached
+        return status, payload, extra
+
+    def _read_cache(self, messages: Sequence[Mapping[str, Any]], min_tokens: int) -> int:
+        """Tokens of the longest run of leading messages (never the last) an earlier request began with;
+        every such run of this request is cached for later ones."""
+        digest = hashlib.sha256()
+        cached = tokens = 0
+        for message in messages[:-1]:
+            digest.update(json.dumps(message, sort_keys=True).encode())
+            key = digest.hexdigest()
+            tokens += count_tokens(str(message.get("content", ""))) + 4
+            if key in self._cached_prefixes:
+                cached = tokens
+            self._cached_prefixes.add(key)
+        return cached if cached >= min_tokens else 0
 
     def _record(self, call: Call) -> None:
+        if IN_BATCH.get() and call.status == 200:
+            call.kind = "batch"
         super()._record(call)
         if self.call_log_path:
             with open(self.call_log_path, "a", encoding="utf-8") as f:
@@ -87,7 +163,7 @@ class FakeTeacher(ScriptedTeacher):
     async def _before_answer(
         self, call: Call, headers: Mapping[str, str], request: dict[str, Any]
     ) -> Response | None:
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+        if not self._authorized(headers):
             sent = headers.get("authorization", "").removeprefix("Bearer ")
             call.status, call.kind = 401, "unauthorized"
             self._record(call)
@@ -102,6 +178,9 @@ class FakeTeacher(ScriptedTeacher):
             call.status, call.kind = 400, "bad_request"
             self._record(call)
             return 400, {"error": {"message": "n > 1 is not supported", "type": "invalid_request_error"}}, {}
+        if IN_BATCH.get():
+            # Batch lines fail only as FakeBatchAPI scripts it, and take no model time.
+            return None
         kind = (
             self._random.choice(self.failures)
             if self.fail_rate and self._random.random() < self.fail_rate
@@ -171,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", action="append", help="model ids listed by /v1/models")
     parser.add_argument("--call-log", help="append every call as a JSON line to this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-min-tokens", type=int, help="report cached tokens for repeated prefixes")
+    parser.add_argument("--completion-delay", type=float, default=0.0, help="seconds a batch takes")
     args = parser.parse_args(argv)
     teacher = FakeTeacher(
         _load_answers(args.answers) if args.answers else None,
@@ -186,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         call_log=args.call_log,
+        cache_min_tokens=args.cache_min_tokens,
+        completion_delay=args.completion_delay,
     ).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

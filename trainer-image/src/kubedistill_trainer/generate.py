@@ -5,8 +5,8 @@ Writes below `<artifactBase>/generate/`:
   `dataset/rejected.jsonl` — invalid rows with their line number and reason.
 - `candidates/shard-NNNNN.jsonl` — one row per answered prompt, written in shards as answers arrive:
   `{id, split, prompt|messages, system?, reference?, candidates: [text...], finishReasons, usage:
-  {calls, inputTokens, outputTokens}, costUSD, model}`. Held-out (test) prompts are answered too:
-  evaluation compares the student with them.
+  {calls, inputTokens, outputTokens, cachedInputTokens}, costUSD, model}`. Held-out (test)
+  prompts are answered too: evaluation compares the student with them.
 
 Resumable: a rerun reads the shards, skips every prompt already in them (so it never pays twice
 for an answer it kept) and continues the numbering. The budget (`budget.maxTeacherCostUSD`) counts
@@ -15,6 +15,9 @@ stays within it, so the stage stops before overspending, keeps what it has and f
 BudgetExceeded. A prompt whose retries are exhausted is left for the next attempt; the stage then
 fails with TeacherUnavailable and keeps the rest. SIGTERM or SIGINT stops it the same way: the
 requests in flight finish and are written, then it fails with Interrupted.
+
+`teacher.mode` batch (or auto, resolved by `kubedistill.domain.pricing`) sends the same requests
+through the provider's Batch API instead (`kubedistill_trainer.batch`), into the same shards.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ from kubedistill import dataset, store
 from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
 from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
+from kubedistill.domain import pricing
+from kubedistill_trainer.batch import BatchRun
+from kubedistill_trainer.batch_api import open_batch_api
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.teacher import (
+    Completion,
     TeacherAborted,
     TeacherAuthFailed,
     TeacherClient,
@@ -74,6 +81,7 @@ class Outcome:
     seconds: float = 0.0
     retries: dict[str, int] = field(default_factory=dict)
     responses_without_usage: int = 0
+    batch_details: dict[str, Any] = field(default_factory=dict)
 
 
 def candidate_row(
@@ -88,6 +96,7 @@ def candidate_row(
             "calls": usage.calls,
             "inputTokens": usage.input_tokens,
             "outputTokens": usage.output_tokens,
+            "cachedInputTokens": usage.cached_input_tokens,
         },
         "costUSD": usage.cost_usd,
         "model": model,
@@ -97,7 +106,11 @@ def candidate_row(
 def usage_of(row: dict[str, Any]) -> Usage:
     u = row.get("usage", {})
     return Usage(
-        u.get("calls", 0), u.get("inputTokens", 0), u.get("outputTokens", 0), row.get("costUSD", 0.0)
+        u.get("calls", 0),
+        u.get("inputTokens", 0),
+        u.get("outputTokens", 0),
+        row.get("costUSD", 0.0),
+        u.get("cachedInputTokens", 0),
     )
 
 
@@ -319,6 +332,57 @@ async def generate_candidates(
     return outcome
 
 
+async def generate_in_batches(
+    inv: StageInvocation,
+    works: Sequence[Work],
+    todo: Sequence[Work],
+    client: TeacherClient,
+    gate: BudgetGate,
+    writer: ShardWriter,
+    *,
+    on_progress: Callable[[str, float], None],
+    stop: asyncio.Event,
+) -> Outcome:
+    """`todo` answered through the provider's Batch API (`kubedistill_trainer.batch`)."""
+    teacher = client.teacher
+    outcome = Outcome()
+
+    def make_row(work: Work, completion: Completion) -> dict[str, Any]:
+        return candidate_row(
+            work, completion.texts, completion.finish_reasons, completion.usage, teacher.api_model
+        )
+
+    start = time.perf_counter()
+    api = open_batch_api(
+        teacher, os.environ.get(TEACHER_API_KEY_ENV) or None, timeout=inv.spec.teacher.timeout_seconds
+    )
+    try:
+        run = BatchRun(
+            stage_uri=inv.stage_uri(),
+            works=works,
+            gen=inv.spec.generation,
+            api=api,
+            client=client,
+            writer=writer,
+            outcome=outcome,
+            make_row=make_row,
+            budget=gate.limit,
+            spent=gate.spent,
+            worst_row_cost=gate.worst_case,
+            stop=stop,
+            on_progress=on_progress,
+        )
+        outcome.batch_details = (await run.run(todo)).details()
+    finally:
+        await api.aclose()
+    gate.spent = run.spent
+    outcome.interrupted = stop.is_set() and not outcome.budget_stopped and outcome.fatal is None
+    outcome.seconds = time.perf_counter() - start
+    outcome.retries = dict(client.retries)
+    outcome.responses_without_usage += client.responses_without_usage
+    return outcome
+
+
 def prepare_dataset(inv: StageInvocation, stage_uri: str) -> tuple[list[Work], dataset.Parsed]:
     parsed = dataset.load(inv.spec.dataset)
     train, test = dataset.split(parsed.rows, inv.spec.dataset.test_fraction)
@@ -363,10 +427,22 @@ def run(inv: StageInvocation) -> StageResult:
             "TeacherUnavailable", f"teacher {spec.teacher.model} is not in the catalog: set teacher.baseURL"
         )
     works, parsed = prepare_dataset(inv, stage_uri)
+    requests_per_prompt = 1 if teacher.supports_n else spec.generation.n_samples
+    try:
+        mode = pricing.teacher_mode(spec.teacher.mode, teacher, len(works) * requests_per_prompt)
+    except pricing.BatchUnsupported as exc:
+        raise StageFailure(exc.reason, str(exc)) from None
     done_ids, previous, next_shard = answered_so_far(stage_uri)
     todo = [w for w in works if w.row.id not in done_ids]
     total = len(works)
-    log.info("%d prompts, %d already answered, %d to ask %s", total, total - len(todo), len(todo), teacher.id)
+    log.info(
+        "%d prompts, %d already answered, %d to ask %s (%s)",
+        total,
+        total - len(todo),
+        len(todo),
+        teacher.id,
+        mode,
+    )
 
     gate = BudgetGate(
         spec.budget.max_teacher_cost_usd, previous.cost_usd, worst_case_cost(teacher, todo, spec.generation)
@@ -383,6 +459,9 @@ def run(inv: StageInvocation) -> StageResult:
 
     report(Outcome(), force=True)
 
+    def report_batch(detail: str, spent: float) -> None:
+        progress.update(base_done, total, detail=f"Generating — {detail}", cost_usd=spent)
+
     async def go() -> Outcome:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -392,6 +471,10 @@ def run(inv: StageInvocation) -> StageResult:
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         async with make_client(inv, teacher) as client:
+            if mode == "batch":
+                return await generate_in_batches(
+                    inv, works, todo, client, gate, writer, on_progress=report_batch, stop=stop
+                )
             return await generate_candidates(
                 todo,
                 client,
@@ -403,23 +486,31 @@ def run(inv: StageInvocation) -> StageResult:
                 stop=stop,
             )
 
-    outcome = run_async(go()) if todo and not gate.exhausted else Outcome(budget_stopped=bool(todo))
+    # Batch mode sizes each batch to the budget itself (and may have batches to finish first).
+    runs = bool(todo) and (mode == "batch" or not gate.exhausted)
+    outcome = run_async(go()) if runs else Outcome(budget_stopped=bool(todo))
     report(outcome, force=True)
 
     usage = Usage()
     usage.add(previous)
     usage.add(outcome.usage)
     answered = base_done + outcome.answered
+    saving = max(0.0, pricing.sync_price(teacher, usage.input_tokens, usage.output_tokens) - usage.cost_usd)
     metrics = Metrics(
         teacher_calls=usage.calls,
         teacher_input_tokens=usage.input_tokens,
         teacher_output_tokens=usage.output_tokens,
         teacher_cost_total=usage.cost_usd,
+        # Left out when nothing was cached or saved: most teachers offer neither.
+        teacher_cached_input_tokens=usage.cached_input_tokens or None,
+        teacher_saving_usd=saving or None,
         candidates=answered * spec.generation.n_samples,
     )
     artifacts = Artifacts(dataset_uri=f"{stage_uri}/dataset/", candidates_uri=f"{stage_uri}/candidates/")
     details = {
         "teacher": teacher.id,
+        "teacherMode": mode,
+        **outcome.batch_details,
         "priceNote": teacher.note,
         "prompts": total,
         "answered": answered,
@@ -449,7 +540,11 @@ def run(inv: StageInvocation) -> StageResult:
                 "ok": False,
                 "reason": "Interrupted",
                 "message": f"stopped by a signal: {answered}/{total} prompts answered and kept; "
-                "a rerun asks only the missing ones",
+                + (
+                    "a rerun polls the batches already submitted"
+                    if mode == "batch"
+                    else "a rerun asks only the missing ones"
+                ),
             }
         )
     if outcome.budget_stopped:
@@ -475,7 +570,13 @@ def run(inv: StageInvocation) -> StageResult:
         rejected_note += (
             f"; {outcome.responses_without_usage} responses had no usage: their cost is not counted"
         )
+    if outcome.batch_details.get("unknownResults"):
+        rejected_note += (
+            f"; {outcome.batch_details['unknownResults']} batch results for unknown requests ignored"
+        )
+    saved = f", ${saving:.4f} saved against sync prices" if saving > 0 else ""
     message = (
-        f"{answered} prompts × {spec.generation.n_samples} samples, ${usage.cost_usd:.4f}{rejected_note}"
+        f"{answered} prompts × {spec.generation.n_samples} samples, ${usage.cost_usd:.4f} "
+        f"({mode}{saved}){rejected_note}"
     )
     return result.model_copy(update={"message": message})

@@ -13,7 +13,8 @@
   honouring `retry-after-ms` / `Retry-After`; a concurrency slot is not held while waiting. 401/403 and other
   4xx fail at once (`TeacherAuthFailed`, `TeacherRejected`); after a 401/403 nothing more is sent.
 - `abort()` stops new sends (waiting requests raise `TeacherAborted`); requests already sent finish.
-- Usage is taken from each successful response; cost = tokens × the catalog price. Failed calls
+- Usage is taken from each successful response; cost = uncached input × input price + cached input
+  (`prompt_tokens_details.cached_tokens`) × cached price + output × output price. Failed calls
   cost nothing and are not counted. `client.usage` holds the totals.
 
 The API key is sent only in the Authorization header; error messages never contain it.
@@ -67,12 +68,15 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # Part of input_tokens that the provider read from its prompt cache (billed at the cached price).
+    cached_input_tokens: int = 0
 
     def add(self, other: Usage) -> None:
         self.calls += other.calls
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cost_usd += other.cost_usd
+        self.cached_input_tokens += other.cached_input_tokens
 
 
 @dataclass
@@ -151,6 +155,29 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
 
 def estimate_tokens(messages: Messages, chars_per_token: float) -> int:
     return int(sum(len(m.get("content", "")) for m in messages) / chars_per_token) + 4 * len(messages)
+
+
+def request_body(
+    teacher: ResolvedTeacher,
+    messages: Messages,
+    n: int,
+    temperature: float,
+    max_tokens: int,
+    seed: int | None,
+) -> dict[str, Any]:
+    """The `/chat/completions` body for n samples of one prompt: sent as is, or as one batch line."""
+    body: dict[str, Any] = {
+        "model": teacher.api_model,
+        "messages": list(messages),
+        teacher.max_tokens_param: max_tokens,
+    }
+    if teacher.supports_temperature:
+        body["temperature"] = temperature
+    if n > 1:
+        body["n"] = n
+    if seed is not None:
+        body["seed"] = seed
+    return body
 
 
 class _Retryable(Exception):
@@ -270,18 +297,7 @@ class TeacherClient:
     async def _request(
         self, messages: Messages, n: int, temperature: float, max_tokens: int, seed: int | None
     ) -> Completion:
-        body: dict[str, Any] = {
-            "model": self.teacher.api_model,
-            "messages": list(messages),
-            self.teacher.max_tokens_param: max_tokens,
-        }
-        if self.teacher.supports_temperature:
-            body["temperature"] = temperature
-        if n > 1:
-            body["n"] = n
-        if seed is not None:
-            body["seed"] = seed
-        content = json.dumps(body).encode()
+        content = json.dumps(request_body(self.teacher, messages, n, temperature, max_tokens, seed)).encode()
         reserved = (
             estimate_tokens(messages, self.teacher.chars_per_token) + max_tokens * n if self._tpm else 0
         )
@@ -358,26 +374,43 @@ class TeacherClient:
                 )
             )
         try:
-            payload = response.json()
-            choices = sorted(payload["choices"], key=lambda c: c.get("index", 0))
-            texts = [c["message"].get("content") or "" for c in choices]
-        except (ValueError, KeyError, TypeError, AttributeError):
+            completion = parse_completion(response.json(), self.teacher)
+        except ValueError:  # not JSON, or not a chat completion
             raise _Retryable("malformed response") from None
-        usage = payload.get("usage") or {}
-        if not usage:
+        if not completion.usage.calls:
             self.responses_without_usage += 1
+            completion.usage.calls = 1
+        return completion
+
+
+class MalformedCompletion(ValueError):
+    pass
+
+
+def parse_completion(payload: Any, teacher: ResolvedTeacher, *, batch: bool = False) -> Completion:
+    """A `/chat/completions` response body as a Completion priced from its usage block (at the batch
+    price when it came through the batch API). A body without usage gets `usage.calls == 0`, so the
+    caller can count it: its cost is unknown, not 0."""
+    try:
+        choices = sorted(payload["choices"], key=lambda c: c.get("index", 0))
+        texts = [c["message"].get("content") or "" for c in choices]
+        usage = payload.get("usage") or {}
         input_tokens = int(usage.get("prompt_tokens") or 0)
         output_tokens = int(usage.get("completion_tokens") or 0)
-        return Completion(
-            texts=texts,
-            finish_reasons=[str(c.get("finish_reason") or "") for c in choices],
-            usage=Usage(
-                calls=1,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                cost_usd=self.teacher.cost(input_tokens, output_tokens),
-            ),
-        )
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        raise MalformedCompletion("malformed chat completion") from None
+    return Completion(
+        texts=texts,
+        finish_reasons=[str(c.get("finish_reason") or "") for c in choices],
+        usage=Usage(
+            calls=1 if usage else 0,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=teacher.cost(input_tokens, output_tokens, cached_tokens=cached, batch=batch),
+            cached_input_tokens=cached,
+        ),
+    )
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -37,6 +37,7 @@ STAGES: tuple[Stage, ...] = tuple(Stage)
 GPU_STAGES: frozenset[Stage] = frozenset({Stage.TRAIN})
 
 Quantization = Literal["q4_k_m", "q5_k_m", "q8_0"]
+TeacherMode = Literal["sync", "batch", "auto"]
 SUPPORTED_QUANTIZATIONS: tuple[str, ...] = ("q4_k_m", "q5_k_m", "q8_0")
 
 
@@ -84,6 +85,12 @@ class TeacherSpec(Model):
         default=None, ge=1, le=100_000_000, description="Client-side token rate limit (input + output)."
     )
     timeout_seconds: float = Field(default=120.0, gt=0, le=3600, description="Per-request timeout.")
+    mode: TeacherMode = Field(
+        default="sync",
+        description="sync: one request per prompt as it goes; batch: the provider's batch API (about half "
+        "the price, results within 24h); auto: batch when the catalog lists one for the provider and the "
+        "job has enough requests.",
+    )
 
 
 class StudentSpec(Model):
@@ -435,6 +442,12 @@ class Estimate(Model):
     judge_cost_usd: float = Field(default=0.0, ge=0.0, alias="judgeCostUSD", description="LLM judge dollars.")
     gpu_minutes: float = Field(default=0.0, ge=0.0, description="Expected training GPU minutes.")
     fits_budget: bool = Field(default=True, description="Whether the cost fits budget.maxTeacherCostUSD.")
+    teacher_mode: Literal["sync", "batch"] | None = Field(
+        default=None, description="How the teacher is assumed to be called (teacher.mode resolved)."
+    )
+    cached_input_tokens: int | None = Field(
+        default=None, ge=0, description="Input tokens predicted to be read from the provider's prompt cache."
+    )
 
 
 class Artifacts(Model):
@@ -456,6 +469,14 @@ class Metrics(Model):
     teacher_input_tokens: int | None = Field(default=None, ge=0, description="Billed input tokens.")
     teacher_output_tokens: int | None = Field(default=None, ge=0, description="Billed output tokens.")
     teacher_cost_total: float | None = Field(default=None, ge=0.0, description="Teacher dollars spent.")
+    teacher_cached_input_tokens: int | None = Field(
+        default=None, ge=0, description="Billed input tokens read from the provider's prompt cache."
+    )
+    teacher_saving_usd: float | None = Field(
+        default=None,
+        alias="teacherSavingUSD",
+        description="Saved against synchronous, uncached prices (batch discount and cached input).",
+    )
     candidates: int | None = Field(default=None, ge=0, description="Candidates generated.")
     curated: int | None = Field(default=None, ge=0, description="Candidates kept by curation.")
     student_loss_final: float | None = Field(default=None, description="BOND loss at the last step.")

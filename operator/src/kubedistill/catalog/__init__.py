@@ -2,7 +2,7 @@
 
     cat = load_catalog()                          # packaged files, then env KUBEDISTILL_CATALOG_DIR
     cat = load_catalog(data=configmap.data)       # a ConfigMap's {"teachers.yaml": ..., ...}
-    t = cat.resolve_teacher("openai/gpt-4o")      # base URL, API model name, prices, supportsN
+    t = cat.resolve_teacher("openai/gpt-4o")      # base URL, API model name, prices, supportsN, batchAPI
     s = cat.student("qwen3-0.6b")                 # HF id, size, VRAM, LoRA targets, chat family
 
 Overrides merge into the packaged catalog by id (providers by name), so a ConfigMap that adds one
@@ -21,13 +21,14 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 CATALOG_DIR_ENV = "KUBEDISTILL_CATALOG_DIR"
+BatchAPI = Literal["openai", "anthropic"]
 TEACHERS_FILE = "teachers.yaml"
 STUDENTS_FILE = "students.yaml"
 
@@ -42,6 +43,9 @@ class Provider(_Entry):
     chars_per_token: float = 4.0
     free: bool = False
     max_tokens_param: str = "max_tokens"
+    batch_api: BatchAPI | None = Field(default=None, alias="batchAPI")
+    batch_price_factor: float = Field(default=0.5, gt=0, le=1)
+    cache_min_tokens: int | None = Field(default=None, ge=1)
 
 
 class Teacher(_Entry):
@@ -52,6 +56,8 @@ class Teacher(_Entry):
     supports_n: bool | None = None
     chars_per_token: float | None = None
     supports_temperature: bool = True
+    cached_input_per_m_tok: float | None = Field(default=None, ge=0)
+    batch_price_factor: float | None = Field(default=None, gt=0, le=1)
 
 
 class Student(_Entry):
@@ -86,9 +92,33 @@ class ResolvedTeacher(BaseModel):
     note: str = ""
     max_tokens_param: str = Field(default="max_tokens", description="max_completion_tokens for OpenAI.")
     supports_temperature: bool = Field(default=True, description="False for reasoning models (fixed at 1).")
+    cached_input_per_m_tok: float | None = Field(
+        default=None, description="Price of input tokens read from the cache; None: the input price."
+    )
+    batch_api: BatchAPI | None = Field(default=None, description="The provider's batch API, if it has one.")
+    batch_price_factor: float = Field(default=1.0, description="Batch price / synchronous price.")
+    cache_min_tokens: int | None = Field(
+        default=None,
+        description="Shortest prompt prefix the provider caches by itself; None: no automatic cache.",
+    )
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input_per_m_tok + output_tokens * self.output_per_m_tok) / 1e6
+    @property
+    def cached_input_price(self) -> float:
+        """USD per million cached input tokens: the input price where the catalog lists no discount."""
+        return self.input_per_m_tok if self.cached_input_per_m_tok is None else self.cached_input_per_m_tok
+
+    def cost(
+        self, input_tokens: int, output_tokens: int, *, cached_tokens: int = 0, batch: bool = False
+    ) -> float:
+        """`input_tokens` includes the `cached_tokens` (as providers report them), which are billed at
+        the cached price; a batch request is billed at `batch_price_factor` of the whole."""
+        uncached = max(0, input_tokens - cached_tokens)
+        dollars = (
+            uncached * self.input_per_m_tok
+            + min(cached_tokens, input_tokens) * self.cached_input_price
+            + output_tokens * self.output_per_m_tok
+        ) / 1e6
+        return dollars * self.batch_price_factor if batch else dollars
 
 
 class Catalog(BaseModel):
@@ -118,6 +148,10 @@ class Catalog(BaseModel):
                 known_price=True,
                 max_tokens_param=provider.max_tokens_param,
                 supports_temperature=entry.supports_temperature,
+                cached_input_per_m_tok=entry.cached_input_per_m_tok,
+                batch_api=provider.batch_api,
+                batch_price_factor=entry.batch_price_factor or provider.batch_price_factor,
+                cache_min_tokens=provider.cache_min_tokens,
             )
         free = provider is not None and provider.free
         return ResolvedTeacher(
@@ -135,6 +169,8 @@ class Catalog(BaseModel):
             if free
             else f"{model} is not in the teacher catalog: its price is unknown and counted as 0",
             max_tokens_param=provider.max_tokens_param if provider else "max_tokens",
+            batch_api=provider.batch_api if provider else None,
+            cache_min_tokens=provider.cache_min_tokens if provider else None,
         )
 
     def student(self, model: str) -> Student | None:

@@ -19,6 +19,7 @@ def estimate_file(job_file: Path) -> dict[str, Any]:
     from kubedistill import dataset
     from kubedistill.catalog import load_catalog
     from kubedistill.domain.estimate import estimate
+    from kubedistill.domain.pricing import BatchUnsupported
 
     job = load_job(job_file)
     spec = with_dataset_path(job.spec, job_file.parent)
@@ -27,7 +28,11 @@ def estimate_file(job_file: Path) -> dict[str, Any]:
     except Exception as err:  # a dataset in a ConfigMap or an unreachable bucket
         raise JobInvalid([f"spec.dataset: cannot read it from here to count tokens: {err}"]) from None
     catalog = load_catalog()
-    return sdk.estimate_dict(estimate(spec, rows, catalog), catalog, spec.teacher.model)
+    try:
+        report = estimate(spec, rows, catalog)
+    except BatchUnsupported as err:
+        raise JobInvalid([f"spec.teacher.mode: {err}"]) from None
+    return sdk.estimate_dict(report, catalog, spec.teacher.model)
 
 
 @app.command("estimate")

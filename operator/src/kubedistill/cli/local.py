@@ -116,6 +116,9 @@ def summary_rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("teacher tokens in / out",
          f"{_fmt(f['teacherInputTokens'])} / {_fmt(f['teacherOutputTokens'])}"
          f" (estimated {_fmt(f['estimatedInputTokens'])} / {_fmt(f['estimatedOutputTokens'])})"),
+        (f"teacher input from its cache / saved ({f['teacherMode'] or 'sync'})",
+         f"{_fmt(f['teacherCachedInputTokens'])} (estimated {_fmt(f['estimatedCachedInputTokens'])})"
+         f" / {_fmt(f['teacherSavingUSD'] or 0.0, 'usd')}"),
         ("candidates kept by curation", f"{_fmt(f['curated'])} of {_fmt(f['candidates'])}"),
         ("final BOND loss / training time", f"{_fmt(f['lossFinal'])} / {_fmt(f['trainingTimeSec'], 's')}"),
         (f"teacher score ({judge}, {_fmt(rows)} held-out rows)", _fmt(f["teacherScore"], "pct")),

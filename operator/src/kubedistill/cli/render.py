@@ -173,7 +173,8 @@ def estimate_table(result: Mapping[str, Any]) -> Table:
         ["teacher calls", str(result["teacher_calls"])],
         ["input / output tokens", f"{result['input_tokens']:,} / {result['output_tokens']:,} "
          f"(output from {b['outputTokensFrom']}, counted by {b['tokenCounting']})"],
-        ["teacher cost", f"${result['teacher_cost']:.4f}"],
+        ["teacher cost", f"${result['teacher_cost']:.4f} ({b['teacherMode']}, {result['cached_input_tokens']:,} input "
+         f"tokens from the provider's cache; ${b['teacherCostAtSyncPriceUSD']:.4f} at sync prices)"],
         ["judge cost", f"${result['judge_cost']:.4f} ({b['judge']})"],
         ["estimated cost", f"${result['estimated_cost']:.4f}"],
         ["GPU minutes", f"{result['gpu_minutes']:.2f} ({b['student']}, {b['studentParamsB']}B)"],

@@ -10,6 +10,10 @@ operator (status.estimate), the CLI (`kubedistill estimate`) and the SDK (`Disti
   request): with `tokenizer` when given (anything with `encode(text)`, or a callable returning a
   count), else the teacher family's calibrated chars-per-token. A provider without `n` support is
   billed the input once per sample.
+- Cached input (`domain.pricing`): when the provider caches prompt prefixes by itself, all requests
+  but the first read the prefix they share (teacher instruction, few-shot turns) from the cache,
+  priced at the catalog's cached price. `teacher.mode` resolved to batch prices everything at the
+  batch price. `mode: batch` for a provider without a batch API raises BatchUnsupported.
 - Output tokens per sample are `measured_output_tokens` (the mean of earlier runs) when given, else
   `generation.maxTokens` — an upper bound.
 - An `llm` judge costs one call per candidate: the question, the answer, the rubric and ~80 tokens
@@ -27,6 +31,7 @@ from typing import Any, NamedTuple
 from kubedistill.api.models import DistillationJobSpec, Estimate
 from kubedistill.catalog import Catalog, ResolvedTeacher
 from kubedistill.dataset import Row
+from kubedistill.domain import pricing
 
 MESSAGE_OVERHEAD = 4
 REQUEST_OVERHEAD = 2
@@ -92,15 +97,23 @@ def estimate(
     count = _Counter(tokenizer, teacher.chars_per_token)
     prompts = len(rows)
     requests_per_prompt = 1 if teacher.supports_n else gen.n_samples
-    prompt_tokens = [
-        request_tokens(r.teacher_messages(gen.system_prompt, gen.few_shot_turns()), count) for r in rows
-    ]
+    examples = gen.few_shot_turns()
+    prompt_tokens = [request_tokens(r.teacher_messages(gen.system_prompt, examples), count) for r in rows]
     input_tokens = sum(prompt_tokens) * requests_per_prompt
     output_per_sample = (
         measured_output_tokens if measured_output_tokens is not None else float(gen.max_tokens)
     )
     output_tokens = round(prompts * gen.n_samples * output_per_sample)
-    teacher_cost = teacher.cost(input_tokens, output_tokens)
+    mode = pricing.teacher_mode(spec.teacher.mode, teacher, prompts * requests_per_prompt)
+    # A second pass, not a list of every request: each copies the few-shot turns (memory of large jobs).
+    prefix = pricing.shared_prefix(r.teacher_messages(gen.system_prompt, examples) for r in rows)
+    prefix_tokens = sum(count(m["content"]) + MESSAGE_OVERHEAD for m in prefix)
+    cached_tokens = pricing.predicted_cached_tokens(
+        prefix_tokens, prompts * requests_per_prompt, teacher.cache_min_tokens
+    )
+    teacher_cost = teacher.cost(
+        input_tokens, output_tokens, cached_tokens=cached_tokens, batch=mode == "batch"
+    )
 
     judge = _judge_teacher(spec, catalog)
     judge_cost = 0.0
@@ -140,11 +153,22 @@ def estimate(
         judge_cost_usd=judge_cost,
         gpu_minutes=round(gpu_minutes, 2),
         fits_budget=limit is None or teacher_cost <= limit,
+        teacher_mode=mode,
+        cached_input_tokens=cached_tokens,
     )
     breakdown = {
         "teacher": teacher.id,
         "teacherBaseURL": teacher.base_url,
-        "pricePerMTok": {"input": teacher.input_per_m_tok, "output": teacher.output_per_m_tok},
+        "pricePerMTok": {
+            "input": teacher.input_per_m_tok,
+            "cachedInput": teacher.cached_input_price,
+            "output": teacher.output_per_m_tok,
+        },
+        "teacherMode": mode,
+        "batchPriceFactor": teacher.batch_price_factor if mode == "batch" else 1.0,
+        "sharedPrefixTokens": prefix_tokens,
+        "cacheMinTokens": teacher.cache_min_tokens,
+        "teacherCostAtSyncPriceUSD": pricing.sync_price(teacher, input_tokens, output_tokens),
         "priceDate": teacher.price_date,
         "priceNote": teacher.note,
         "supportsN": teacher.supports_n,

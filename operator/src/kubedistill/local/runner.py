@@ -79,6 +79,10 @@ def compute_figures(state: RunState, estimate: Mapping[str, Any], wall_s: float)
         "estimatedInputTokens": estimate.get("inputTokens"),
         "teacherOutputTokens": gm.teacher_output_tokens if gm else None,
         "estimatedOutputTokens": estimate.get("outputTokens"),
+        "teacherCachedInputTokens": (gm.teacher_cached_input_tokens or 0) if gm else None,
+        "estimatedCachedInputTokens": estimate.get("cachedInputTokens"),
+        "teacherMode": estimate.get("teacherMode"),
+        "teacherSavingUSD": gm.teacher_saving_usd if gm else None,
         "candidates": gm.candidates if gm else None,
         "curated": res[Stage.CURATE].metrics.curated if Stage.CURATE in res else None,
         "lossFinal": tr.metrics.student_loss_final if tr else None,
@@ -172,18 +176,24 @@ class LocalRun:
         from kubedistill import dataset
         from kubedistill.catalog import load_catalog
         from kubedistill.domain.estimate import estimate
+        from kubedistill.domain.pricing import BatchUnsupported
 
         try:
             rows = dataset.load(spec.dataset).rows
         except Exception:  # the generate stage reports dataset problems with its reason
             return {}
-        report = estimate(spec, rows, load_catalog(), tokenizer=_tokenizer(student_dir))
+        try:
+            report = estimate(spec, rows, load_catalog(), tokenizer=_tokenizer(student_dir))
+        except BatchUnsupported:  # the generate stage fails with it, as the operator's estimate does
+            return {}
         e = report.estimate
         found = {
             "costUSD": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
             "teacherCalls": e.teacher_calls,
             "inputTokens": e.input_tokens,
             "outputTokens": e.output_tokens,
+            "cachedInputTokens": e.cached_input_tokens,
+            "teacherMode": e.teacher_mode,
             "tokenCounting": report.breakdown["tokenCounting"],
             "gpuMinutes": e.gpu_minutes,
         }

@@ -212,10 +212,12 @@ class ScriptedTeacher:
                 status, payload, extra = await self._route(method, path, headers, body)
                 if status is None:
                     break
-                data = json.dumps(payload).encode()
+                # Bytes are a file's content (the harness serves batch files), sent as they are.
+                raw = isinstance(payload, bytes)
+                data = payload if raw else json.dumps(payload).encode()
                 lines = [
                     f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
-                    "content-type: application/json",
+                    f"content-type: {'application/octet-stream' if raw else 'application/json'}",
                 ]
                 lines += [f"content-length: {len(data)}", *(f"{k}: {v}" for k, v in extra.items())]
                 writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)

@@ -203,6 +203,7 @@ def artifacts_view(obj: Mapping[str, Any]) -> dict[str, Any]:
         "dataset_path": arts.get("datasetURI"),
         "metrics": {
             "teacher_cost_total": metrics.get("teacherCostTotal"),
+            "teacher_saving_usd": metrics.get("teacherSavingUSD"),
             "student_loss_final": metrics.get("studentLossFinal"),
             "training_time_sec": metrics.get("trainingTimeSec"),
             "eval_score": metrics.get("evalScore"),
@@ -256,7 +257,9 @@ def estimate_dict(report: Any, catalog: Catalog, teacher_model: str) -> dict[str
         "teacher_cost": round(e.teacher_cost_usd, 6),
         "judge_cost": round(e.judge_cost_usd, 6),
         "teacher_calls": e.teacher_calls,
+        "teacher_mode": e.teacher_mode,
         "input_tokens": e.input_tokens,
+        "cached_input_tokens": e.cached_input_tokens,
         "output_tokens": e.output_tokens,
         "gpu_minutes": e.gpu_minutes,
         "sufficient": e.fits_budget,
