@@ -123,7 +123,7 @@ def endpoint_readiness(discovery: client.DiscoveryV1Api, service: str, namespace
 
 
 def test_readiness_probe_moves_a_pod_out_of_and_back_into_its_endpoint_slice(
-    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, record_property: Any
 ) -> None:
     core, discovery = client.CoreV1Api(k8s_api), client.DiscoveryV1Api(k8s_api)
     period, failures = 1, 2
@@ -165,17 +165,21 @@ def test_readiness_probe_moves_a_pod_out_of_and_back_into_its_endpoint_slice(
         0.05,
         what="web-0 to leave the ready endpoints",
     )
-    assert time.monotonic() - failed_at >= period * (failures - 1)  # not before the threshold could be met
+    unready_after = time.monotonic() - failed_at
+    record_property("endpoint_unready_after_s", round(unready_after, 2))
+    assert unready_after >= period * (failures - 1)  # not before the threshold could be met
     ready = next(c for c in read_pod(core, "web-0", namespace).status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("False", "ContainersNotReady")
 
     urllib.request.urlopen(f"{web0}/recover", timeout=5).close()
+    recovered_at = time.monotonic()
     wait_for(
         lambda: endpoint_readiness(discovery, "web", namespace) == {ips["web-0"]: True, ips["web-1"]: True},
         period + SLACK_S,
         0.05,
         what="web-0 to come back",
     )
+    record_property("endpoint_ready_again_after_s", round(time.monotonic() - recovered_at, 2))
     assert read_pod(core, "web-0", namespace).status.container_statuses[0].restart_count == 0
 
 
@@ -247,7 +251,7 @@ def test_failed_liveness_probe_restarts_the_container(
 
 
 def test_a_killed_container_is_restarted_with_a_growing_back_off(
-    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, record_property: Any
 ) -> None:
     core = client.CoreV1Api(k8s_api)
     core.create_namespaced_pod(
@@ -269,6 +273,7 @@ def test_a_killed_container_is_restarted_with_a_growing_back_off(
         pid = wait_for(next_run, 30, 0.05, what="crashy to be restarted")
         waits.append(time.monotonic() - killed_at)
 
+    record_property("restart_waits_s", [round(w, 2) for w in waits])
     # The kubelet fixture's back-off: 1 s, doubling, capped at 4 s.
     for wait, delay in zip(waits, (1, 2, 4), strict=True):
         assert delay <= wait < delay + SLACK_S, waits
@@ -322,7 +327,7 @@ def mark(marks: Path, name: str) -> float:
 
 
 def test_delete_runs_pre_stop_then_gives_a_trapping_process_its_grace_period(
-    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, tmp_path: Path
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, tmp_path: Path, record_property: Any
 ) -> None:
     core = client.CoreV1Api(k8s_api)
     core.create_namespaced_pod(namespace, terminating_pod("graceful", tmp_path, "exit", grace=4))
@@ -335,6 +340,9 @@ def test_delete_runs_pre_stop_then_gives_a_trapping_process_its_grace_period(
         mark(tmp_path, "sigterm"),
         mark(tmp_path, "cleaned"),
     )
+    record_property("prestop_to_sigterm_s", round(sigterm - prestop, 2))
+    record_property("sigterm_to_clean_exit_s", round(cleaned - sigterm, 2))
+    record_property("delete_to_pod_gone_s", round(gone_at - deleted_at, 2))
     assert deleted_at <= prestop <= sigterm, "preStop runs first, then SIGTERM"
     assert cleaned - sigterm >= 1.0, "the process used a second of its grace period undisturbed"
     assert cleaned <= gone_at, "the Pod object goes away only after its process has stopped"
@@ -342,7 +350,7 @@ def test_delete_runs_pre_stop_then_gives_a_trapping_process_its_grace_period(
 
 
 def test_a_process_that_ignores_sigterm_is_killed_when_the_grace_period_ends(
-    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, tmp_path: Path
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, tmp_path: Path, record_property: Any
 ) -> None:
     core = client.CoreV1Api(k8s_api)
     grace = 3
@@ -353,6 +361,7 @@ def test_a_process_that_ignores_sigterm_is_killed_when_the_grace_period_ends(
 
     assert not alive(pid)
     assert mark(tmp_path, "prestop") <= mark(tmp_path, "sigterm")
+    record_property("delete_to_pod_gone_s", round(gone_at - deleted_at, 2))
     # SIGKILL comes when the grace period, counted from the deletion, is over: not before, not much after.
     assert grace <= gone_at - deleted_at < grace + SLACK_S
 
