@@ -97,6 +97,12 @@ def log_text(kubelet: LocalKubelet, namespace: str, pod: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
+def events(core: client.CoreV1Api, pod: str, namespace: str) -> list[tuple[str, str]]:
+    """(reason, message) of the Events on a Pod, as `kubectl describe pod` lists them."""
+    listed = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod}").items
+    return [(e.reason, e.message) for e in listed]
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -243,6 +249,9 @@ def test_failed_liveness_probe_restarts_the_container(
     # Stopped with SIGTERM (it does not trap it), as the kubelet stops a container that fails liveness.
     assert (status.last_state.terminated.exit_code, status.last_state.terminated.reason) == (143, "Error")
     assert read_pod(core, "flaky", namespace).status.phase == "Running"
+    said = events(core, "flaky", namespace)
+    assert ("Unhealthy", "Liveness probe failed: exit code 1") in said
+    assert ("Killing", "Container main failed liveness probe, will be restarted") in said
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,9 +263,10 @@ def test_a_killed_container_is_restarted_with_a_growing_back_off(
     k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, record_property: Any
 ) -> None:
     core = client.CoreV1Api(k8s_api)
-    core.create_namespaced_pod(
+    created = core.create_namespaced_pod(
         namespace, pod_body("crashy", python_container("import time; time.sleep(600)"))
     )
+    uid = created.metadata.uid
     pid = wait_for(lambda: running_pid(core, "crashy", namespace), what="crashy to run")
     waits, messages = [], []
     for _ in range(3):
@@ -281,6 +291,8 @@ def test_a_killed_container_is_restarted_with_a_growing_back_off(
     assert f"container=main pod=crashy_{namespace}(" in messages[0]
     (status,) = read_pod(core, "crashy", namespace).status.container_statuses
     assert status.restart_count == 3
+    backoff = f"Back-off restarting failed container main in pod crashy_{namespace}({uid})"
+    assert ("BackOff", backoff) in events(core, "crashy", namespace)
     assert (status.last_state.terminated.exit_code, status.last_state.terminated.reason) == (137, "Error")
 
 

@@ -122,7 +122,7 @@ def test_exec_runs_in_the_container_directory_and_times_out(tmp_path: Path) -> N
     check = Exec(("python", "-c", "import os, sys; sys.exit(not os.path.exists('alive'))"))
     assert run_action(check, target(tmp_path), 5)[0] is True
     (tmp_path / "alive").unlink()
-    assert run_action(check, target(tmp_path), 5)[0] is False
+    assert run_action(check, target(tmp_path), 5) == (False, "exit code 1")
     ok, why = run_action(Exec(("python", "-c", "import time; time.sleep(30)")), target(tmp_path), 0.5)
     assert (ok, why) == (False, "command timed out after 0.5s")
 

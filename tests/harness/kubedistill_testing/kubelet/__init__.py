@@ -29,6 +29,7 @@ It does what the control plane needs from a kubelet and a scheduler:
   or liveness probe stops the container, which is then restarted per ``restartPolicy``;
 - restarts containers per ``restartPolicy`` (Always, OnFailure) with the kubelet's doubling back-off,
   ``restartCount``, ``lastState`` and the waiting reason ``CrashLoopBackOff``;
+- records the Events a node's kubelet does for these: Unhealthy, Killing, BackOff, FailedPreStopHook;
 - writes Pod status (phase, conditions, container states with exit code, reason, termination message,
   start/finish times) so the real Job and Deployment controllers do their work;
 - keeps each container's output in ``log_path(namespace, pod, container)`` (the previous run's beside it)

@@ -438,6 +438,26 @@ class LocalKubelet:
             shutil.copyfile(ca_file, directory / "ca.crt")
         return directory
 
+    def _record_event(self, pod: Pod, container: str, kind: str, reason: str, message: str) -> None:
+        """An Event on the Pod, as `kubectl describe pod` shows a node's (Unhealthy, Killing, BackOff …)."""
+        meta, stamp = pod["metadata"], now()
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": meta["namespace"],
+                               "name": meta["name"], "uid": meta["uid"],
+                               "fieldPath": f"spec.containers{{{container}}}"},
+            "type": kind, "reason": reason, "message": message, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "kubelet", "host": self.node_name},
+            "reportingComponent": "kubelet", "reportingInstance": self.node_name,
+        }  # fmt: skip
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        except ApiException as err:  # a namespace being deleted refuses new events
+            log.debug(
+                "local kubelet: event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason
+            )
+
     def _patch_status(self, pod: Pod, status: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
         try:

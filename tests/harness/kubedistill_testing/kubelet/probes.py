@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,13 +201,14 @@ def _exec(action: Exec, target: Target, timeout: float) -> tuple[bool, str]:
     text = output.decode("utf-8", errors="replace").strip()
     if proc.returncode == 0:
         return True, ""
-    return False, f"exit code {proc.returncode}: {text[-200:]}"
+    return False, f"exit code {proc.returncode}" + (f": {text[-200:]}" if text else "")
 
 
 class Prober(threading.Thread):
     """Runs one probe of one container run until stopped; `result` is the probe's current verdict.
 
-    Readiness and liveness probes wait for `gate` (the startup probe's success) before their first check."""
+    Readiness and liveness probes wait for `gate` (the startup probe's success) before their first check;
+    `on_failure` hears of the first failed check of each run of failures."""
 
     def __init__(
         self,
@@ -217,12 +218,14 @@ class Prober(threading.Thread):
         *,
         gate: threading.Event | None = None,
         name: str = "",
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__(name=f"probe-{kind}-{name}", daemon=True)
         self.kind = kind
         self.probe = probe
         self.target = target
         self.gate = gate
+        self.on_failure = on_failure
         initial = True if kind == "liveness" else None
         self.counter = ProbeCounter(probe.success_threshold, probe.failure_threshold, initial)
         self.message = ""
@@ -250,7 +253,10 @@ class Prober(threading.Thread):
             if self._stop_event.is_set():
                 return
             self.message = "" if ok else why
-            if self.counter.observe(ok):
+            verdict = self.counter.observe(ok)
+            if not ok and self.counter.in_a_row == 1 and self.on_failure is not None:
+                self.on_failure(f"{self.kind.capitalize()} probe failed: {why}")  # once per failing streak
+            if verdict:
                 self.passed.set()
                 if self.kind == "startup":
                     return  # a startup probe stops once it has succeeded

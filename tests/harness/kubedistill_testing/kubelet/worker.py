@@ -232,6 +232,9 @@ class PodWorker(threading.Thread):
         run.state.last_state = dict(run.state.state)
         message = crash_loop_message(delay, name, self.pod)
         run.state.state = {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
+        meta = self.pod["metadata"]
+        self._event(name, "Warning", "BackOff",
+                    f"Back-off restarting failed container {name} in pod {meta['name']}_{meta['namespace']}({meta['uid']})")  # fmt: skip
         return delay
 
     def _follow_probes(self, run: _Running) -> None:
@@ -245,10 +248,12 @@ class PodWorker(threading.Thread):
         if failed is None or run.stopping:
             return
         run.stopping = True
-        log.info(
-            "local kubelet: %s container %s failed its %s probe (%s), will be restarted",
-            self.name, state.name, failed.kind, failed.message,
-        )  # fmt: skip
+        self._event(
+            state.name,
+            "Normal",
+            "Killing",
+            f"Container {state.name} failed {failed.kind} probe, will be restarted",
+        )
         grace = min(self.termination_grace, self.kubelet.max_grace_seconds)
         threading.Thread(target=self._stop_container, args=(run, grace), daemon=True).start()
 
@@ -280,14 +285,20 @@ class PodWorker(threading.Thread):
         run = _Running(state, proc, prepared, log_file)
         self._runs[state.name] = run
         target = Target(self.local_ip, prepared.env, prepared.cwd, self.kubelet.commands)
+
+        def unhealthy(message: str) -> None:
+            self._event(state.name, "Warning", "Unhealthy", message)
+
         startup = prepared.probes.get("startup")
         gate = None
         if startup is not None:
-            run.probers["startup"] = Prober("startup", startup, target, name=state.name)
+            run.probers["startup"] = Prober("startup", startup, target, name=state.name, on_failure=unhealthy)
             gate = run.probers["startup"].passed
         for kind in ("readiness", "liveness"):
             if kind in prepared.probes:
-                run.probers[kind] = Prober(kind, prepared.probes[kind], target, gate=gate, name=state.name)
+                run.probers[kind] = Prober(
+                    kind, prepared.probes[kind], target, gate=gate, name=state.name, on_failure=unhealthy
+                )
         for prober in run.probers.values():
             prober.start()
         self._follow_probes(run)
@@ -335,7 +346,7 @@ class PodWorker(threading.Thread):
             target = Target(self.local_ip, run.prepared.env, run.prepared.cwd, self.kubelet.commands)
             ok, why = run_action(run.prepared.pre_stop, target, grace)
             if not ok:
-                log.warning("local kubelet: preStop hook of %s/%s failed: %s", self.name, run.state.name, why)
+                self._event(run.state.name, "Warning", "FailedPreStopHook", f"PreStopHook failed: {why}")
             deadline = max(deadline, time.monotonic() + MIN_GRACE_AFTER_HOOK_S)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -345,6 +356,9 @@ class PodWorker(threading.Thread):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+    def _event(self, container: str, kind: str, reason: str, message: str) -> None:
+        self.kubelet._record_event(self.pod, container, kind, reason, message)
 
     def _finish_deleted(self) -> None:
         """A Pod deleted while it ran ends Failed (as on a kubelet since 1.27), then its object is removed."""
