@@ -104,7 +104,9 @@ def k8s_api(control_plane: Path) -> Iterator[client.ApiClient]:
 def kubelet(control_plane: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKubelet]:
     if os.environ.get("KUBEDISTILL_TEST_KUBECONFIG"):
         pytest.skip("KUBEDISTILL_TEST_KUBECONFIG names a real cluster: its own nodes run the Pods")
-    with LocalKubelet.from_kubeconfig(control_plane, tmp_path_factory.mktemp("kubelet")) as running:
+    # Restart back-off starts at 1 s and stops doubling at 4 s (a node: 10 s and 300 s).
+    root = tmp_path_factory.mktemp("kubelet")
+    with LocalKubelet.from_kubeconfig(control_plane, root, backoff_base_s=1.0, backoff_max_s=4.0) as running:
         yield running
 
 

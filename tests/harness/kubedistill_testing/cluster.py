@@ -57,11 +57,15 @@ CONTROLLERS = (
     "serviceaccount-token",
     "deployment",
     "replicaset",
+    # Service endpoints follow Pod readiness, which the local kubelet's probes decide.
+    "endpointslice",
 )
 SERVICE_CIDR = "10.0.0.0/24"
 # The first address of SERVICE_CIDR: the apiserver's own `kubernetes` Service, which must be in its cert.
 SERVICE_IP = "10.0.0.1"
 ADMIN_USER = "kubedistill-admin"
+# How the API server authenticates to kubelets (for logs); kubeadm's name, cluster-admin's rights here.
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 PORT_ATTEMPTS = 3
@@ -270,7 +274,7 @@ def _signed_cert(pki: Path, name: str, subject: str, extensions: str) -> None:
 
 
 def make_pki(pki: Path) -> None:
-    """CA, apiserver serving cert, admin client cert (system:masters) and the service-account key pair."""
+    """CA, apiserver serving cert, admin and kubelet-client client certs and the service-account key pair."""
     pki.mkdir(parents=True, exist_ok=True)
     (pki / "ca.cnf").write_text(_CA_CONFIG)
     _ec_key(pki / "ca.key")
@@ -280,6 +284,9 @@ def make_pki(pki: Path) -> None:
     )  # fmt: skip
     _signed_cert(pki, "apiserver", "/CN=kube-apiserver", server_extensions())
     _signed_cert(pki, "admin", f"/O=system:masters/CN={ADMIN_USER}", CLIENT_EXTENSIONS)
+    _signed_cert(
+        pki, "apiserver-kubelet-client", f"/O=system:masters/CN={KUBELET_CLIENT_USER}", CLIENT_EXTENSIONS
+    )
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(pki / "sa.key"))
     _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 
@@ -330,6 +337,10 @@ def apiserver_args(bin_dir: Path, pki: Path, etcd_port: int, port: int) -> list[
         "--authorization-mode=RBAC",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
+        # Logs and exec go to the node's InternalIP: its Hostname address resolves nowhere.
+        f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+        "--kubelet-preferred-address-types=InternalIP",
         # One client, a handful of requests: fairness queuing only adds latency here.
         "--enable-priority-and-fairness=false",
         "--profiling=false",

@@ -9,6 +9,7 @@ What it does is scripted through env (the operator's KUBEDISTILL_STAGE_ENV setti
 - KUBEDISTILL_FAKE_FAIL="train:1,curate:9"   fail attempts 1..N of a stage, with
 - KUBEDISTILL_FAKE_FAIL_MESSAGE="..."       this message (default names stage and attempt);
 - KUBEDISTILL_FAKE_SLEEP="2" or "train:30"   seconds of work (all stages, or per stage);
+- KUBEDISTILL_FAKE_HOLD="train:/tmp/go"      after that, keep working until this file exists;
 - KUBEDISTILL_FAKE_SCORE="0.9"              evaluate's evalScore (teacher scores 1.0).
 """
 
@@ -36,6 +37,7 @@ from kubedistill.api.stage import (
 FAIL_ENV = "KUBEDISTILL_FAKE_FAIL"
 FAIL_MESSAGE_ENV = "KUBEDISTILL_FAKE_FAIL_MESSAGE"
 SLEEP_ENV = "KUBEDISTILL_FAKE_SLEEP"
+HOLD_ENV = "KUBEDISTILL_FAKE_HOLD"
 SCORE_ENV = "KUBEDISTILL_FAKE_SCORE"
 PROGRESS_EVERY_S = 0.5
 
@@ -103,6 +105,7 @@ def write_termination_message(result: StageResult, env: Mapping[str, str]) -> No
 def run(inv: StageInvocation, env: Mapping[str, str]) -> StageResult:
     stage_uri = inv.stage_uri()
     seconds = float(per_stage(env.get(SLEEP_ENV, ""), inv.stage) or 0)
+    hold = per_stage(env.get(HOLD_ENV, ""), inv.stage)
     started = time.monotonic()
     steps = 10
     while True:
@@ -116,9 +119,9 @@ def run(inv: StageInvocation, env: Mapping[str, str]) -> StageResult:
             updated_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         store.write_bytes(f"{stage_uri}/{PROGRESS_FILE}", progress.model_dump_json(by_alias=True).encode())
-        if elapsed >= seconds:
+        if elapsed >= seconds and (hold is None or os.path.exists(hold)):
             break
-        time.sleep(min(PROGRESS_EVERY_S, max(0.0, seconds - elapsed)))
+        time.sleep(PROGRESS_EVERY_S if hold else min(PROGRESS_EVERY_S, max(0.0, seconds - elapsed)))
     if failing(env, inv.stage, inv.attempt):
         message = env.get(FAIL_MESSAGE_ENV) or f"fake {inv.stage.value} failure on attempt {inv.attempt}"
         return StageResult(stage=inv.stage, ok=False, reason="FakeFailure", message=message)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] != inv.stage.value:
         print(f"asked for stage {args[0]} but the invocation is for {inv.stage.value}", file=sys.stderr)
         return 2
+    print(f"{inv.stage.value} attempt {inv.attempt}: started", flush=True)
     result = run(inv, env)
     store.write_bytes(f"{inv.stage_uri()}/{RESULT_FILE}", result.model_dump_json(by_alias=True).encode())
     write_termination_message(result, env)

@@ -293,8 +293,12 @@ class Distiller:
                 raise NotFound(f"no pod left for job {entry['jobName']} (stage {stage.value} of {id})")
             newest = max(pods, key=lambda p: p.metadata.creation_timestamp)
             kwargs = {"tail_lines": tail_lines} if tail_lines else {}
-            text: str = self._core.read_namespaced_pod_log(newest.metadata.name, self.namespace, **kwargs)
-        return text
+            # Raw bytes, decoded here: kubernetes client 36.0 returns the repr of the bytes as the str
+            # (kubernetes-client/python#2596).
+            response = self._core.read_namespaced_pod_log(
+                newest.metadata.name, self.namespace, _preload_content=False, **kwargs
+            )
+        return str(response.data.decode("utf-8", errors="replace"))
 
     def events(self, id: str) -> Dicts:
         """The job's Kubernetes Events, oldest first: {type, reason, time, message}."""

@@ -1,0 +1,473 @@
+"""The local kubelet's node: registers the Node, binds Pods that fit, starts a worker per Pod, serves
+the kubelet API's container logs and hands out Pod addresses."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import threading
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+from kubernetes.utils.quantity import parse_quantity
+
+from kubedistill_testing.kubelet.addresses import PodAddresses
+from kubedistill_testing.kubelet.containers import TERMINAL, ConfigError, inherited_env, now
+from kubedistill_testing.kubelet.logs import LogError, LogServer, previous_path, self_signed_certificate
+from kubedistill_testing.kubelet.scheduling import (
+    insufficient,
+    pod_requests,
+    scheduled_condition,
+    selector_matches,
+    unschedulable_message,
+)
+from kubedistill_testing.kubelet.worker import PodWorker
+
+log = logging.getLogger(__name__)
+
+Pod = dict[str, Any]
+
+DEFAULT_IMAGES: dict[str, list[str]] = {
+    "ghcr.io/kubedistill/trainer": [sys.executable, "-m", "kubedistill_trainer"],
+}
+DEFAULT_COMMANDS: dict[str, str] = {"python": sys.executable, "python3": sys.executable}
+DEFAULT_CAPACITY: dict[str, str] = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "0"}
+NODE_ADDRESS = "127.0.0.1"
+# The client would send a dict as a JSON patch; conditions and containerStatuses merge by key this way.
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+
+
+class LocalKubelet:
+    """Runs the Pods of one Node as local processes. Use as a context manager, or start() / stop().
+
+    ``backoff_base_s`` and ``backoff_max_s`` are the restart back-off (a node's are 10 s and 300 s);
+    ``max_grace_seconds`` caps every grace period, so a test never waits the default 30 s."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        root: Path,
+        *,
+        node_name: str = "kubedistill-local",
+        capacity: Mapping[str, str] | None = None,
+        node_labels: Mapping[str, str] | None = None,
+        images: Mapping[str, Sequence[str]] | None = None,
+        commands: Mapping[str, str] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        max_grace_seconds: float = 5.0,
+        backoff_base_s: float = 10.0,
+        backoff_max_s: float = 300.0,
+    ) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.root = root.resolve()
+        self.node_name = node_name
+        self.capacity = {**DEFAULT_CAPACITY, **(capacity or {})}
+        self.node_labels = {
+            "kubernetes.io/hostname": node_name,
+            "kubernetes.io/os": "linux",
+            **(node_labels or {}),
+        }
+        self.images = dict(DEFAULT_IMAGES if images is None else images)
+        self.commands = dict(DEFAULT_COMMANDS if commands is None else commands)
+        self.base_env = {**inherited_env(os.environ), **(extra_env or {})}
+        self.max_grace_seconds = max_grace_seconds
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.addresses = PodAddresses()
+        self._server: LogServer | None = None
+        server = urllib.parse.urlsplit(api.configuration.host)
+        self.api_host, self.api_port = server.hostname or "127.0.0.1", server.port or 443
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        # Owned by the loop thread only: no locks.
+        self._pods: dict[str, Pod] = {}
+        self._workers: dict[str, PodWorker] = {}
+        self._finished: set[str] = set()
+        self._delete_sent: set[str] = set()
+
+    @classmethod
+    def from_kubeconfig(cls, path: Path, root: Path, **kwargs: Any) -> LocalKubelet:
+        return cls(config.new_client_from_config(config_file=str(path)), root, **kwargs)
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path:
+        return self.root / "logs" / namespace / pod / f"{container}.log"
+
+    def container_pids(self) -> list[int]:
+        """Pids of the container processes running now (tests use it to check that nothing leaks)."""
+        return [pid for worker in list(self._workers.values()) for pid in worker.pids()]
+
+    @property
+    def port(self) -> int:
+        """The kubelet API's port (the Node's daemonEndpoints.kubeletEndpoint.Port)."""
+        if self._server is None:
+            raise RuntimeError("the local kubelet is not started")
+        return self._server.port
+
+    def start(self) -> LocalKubelet:
+        ca_file = self.api.configuration.ssl_ca_cert
+        if not ca_file:
+            raise RuntimeError("the local kubelet needs the cluster CA to authenticate the API server")
+        certificate = self_signed_certificate(self.root / "pki", NODE_ADDRESS)
+        self._server = LogServer(
+            NODE_ADDRESS, self, self._authorize, client_ca=ca_file, certificate=certificate
+        ).start()
+        self._register_node()
+        for target, name in ((self._watch_loop, "kubelet-watch"), (self._sync_loop, "kubelet-sync")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        """Kill every container process and stop the threads; Pods are left as they are in the API."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        workers = list(self._workers.values())
+        for worker in workers:
+            worker.kill(grace=0, report=False)
+        for worker in workers:
+            worker.join(timeout=10)
+
+    def __enter__(self) -> LocalKubelet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- node -----------------------------------------------------------------------------------------
+
+    def allocatable(self) -> dict[str, Decimal]:
+        return {name: parse_quantity(value) for name, value in self.capacity.items()}
+
+    def _register_node(self) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node_name, "labels": self.node_labels},
+        }
+        try:
+            self.core.create_node(body)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        stamp = now()
+        status = {
+            "capacity": self.capacity,
+            "allocatable": self.capacity,
+            "addresses": [{"type": "InternalIP", "address": NODE_ADDRESS}, {"type": "Hostname", "address": self.node_name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.port}},
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "local kubelet is ready",
+                 "lastHeartbeatTime": stamp, "lastTransitionTime": stamp},
+            ],
+            "nodeInfo": {"kubeletVersion": "local", "operatingSystem": "linux", "architecture": "amd64",
+                         "containerRuntimeVersion": "local://processes", "osImage": "local",
+                         "kernelVersion": os.uname().release, "kubeProxyVersion": "", "machineID": "",
+                         "systemUUID": "", "bootID": ""},
+        }  # fmt: skip
+        self.core.patch_node_status(self.node_name, {"status": status}, _content_type=STRATEGIC_MERGE)
+
+    # -- threads --------------------------------------------------------------------------------------
+
+    def _watch_loop(self) -> None:
+        resource_version: str | None = None
+        while not self._stop.is_set():
+            try:
+                if resource_version is None:
+                    listing = json.loads(self.core.list_pod_for_all_namespaces(_preload_content=False).data)
+                    resource_version = listing["metadata"]["resourceVersion"]
+                    self._events.put(("relist", listing["items"]))
+                # A short server-side timeout bounds how long stop() waits for this thread.
+                for event in watch.Watch().stream(
+                    self.core.list_pod_for_all_namespaces,
+                    resource_version=resource_version,
+                    timeout_seconds=2,
+                    allow_watch_bookmarks=True,
+                ):
+                    obj = event["raw_object"]
+                    if event["type"] == "ERROR":
+                        resource_version = None
+                        break
+                    resource_version = obj["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        self._events.put((event["type"], obj))
+                    if self._stop.is_set():
+                        break
+            except Exception as err:  # any failure means: relist and carry on
+                if not self._stop.is_set():
+                    log.debug("pod watch failed, relisting: %s", err)
+                resource_version = None
+                self._stop.wait(0.5)
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, payload = self._events.get(timeout=0.5)
+            except queue.Empty:
+                kind, payload = "resync", None
+            try:
+                self._handle(kind, payload)
+            except Exception:
+                log.exception("local kubelet: handling %s failed", kind)
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "relist":
+            seen = {pod["metadata"]["uid"]: pod for pod in payload}
+            for uid in set(self._pods) - set(seen):
+                self._forget(uid)
+            self._pods = seen
+        elif kind == "DELETED":
+            self._forget(payload["metadata"]["uid"])
+            return
+        elif kind in ("ADDED", "MODIFIED"):
+            self._pods[payload["metadata"]["uid"]] = payload
+        elif kind == "worker-done":
+            done = self._workers.pop(payload, None)
+            if done is not None:
+                self.addresses.release(done.pod_ip)
+            self._finished.add(payload)
+        for pod in sorted(self._pods.values(), key=lambda p: p["metadata"].get("creationTimestamp", "")):
+            self._reconcile(pod)
+
+    def _forget(self, uid: str) -> None:
+        self._pods.pop(uid, None)
+        worker = self._workers.get(uid)
+        if worker:
+            worker.kill(grace=0, report=False)
+        self._finished.discard(uid)
+        self._delete_sent.discard(uid)
+
+    def _reconcile(self, pod: Pod) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        uid = meta["uid"]
+        node = spec.get("nodeName")
+        if not node:
+            if spec.get("schedulerName", "default-scheduler") == "default-scheduler" and not meta.get(
+                "deletionTimestamp"
+            ):
+                self._schedule(pod)
+            return
+        if node != self.node_name:
+            return
+        worker = self._workers.get(uid)
+        if meta.get("deletionTimestamp"):
+            grace = min(float(meta.get("deletionGracePeriodSeconds") or 0), self.max_grace_seconds)
+            if worker:
+                worker.kill(grace=grace, report=True)
+            elif uid not in self._delete_sent:
+                self._delete_sent.add(uid)
+                self._delete_now(meta["namespace"], meta["name"], uid)
+            return
+        if (
+            worker is None
+            and uid not in self._finished
+            and pod.get("status", {}).get("phase") not in TERMINAL
+        ):
+            worker = PodWorker(self, pod, self.addresses.allocate())
+            self._workers[uid] = worker
+            worker.start()
+
+    def _schedule(self, pod: Pod) -> None:
+        used: dict[str, Decimal] = {}
+        for other in self._pods.values():
+            if (
+                other["spec"].get("nodeName") == self.node_name
+                and other.get("status", {}).get("phase") not in TERMINAL
+            ):
+                for name, amount in pod_requests(other).items():
+                    used[name] = used.get(name, Decimal(0)) + amount
+        selector_ok = selector_matches(pod, self.node_labels)
+        short = insufficient(pod_requests(pod), self.allocatable(), used)
+        meta = pod["metadata"]
+        if selector_ok and not short:
+            binding = {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name},
+            }
+            try:
+                # Raw response: the generated V1Binding model rejects the Status object the API returns.
+                self.core.create_namespaced_pod_binding(
+                    meta["name"], meta["namespace"], binding, _preload_content=False
+                )
+            except ApiException as err:
+                if err.status not in (404, 409):
+                    raise
+                return
+            # Count it as used, and start it, before the watch reports the binding.
+            pod["spec"]["nodeName"] = self.node_name
+            self._reconcile(pod)
+            return
+        message = unschedulable_message(short, selector_ok)
+        current = scheduled_condition(pod)
+        if current and current.get("reason") == "Unschedulable" and current.get("message") == message:
+            return
+        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                     "lastTransitionTime": now()}  # fmt: skip
+        with contextlib.suppress(ApiException):
+            self.core.patch_namespaced_pod_status(
+                meta["name"],
+                meta["namespace"],
+                {"status": {"conditions": [condition]}},
+                _content_type=STRATEGIC_MERGE,
+            )
+            pod.setdefault("status", {})["conditions"] = [condition]
+
+    # -- the kubelet API (its log server's LogSource) -------------------------------------------------
+
+    def log_file(self, namespace: str, pod: str, container: str, previous: bool) -> Path:
+        """The log of a container's current run, or of its previous one; LogError says why there is none."""
+        found = next(
+            (p for p in list(self._pods.values())
+             if (p["metadata"]["namespace"], p["metadata"]["name"]) == (namespace, pod)),
+            None,
+        )  # fmt: skip
+        if found is None:
+            raise LogError(404, f'pods "{pod}" not found')
+        spec = found["spec"]
+        names = [c["name"] for c in [*(spec.get("initContainers") or []), *spec["containers"]]]
+        if container not in names:
+            raise LogError(400, f"container {container} is not valid for pod {pod}")
+        path = self.log_path(namespace, pod, container)
+        if previous:
+            path = previous_path(path)
+            if not path.exists():
+                raise LogError(400, f'previous terminated container "{container}" in pod "{pod}" not found')
+        elif not path.exists():
+            raise LogError(400, f'container "{container}" in pod "{pod}" is waiting to start')
+        return path
+
+    def still_running(self, namespace: str, pod: str, container: str) -> bool:
+        for worker in list(self._workers.values()):
+            meta = worker.pod["metadata"]
+            if (meta["namespace"], meta["name"]) == (namespace, pod):
+                return worker.is_running(container)
+        return False
+
+    def _authorize(self, user: str, groups: list[str]) -> bool:
+        """May this user read the node's logs? The API server decides, as for a kubelet in webhook mode."""
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": groups,
+                "resourceAttributes": {"verb": "get", "resource": "nodes", "subresource": "proxy",
+                                       "name": self.node_name},
+            },
+        }  # fmt: skip
+        try:
+            response = client.AuthorizationV1Api(self.api).create_subject_access_review(
+                review, _preload_content=False
+            )
+        except ApiException as err:
+            log.warning("local kubelet: SubjectAccessReview for %s failed: %s", user, err.reason)
+            return False
+        return bool(json.loads(response.data).get("status", {}).get("allowed"))
+
+    # -- API helpers used by workers ------------------------------------------------------------------
+
+    def _delete_now(self, namespace: str, name: str, uid: str) -> None:
+        with contextlib.suppress(ApiException):
+            # With a body the API server ignores the gracePeriodSeconds query parameter: it goes in the body.
+            body = {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+            self.core.delete_namespaced_pod(name, namespace, body=body)
+
+    def _lookup(self, kind: str, namespace: str, name: str) -> Mapping[str, str] | None:
+        try:
+            if kind == "secret":
+                data = self.core.read_namespaced_secret(name, namespace).data or {}
+                return {key: _b64(value) for key, value in data.items()}
+            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def _service_account_dir(self, pod: Pod, directory: Path) -> Path | None:
+        """Write a TokenRequest token bound to the Pod, the CA and the namespace; None if not mounted."""
+        meta, spec = pod["metadata"], pod["spec"]
+        if spec.get("automountServiceAccountToken") is False:
+            return None
+        request = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": 3600,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            },
+        }
+        account = spec.get("serviceAccountName") or "default"
+        try:
+            response = self.core.create_namespaced_service_account_token(
+                account, meta["namespace"], request, _preload_content=False
+            )
+        except ApiException as err:
+            raise ConfigError(
+                "CreateContainerConfigError", f"token for serviceaccount {account}: {err.reason}"
+            ) from err
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "token").write_text(json.loads(response.data)["status"]["token"])
+        (directory / "namespace").write_text(meta["namespace"])
+        ca_file = self.api.configuration.ssl_ca_cert
+        if ca_file:
+            shutil.copyfile(ca_file, directory / "ca.crt")
+        return directory
+
+    def _record_event(self, pod: Pod, container: str, kind: str, reason: str, message: str) -> None:
+        """An Event on the Pod, as `kubectl describe pod` shows a node's (Unhealthy, Killing, BackOff …)."""
+        meta, stamp = pod["metadata"], now()
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": meta["namespace"],
+                               "name": meta["name"], "uid": meta["uid"],
+                               "fieldPath": f"spec.containers{{{container}}}"},
+            "type": kind, "reason": reason, "message": message, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "kubelet", "host": self.node_name},
+            "reportingComponent": "kubelet", "reportingInstance": self.node_name,
+        }  # fmt: skip
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
+        except ApiException as err:  # a namespace being deleted refuses new events
+            log.debug(
+                "local kubelet: event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason
+            )
+
+    def _patch_status(self, pod: Pod, status: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        try:
+            self.core.patch_namespaced_pod_status(
+                meta["name"], meta["namespace"], {"status": status}, _content_type=STRATEGIC_MERGE
+            )
+        except ApiException as err:
+            if err.status != 404:
+                log.warning("local kubelet: status of %s/%s: %s", meta["namespace"], meta["name"], err.reason)
+
+
+def _b64(value: str) -> str:
+    return base64.b64decode(value).decode("utf-8", errors="replace")
