@@ -64,7 +64,6 @@ def last_user_message(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 @dataclass
-@dataclass
 class Call:
     """One HTTP request to /chat/completions, as the server saw it."""
 
