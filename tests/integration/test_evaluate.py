@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from kubedistill import store
 from kubedistill.api.models import Stage
-from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill.local.tiny_model import tiny_llama
+from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_trainer import evaluate, export, runtime
 
 pytestmark = pytest.mark.slow

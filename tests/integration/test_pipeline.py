@@ -13,9 +13,9 @@ from model_stage_helpers import invocation, job_spec, run_stage
 
 from kubedistill import store
 from kubedistill.api.models import STAGES, Stage
+from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_testing.s3 import RcloneS3
-from kubedistill.local.tiny_model import tiny_llama
 
 pytestmark = pytest.mark.slow
 

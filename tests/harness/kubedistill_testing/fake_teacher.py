@@ -84,7 +84,9 @@ class FakeTeacher(ScriptedTeacher):
             with open(self.call_log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(asdict(call)) + "\n")
 
-    async def _before_answer(self, call: Call, headers: Mapping[str, str], request: dict[str, Any]) -> Response | None:
+    async def _before_answer(
+        self, call: Call, headers: Mapping[str, str], request: dict[str, Any]
+    ) -> Response | None:
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
             sent = headers.get("authorization", "").removeprefix("Bearer ")
             call.status, call.kind = 401, "unauthorized"

@@ -78,7 +78,6 @@ class Call:
     at: float = 0.0
 
 
-
 class ScriptedTeacher:
     def __init__(
         self,
@@ -130,7 +129,9 @@ class ScriptedTeacher:
             return scripted if isinstance(scripted, str) else scripted[sample % len(scripted)]
         return f"Answer {sample} to: {prompt[:60]}"
 
-    async def _before_answer(self, call: Call, headers: Mapping[str, str], request: dict[str, Any]) -> Response | None:
+    async def _before_answer(
+        self, call: Call, headers: Mapping[str, str], request: dict[str, Any]
+    ) -> Response | None:
         """Model time before the answer. A subclass may answer instead (an error): it records the call
         itself, since a hanging answer must be in the log while it hangs, and returns the response."""
         if self.latency:
@@ -183,9 +184,7 @@ class ScriptedTeacher:
             payload["usage"] = usage
         return 200, payload, {}
 
-    async def _route(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
-    ) -> Response:
+    async def _route(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> Response:
         path = path.split("?", 1)[0].rstrip("/")
         if method == "POST" and path == "/v1/chat/completions":
             return await self._chat(headers, body)
@@ -267,6 +266,7 @@ class ScriptedTeacher:
         if self._start_error is not None:
             raise RuntimeError(f"scripted teacher could not start: {self._start_error}")
         return self
+
     def stop(self) -> None:
         loop, server = self._loop, self._server
         if loop is None or server is None or self._thread is None:
@@ -287,5 +287,3 @@ class ScriptedTeacher:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
