@@ -132,7 +132,8 @@ def test_age_like_kubectl() -> None:
 @pytest.mark.parametrize(
     ("stage", "percent", "fraction"),
     [
-        (Stage.GENERATE, 17.5, 0.5),
+        (Stage.ESTIMATE, 1.0, 0.5),
+        (Stage.GENERATE, 18.5, 0.5),
         (Stage.CURATE, 35.0, 0.0),
         (Stage.TRAIN, 67.5, 0.5),
         (Stage.EVALUATE, 100.0, 1.0),

@@ -29,6 +29,7 @@ from kubedistill import sdk
 from kubedistill.api.models import STAGES, Stage
 from kubedistill.domain.phases import STAGE_WEIGHT
 from kubedistill.errors import DistillerError, NotFound
+from kubedistill.estimating import ProgressFn
 from kubedistill.local import JobInvalid, load_job, with_dataset_path
 
 EXIT_FAILED, EXIT_MISSING = 1, 2
@@ -261,20 +262,39 @@ def estimate_table(result: Mapping[str, Any]) -> Table:
     return _table(["", ""], rows)
 
 
-def estimate_file(job_file: Path) -> dict[str, Any]:
-    """The offline estimate of a job file, counted on its dataset when it can be read from here."""
-    from kubedistill import dataset
+def estimate_file(job_file: Path, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """The offline estimate of a job file, counted on its dataset when it can be read from here: the
+    same streaming code as the estimate stage, `on_progress` called while it reads."""
     from kubedistill.catalog import load_catalog
-    from kubedistill.domain.estimate import estimate
+    from kubedistill.estimating import estimate_dataset
 
     job = load_job(job_file)
     spec = with_dataset_path(job.spec, job_file.parent)
+    catalog = load_catalog()
     try:
-        rows = dataset.load(spec.dataset).rows
+        report, _ = estimate_dataset(spec, catalog, on_progress=on_progress)
     except Exception as err:  # a dataset in a ConfigMap or an unreachable bucket
         raise JobInvalid([f"spec.dataset: cannot read it from here to count tokens: {err}"]) from None
-    catalog = load_catalog()
-    return sdk.estimate_dict(estimate(spec, rows, catalog), catalog, spec.teacher.model)
+    return sdk.estimate_dict(report, catalog, spec.teacher.model)
+
+
+@contextmanager
+def reading_bar() -> Iterator[ProgressFn]:
+    """A progress bar on stderr while a dataset is read (MB read of its size, rows so far)."""
+    columns = (
+        TextColumn("reading the dataset"),
+        BarColumn(),
+        TextColumn("{task.fields[note]}"),
+    )
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("read", total=None, note="")
+
+        def update(read: int, total: int, rows: int) -> None:
+            mb = 1024 * 1024
+            note = f"{read / mb:,.1f}/{total / mb:,.1f} MB, {rows:,} rows"
+            progress.update(task, completed=read, total=total or None, note=note)
+
+        yield update
 
 
 def register(app: typer.Typer) -> None:
@@ -424,7 +444,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Teacher cost and GPU minutes of a job file, offline, counted on its dataset."""
         try:
-            result = estimate_file(filename)
+            with reading_bar() as on_progress:
+                result = estimate_file(filename, on_progress)
         except JobInvalid as err:
             for line in err.lines:
                 err_console.print(f"error: {line}", markup=False, highlight=False)

@@ -19,7 +19,13 @@ PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 
+# Measured by bench/dataset_scale.py (peak RSS of each stage process, docs/memory.md): the estimate
+# streams its dataset (≈ 60 MB without a tokenizer, ≈ 300 MB with one, whatever the row count),
+# curate holds one bucket of candidates at a time.
 _DEFAULT_RESOURCES: dict[Stage, ResourceRequirements] = {
+    Stage.ESTIMATE: ResourceRequirements(
+        requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "1Gi"}
+    ),
     Stage.GENERATE: ResourceRequirements(
         requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "2", "memory": "2Gi"}
     ),

@@ -281,6 +281,22 @@ def read_progress(base: str, stage: Stage) -> StageProgress | None:
         return None
 
 
+def estimate_summary(result: StageResult | None) -> dict[str, Any]:
+    """What the summary shows of the estimate stage's result; empty when it has none."""
+    if result is None or result.estimate is None:
+        return {}
+    e = result.estimate
+    return {
+        "costUSD": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
+        "teacherCalls": e.teacher_calls,
+        "inputTokens": e.input_tokens,
+        "outputTokens": e.output_tokens,
+        "tokenCounting": result.details.get("tokenCounting"),
+        "counting": result.details.get("counting"),
+        "gpuMinutes": e.gpu_minutes,
+    }
+
+
 def spec_fingerprint(spec: DistillationJobSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_k8s(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -712,37 +728,19 @@ class LocalRun:
             return ensure_hf_student(model.removeprefix(LOCAL_PREFIX), self.local_dir, self.child_env())
         return None
 
-    def estimate_once(self, spec: DistillationJobSpec, student_dir: Path | None) -> dict[str, Any]:
-        """The estimate made before the first stage ran (kept in local/estimate.json for the summary).
+    def estimate_once(self, spec: DistillationJobSpec) -> dict[str, Any]:
+        """The estimate stage's figures for the summary, running the stage first if it has not run.
 
-        Tokens are counted with the student's tokenizer when its files are here (for the quick start,
-        teacher and student are one model, so the count is the teacher's own).
+        Tokens are counted with the student's tokenizer when `spec` names a local student directory
+        (for the quick start, teacher and student are one model, so the count is the teacher's own).
         """
-        path = self.local_dir / "estimate.json"
-        if path.is_file():
-            kept: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-            return kept
-        from kubedistill import dataset
-        from kubedistill.catalog import load_catalog
-        from kubedistill.domain.estimate import estimate
-
-        try:
-            rows = dataset.load(spec.dataset).rows
-        except Exception:  # the generate stage reports dataset problems with its reason
-            return {}
-        report = estimate(spec, rows, load_catalog(), tokenizer=_tokenizer(student_dir))
-        e = report.estimate
-        found = {
-            "costUSD": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
-            "teacherCalls": e.teacher_calls,
-            "inputTokens": e.input_tokens,
-            "outputTokens": e.output_tokens,
-            "tokenCounting": report.breakdown["tokenCounting"],
-            "gpuMinutes": e.gpu_minutes,
-        }
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(found, indent=2), encoding="utf-8")
-        return found
+        result = read_result(self.base, Stage.ESTIMATE)
+        if result is None or not result.ok:
+            inv = invocation(self.name, self.uid, spec, Stage.ESTIMATE, self.base)
+            result = run_stage_process(
+                inv, self.local_dir, self.child_env(), lambda *_: None, lambda: self.stop
+            )
+        return estimate_summary(result)
 
     def load_timing(self) -> dict[str, Any]:
         """Seconds spent so far: per stage (its last run) and in all runs of this job together."""
@@ -781,13 +779,6 @@ class LocalRun:
         with self.teacher() if teacher_needed else _nothing() as teacher_url:
             student = self.student_dir() if pending or self.baseline_due(state) else None
             spec = effective_spec(self.spec, teacher_url, student)
-            self.estimate = self.estimate_once(spec, student)
-            if pending and self.estimate:
-                e = self.estimate
-                on_note(
-                    f"estimate: {e['teacherCalls']} teacher calls, {e['inputTokens']:,} + {e['outputTokens']:,} "
-                    f"tokens ({e['tokenCounting']}), ${e['costUSD']:.4f}"
-                )
             for stage in pending:
                 if self.stop:
                     state.interrupted = True
@@ -807,12 +798,15 @@ class LocalRun:
                     break
                 if not result.ok:
                     break
+                if stage == Stage.ESTIMATE:
+                    on_note(f"estimate: {result.message}")
         if self.baseline_due(state) and not self.stop:
             on_note("scoring the untrained student on the same held-out rows (baseline)…")
             inv = invocation(self.name, self.uid, spec, Stage.EVALUATE, self.base)
             state.baseline = run_baseline_process(inv, self.local_dir, self.child_env())
         timing["wallTimeSec"] = round(timing["wallTimeSec"] + time.monotonic() - started, 1)
         (self.local_dir / TIMING_FILE).write_text(json.dumps(timing, indent=2), encoding="utf-8")
+        self.estimate = estimate_summary(read_result(self.base, Stage.ESTIMATE))
         self.figures = compute_figures(state, self.estimate, timing["wallTimeSec"])
         if self.succeeded(state):
             (self.local_dir / "summary.json").write_text(json.dumps(self.figures, indent=2), encoding="utf-8")
@@ -833,17 +827,6 @@ class LocalRun:
             (o := state.outcomes.get(s)) is not None and o.result is not None and o.result.ok
             for s in self.stages()
         )
-
-
-def _tokenizer(model_dir: Path | None) -> Any:
-    """The tokenizer of a local model directory, or None (the estimate then uses chars per token)."""
-    if model_dir is None or not (model_dir / "tokenizer_config.json").is_file():
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        return None
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @contextmanager
