@@ -182,3 +182,25 @@ def test_a_local_student_directory_gives_its_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text("{}")
     assert estimate_stage.local_model_dir(tmp_path.as_uri()) == tmp_path
     assert estimate_stage.local_model_dir("s3://models/student") is None
+
+
+def test_the_light_tokenizer_counts_as_transformers_does() -> None:
+    """The estimate stage counts without importing transformers (and torch): same template text,
+    same token ids as transformers' own tokenizer of the same directory."""
+    from transformers import AutoTokenizer
+
+    from kubedistill.local.tiny_model import tiny_llama
+
+    directory = tiny_llama()
+    light, full = estimate_stage.LightTokenizer(directory), AutoTokenizer.from_pretrained(str(directory))
+    assert isinstance(estimate_stage.local_tokenizer(directory.as_uri()), estimate_stage.LightTokenizer)
+    conversation = [
+        {"role": "system", "content": "Answer with one label."},
+        {"role": "user", "content": "Example"},
+        {"role": "assistant", "content": "billing"},
+        {"role": "user", "content": "Café crashed — ünïcode ✓\n\nsince the update"},
+    ]
+    rendered = light.apply_chat_template(conversation, add_generation_prompt=True)
+    assert rendered == full.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert light.encode(rendered, add_special_tokens=False) == full.encode(rendered, add_special_tokens=False)
+    assert light.encode("plain text") == full.encode("plain text")
