@@ -138,10 +138,12 @@ def test_with_a_tokenizer_a_large_dataset_is_sampled(tmp_path: Path, monkeypatch
 
 
 def test_seen_ids_find_duplicates_across_merges() -> None:
-    seen = dataset.SeenIds(batch=8)
+    seen = dataset.SeenIds(batch=8, chunk=5)
     assert all(seen.add(f"id-{i}") for i in range(100))
     assert not any(seen.add(f"id-{i}") for i in (0, 7, 8, 63, 99))
+    assert "id-42" in seen and "id-100" not in seen
     assert len(seen) == 100 and seen.add("id-100")
+    assert len(seen._chunks) == 20  # 96 merged hashes in chunks of 5, 5 more still recent
 
 
 def test_the_stage_reports_the_estimate_and_its_progress(tmp_path: Path) -> None:

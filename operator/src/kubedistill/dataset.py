@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import json
 import os
 from array import array
@@ -156,32 +157,60 @@ def row_from_obj(obj: Any) -> Row:
 
 
 class SeenIds:
-    """The row ids seen so far, as 64-bit hashes: a sorted array plus a set of recent ones merged
-    into it every `batch` ids. A set of the ids themselves takes ~100 bytes a row (100 MB for a
-    million); this takes 8. Two different ids share a hash with probability ~n²/2⁶⁵ (3·10⁻⁸ for a
-    million rows), which would reject one row as a duplicate."""
+    """The row ids seen so far, as 64-bit hashes: sorted arrays of up to `chunk` hashes, plus a set
+    of recent ones merged into them every `batch` ids. A set of the ids themselves takes ~100
+    bytes a row (100 MB for a million); this takes 8, and a merge rebuilds one chunk at a time, so
+    it never holds two copies. Two different ids share a hash with probability ~n²/2⁶⁵ (3·10⁻⁸
+    for a million rows), which would reject one row as a duplicate."""
 
-    def __init__(self, batch: int = 1 << 16) -> None:
+    def __init__(self, batch: int = 1 << 16, chunk: int = 1 << 16) -> None:
         self.batch = batch
-        self._sorted = array("Q")
+        self.chunk = chunk
+        self._chunks: list[array[int]] = []
+        self._lasts: list[int] = []  # the largest hash of each chunk, for bisecting to the chunk
         self._recent: set[int] = set()
+
+    @staticmethod
+    def _key(row_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "big")
+
+    def _has(self, key: int) -> bool:
+        if key in self._recent:
+            return True
+        which = bisect_left(self._lasts, key)
+        if which == len(self._chunks):
+            return False
+        chunk = self._chunks[which]
+        at = bisect_left(chunk, key)
+        return at < len(chunk) and chunk[at] == key
+
+    def _drain(self) -> Iterator[int]:
+        """The sorted hashes, releasing each chunk once it has been read."""
+        while self._chunks:
+            yield from self._chunks.pop(0)
+
+    def _merge(self) -> None:
+        merged = heapq.merge(self._drain(), sorted(self._recent))
+        chunks: list[array[int]] = []
+        while block := array("Q", itertools.islice(merged, self.chunk)):
+            chunks.append(block)
+        self._chunks, self._lasts, self._recent = chunks, [c[-1] for c in chunks], set()
+
+    def __contains__(self, row_id: object) -> bool:
+        return isinstance(row_id, str) and self._has(self._key(row_id))
 
     def add(self, row_id: str) -> bool:
         """Record `row_id`; False when it was seen before."""
-        key = int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "big")
-        if key in self._recent:
-            return False
-        at = bisect_left(self._sorted, key)
-        if at < len(self._sorted) and self._sorted[at] == key:
+        key = self._key(row_id)
+        if self._has(key):
             return False
         self._recent.add(key)
         if len(self._recent) >= self.batch:
-            self._sorted = array("Q", heapq.merge(self._sorted, sorted(self._recent)))
-            self._recent = set()
+            self._merge()
         return True
 
     def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
+        return sum(len(c) for c in self._chunks) + len(self._recent)
 
 
 def iter_parsed(lines: Iterable[str], seen: SeenIds | None = None) -> Iterator[Row | Rejected]:
