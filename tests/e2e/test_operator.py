@@ -243,7 +243,7 @@ def test_happy_path_succeeds_and_repoints_the_alias(
     assert alias["status"]["ggufURI"] == gguf and alias["status"]["model"] == "qwen3-0.6b"
     assert alias["status"]["history"][0]["target"]["ggufURI"] == old_target["ggufURI"]
     reasons = events_for(k8s_api, ns, "happy")
-    assert reasons.count("StageStarted") == 5 and "PhaseSucceeded" in reasons
+    assert reasons.count("StageStarted") == 6 and "PhaseSucceeded" in reasons
 
 
 def test_a_stage_failing_once_is_retried(
