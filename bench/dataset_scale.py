@@ -8,14 +8,15 @@ peak resident set is the kernel's (`wait4` → ru_maxrss), its time the wall clo
   exact), and with the tiny test model's tokenizer as a local student (first 20,000 rows exact, a
   2,000-row sample of the rest), so both counting modes are measured.
 - curate: N prompts × 4 candidates as the generate stage writes them (shards of 100 rows), judged
-  with `majority` and with `reference`.
+  with `majority` and with `reference`, N = 10k and 250k by default (1M takes ~5 CPU minutes per
+  judge here; `--curate-sizes 10000,1000000` measures it).
 - generate: N prompts (default 20k), n=4 in one request, against the loopback teacher (no latency,
   64 in flight): its memory today still holds the dataset's rows (see docs/memory.md).
 
 The growth ratios divide the peak at the largest N by the peak at the smallest, in the same run:
 `estimate_rss_growth` and `curate_rss_growth` (the larger of the two judges), goal ≤ 1.5 each.
 
-    python bench/dataset_scale.py                      # the full run (~10 min on 2 busy cores)
+    python bench/dataset_scale.py                      # the default run (~10 min on 2 busy cores)
     python bench/dataset_scale.py --sizes 10000,100000 --curate-sizes 10000,50000 --generate 5000
 
 Ends with one JSON line.
@@ -269,7 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=sizes_arg, default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--tokenizer-sizes", type=sizes_arg, default=[10_000, 1_000_000])
-    parser.add_argument("--curate-sizes", type=sizes_arg, default=[10_000, 1_000_000])
+    parser.add_argument("--curate-sizes", type=sizes_arg, default=[10_000, 250_000])
     parser.add_argument("--generate", type=int, default=20_000, help="prompts for generate (0: skip)")
     args = parser.parse_args()
     before = machine()

@@ -423,7 +423,7 @@ def register(app: typer.Typer) -> None:
     def logs(
         name: str,
         stage: Annotated[
-            str, typer.Option("--stage", "-s", help="generate, curate, train, export or evaluate.")
+            str, typer.Option("--stage", "-s", help="estimate, generate, curate, train, export or evaluate.")
         ],
         namespace: Namespace = None,
         kubeconfig: Kubeconfig = None,

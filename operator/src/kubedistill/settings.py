@@ -19,9 +19,10 @@ PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 
-# Measured by bench/dataset_scale.py (peak RSS of each stage process, docs/memory.md): the estimate
-# streams its dataset (≈ 60 MB without a tokenizer, ≈ 300 MB with one, whatever the row count),
-# curate holds one bucket of candidates at a time.
+# Measured by bench/dataset_scale.py (peak RSS of each stage process; docs/memory.md): the estimate
+# streams its dataset (under 80 MB up to a million rows, tokenizer or not; the 1 Gi limit leaves
+# room for a student without tokenizer.json, counted through transformers and torch, ~650 MB);
+# curate holds one bucket of candidates at a time (under 80 MB up to a million prompts).
 _DEFAULT_RESOURCES: dict[Stage, ResourceRequirements] = {
     Stage.ESTIMATE: ResourceRequirements(
         requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "1Gi"}
@@ -30,7 +31,7 @@ _DEFAULT_RESOURCES: dict[Stage, ResourceRequirements] = {
         requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "2", "memory": "2Gi"}
     ),
     Stage.CURATE: ResourceRequirements(
-        requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "2", "memory": "2Gi"}
+        requests={"cpu": "500m", "memory": "256Mi"}, limits={"cpu": "2", "memory": "1Gi"}
     ),
     Stage.TRAIN: ResourceRequirements(requests={"cpu": "2", "memory": "16Gi"}, limits={"memory": "32Gi"}),
     Stage.EXPORT: ResourceRequirements(requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "16Gi"}),
