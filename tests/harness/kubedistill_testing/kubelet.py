@@ -25,7 +25,11 @@ It does what the control plane needs from a kubelet and a scheduler, and nothing
 - on Pod deletion stops the process group (SIGTERM, then SIGKILL after the grace period, capped at
   ``max_grace_seconds``), reports the Pod Failed and removes it, as a kubelet finishes a graceful delete.
 
-Volumes, probes, hostNetwork and security contexts are ignored.
+- writes each ``configMap`` volume (its ``items``, else every key) into a per-pod directory, and points
+  env values naming a path under a container's ``mountPath`` for it there (local processes cannot see
+  the mount path itself): a dataset or an invocation mounted from a ConfigMap is read as in a cluster.
+
+Other volumes, probes, hostNetwork and security contexts are ignored.
 """
 
 from __future__ import annotations
@@ -231,6 +235,33 @@ def container_env(
         if value is not None:
             env[var["name"]] = value
     return env
+
+
+def configmap_volume_files(source: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, str]:
+    """Relative path → content of a configMap volume: its `items`, else one file per key."""
+    items = source.get("items")
+    if not items:
+        return dict(data)
+    files = {}
+    for item in items:
+        if item["key"] not in data:
+            raise ConfigError(
+                "CreateContainerConfigError",
+                f"configmap {source['name']} references non-existent config key: {item['key']}",
+            )
+        files[item["path"]] = data[item["key"]]
+    return files
+
+
+def remap_paths(env: Mapping[str, str], mounts: Mapping[str, Path]) -> dict[str, str]:
+    """`env` with every value at or under a mount path pointed at that mount's local directory."""
+    out = dict(env)
+    for key, value in env.items():
+        for mount, local in mounts.items():
+            root = mount.rstrip("/")
+            if value == root or value.startswith(root + "/"):
+                out[key] = str(local) + value[len(root) :]
+    return out
 
 
 def resolve_argv(
@@ -787,9 +818,15 @@ class _PodWorker(threading.Thread):
             "KUBERNETES_SERVICE_PORT": str(kubelet.api_port),
         }
         account_dir = kubelet._service_account_dir(self.pod, self.dir / "serviceaccount")
+        volumes = self._configmap_volumes()
         resolved = {}
         for container in [*(self.pod["spec"].get("initContainers") or []), *self.pod["spec"]["containers"]]:
-            env = container_env(self.pod, container, kubelet._lookup, base)
+            mounts = {
+                m["mountPath"]: volumes[m["name"]]
+                for m in container.get("volumeMounts") or []
+                if m["name"] in volumes
+            }
+            env = remap_paths(container_env(self.pod, container, kubelet._lookup, base), mounts)
             if account_dir:
                 env["KUBEDISTILL_SERVICEACCOUNT_DIR"] = str(account_dir)
             env["KUBEDISTILL_TERMINATION_LOG"] = str(self.dir / container["name"] / "termination-log")
@@ -798,6 +835,26 @@ class _PodWorker(threading.Thread):
                 env,
             )
         return resolved
+
+    def _configmap_volumes(self) -> dict[str, Path]:
+        """Write the Pod's configMap volumes under its directory; volume name → local directory."""
+        namespace = self.pod["metadata"]["namespace"]
+        written = {}
+        for volume in self.pod["spec"].get("volumes") or []:
+            source = volume.get("configMap")
+            if source is None:
+                continue
+            data = self.kubelet._lookup("configmap", namespace, source["name"])
+            if data is None and not source.get("optional"):
+                raise ConfigError("CreateContainerConfigError", f'configmap "{source["name"]}" not found')
+            directory = self.dir / "volumes" / volume["name"]
+            for relative, content in configmap_volume_files(source, data or {}).items():
+                path = directory / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content, encoding="utf-8")
+            directory.mkdir(parents=True, exist_ok=True)
+            written[volume["name"]] = directory
+        return written
 
     def _run_group(
         self,
