@@ -11,7 +11,11 @@ peak resident set is the kernel's (`wait4` → ru_maxrss), its time the wall clo
   with `majority` and with `reference`, N = 10k and 250k by default (1M takes ~5 CPU minutes per
   judge here; `--curate-sizes 10000,1000000` measures it).
 - generate: N prompts (default 20k), n=4 in one request, against the loopback teacher (no latency,
-  64 in flight): its memory today still holds the dataset's rows (see docs/memory.md).
+  64 in flight).
+- the operator while the 1M-row job is estimated, on the real control plane (etcd, kube-apiserver,
+  kube-controller-manager, the local kubelet running the estimate as a pod): its peak RSS before
+  and after, and another job's reconciliation latency (its creation to its first stage Job)
+  alone and while the big estimate runs. Skipped with `--operator-rows 0`.
 
 The growth ratios divide the peak at the largest N by the peak at the smallest, in the same run:
 `estimate_rss_growth` and `curate_rss_growth` (the larger of the two judges), goal ≤ 1.5 each.
@@ -66,6 +70,8 @@ LABELS = ["billing", "bug", "account", "feature_request", "shipping"]
 SAMPLES = 4
 SHARD_ROWS = 100
 GOAL = 1.5
+GROUP, VERSION = "kubedistill.io", "v1alpha1"
+STAGE_IMAGE = "kubedistill.bench/fake-stage"
 
 
 def machine() -> dict[str, Any]:
@@ -258,6 +264,123 @@ def bench_generate(root: Path, prompts: int) -> dict[str, Any]:
     }
 
 
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def bench_operator(root: Path, dataset: Path, rows: int) -> dict[str, Any]:
+    """The operator while a job of `rows` rows is estimated by its pod (the fake stage program runs
+    the real estimate, and fakes the later stages)."""
+    import statistics
+
+    import yaml
+    from kubernetes import client, config
+
+    from kubedistill_testing import cluster
+    from kubedistill_testing.kubelet import LocalKubelet
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(SOURCES)  # the kubelet's pods inherit it
+    plane = cluster.up(root / "controlplane")
+    operator: subprocess.Popen[bytes] | None = None
+    try:
+        api = config.new_client_from_config(config_file=str(plane.kubeconfig))
+        ext = client.ApiextensionsV1Api(api)
+        for path in sorted((REPO / "crds").glob("*.yaml")):
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc and doc.get("kind") == "CustomResourceDefinition":
+                    ext.create_custom_resource_definition(doc)
+        time.sleep(2)  # CRDs established
+        core, custom, batch = client.CoreV1Api(api), client.CustomObjectsApi(api), client.BatchV1Api(api)
+        ns = "bench"
+        core.create_namespace({"metadata": {"name": ns}})
+        images = {STAGE_IMAGE: [sys.executable, "-m", "kubedistill_testing.fake_stage"]}
+        with LocalKubelet.from_kubeconfig(plane.kubeconfig, root / "kubelet", images=images):
+            env = {
+                **os.environ,
+                "KUBECONFIG": str(plane.kubeconfig),
+                "KUBEDISTILL_TRAINER_IMAGE": f"{STAGE_IMAGE}:1",
+                "KUBEDISTILL_ARTIFACT_ROOT": (root / "artifacts").as_uri(),
+                "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
+            }
+            log = (root / "operator.log").open("wb")
+            operator = subprocess.Popen(
+                [sys.executable, "-m", "kubedistill.handlers", "-n", ns], env=env, stdout=log, stderr=log
+            )
+
+            def body(name: str, dataset_spec: dict[str, Any]) -> dict[str, Any]:
+                job = spec(dataset_spec, judge="majority").to_k8s()
+                job["generation"]["nSamples"] = 2
+                job["curation"]["topK"] = 1
+                return {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "DistillationJob",
+                    "metadata": {"name": name},
+                    "spec": job,
+                }
+
+            def phase(name: str) -> str | None:
+                obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", name)
+                return (obj.get("status") or {}).get("phase")
+
+            def first_job_latency(name: str) -> float:
+                """Seconds from creating a small job to its first stage Job: one reconciliation."""
+                started = time.monotonic()
+                custom.create_namespaced_custom_object(
+                    GROUP, VERSION, ns, "distillationjobs", body(name, {"prompts": ["a", "b"]})
+                )
+                while not batch.list_namespaced_job(ns, label_selector=f"kubedistill.io/job={name}").items:
+                    if operator is None or operator.poll() is not None:
+                        raise RuntimeError("the operator exited; see operator.log")
+                    time.sleep(0.05)
+                return time.monotonic() - started
+
+            def wait(name: str, phases: set[str], timeout: float) -> None:
+                deadline = time.monotonic() + timeout
+                while phase(name) not in phases:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{name} did not reach {phases}; see operator.log")
+                    time.sleep(0.2)
+
+            alone = [first_job_latency(f"alone-{i}") for i in range(3)]
+            for i in range(3):
+                wait(f"alone-{i}", {"Succeeded"}, 300)
+            before = peak_rss_mb(operator.pid)
+            started = time.monotonic()
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, ns, "distillationjobs", body("big", {"uri": dataset.as_uri()})
+            )
+            wait("big", {"Estimating"}, 120)
+            during = [first_job_latency(f"during-{i}") for i in range(3)]
+            overlapped = phase("big") == "Estimating"
+            wait("big", {"Generating", "Curating", "Training", "Exporting", "Evaluating", "Succeeded"}, 1800)
+            estimated_s = time.monotonic() - started
+            wait("big", {"Succeeded"}, 600)
+            after = peak_rss_mb(operator.pid)
+            restarts = 0 if operator.poll() is None else 1
+    finally:
+        if operator is not None:
+            operator.terminate()
+            operator.wait()
+        plane.stop()
+    result = {
+        "rows": rows,
+        "operator_peak_rss_mb_before": before,
+        "operator_peak_rss_mb_after": after,
+        "operator_exited": bool(restarts),
+        "big_job_estimated_s": round(estimated_s, 1),
+        "first_job_latency_s_alone": round(statistics.median(alone), 3),
+        "first_job_latency_s_during_estimate": round(statistics.median(during), 3),
+        "latencies_measured_while_estimating": overlapped,
+    }
+    print(f"operator while {rows:,} rows are estimated: peak RSS {before} → {after} MB; another job's first "
+          f"Job after {result['first_job_latency_s_during_estimate']} s (alone: "
+          f"{result['first_job_latency_s_alone']} s)", flush=True)  # fmt: skip
+    return result
+
+
 def growth(runs: list[dict[str, Any]]) -> float | None:
     return round(runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3) if len(runs) > 1 else None
 
@@ -272,6 +395,9 @@ def main() -> None:
     parser.add_argument("--tokenizer-sizes", type=sizes_arg, default=[10_000, 1_000_000])
     parser.add_argument("--curate-sizes", type=sizes_arg, default=[10_000, 250_000])
     parser.add_argument("--generate", type=int, default=20_000, help="prompts for generate (0: skip)")
+    parser.add_argument(
+        "--operator-rows", type=int, default=1_000_000, help="rows of the job the operator watches (0: skip)"
+    )
     args = parser.parse_args()
     before = machine()
     with tempfile.TemporaryDirectory(prefix="kd-dataset-scale-") as tmp:
@@ -284,6 +410,12 @@ def main() -> None:
             with_tokenizer = bench_estimate(root, args.tokenizer_sizes, tiny_llama().as_uri())
         curate = {judge: bench_curate(root, args.curate_sizes, judge) for judge in ("majority", "reference")}
         generate = bench_generate(root, args.generate) if args.generate else None
+        operator = None
+        if args.operator_rows:
+            data = root / f"dataset-{args.operator_rows}.jsonl"
+            if not data.exists():
+                write_dataset(data, args.operator_rows)
+            operator = bench_operator(root, data, args.operator_rows)
     curate_growths = [g for g in (growth(runs) for runs in curate.values()) if g is not None]
     summary = {
         "bench": "dataset_scale",
@@ -293,6 +425,7 @@ def main() -> None:
         "estimate_with_tokenizer": with_tokenizer,
         "curate": curate,
         "generate": generate,
+        "operator": operator,
         "estimate_rss_growth": growth(estimate),
         "estimate_with_tokenizer_rss_growth": growth(with_tokenizer),
         "curate_rss_growth": max(curate_growths) if curate_growths else None,
