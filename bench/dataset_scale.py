@@ -429,8 +429,8 @@ def main() -> None:
         "estimate_rss_growth": growth(estimate),
         "estimate_with_tokenizer_rss_growth": growth(with_tokenizer),
         "curate_rss_growth": max(curate_growths) if curate_growths else None,
-        "estimate_peak_rss_mb": max(r["peak_rss_mb"] for r in estimate + with_tokenizer),
-        "curate_peak_rss_mb": max(r["peak_rss_mb"] for runs in curate.values() for r in runs),
+        "estimate_peak_rss_mb": max((r["peak_rss_mb"] for r in estimate + with_tokenizer), default=None),
+        "curate_peak_rss_mb": max((r["peak_rss_mb"] for runs in curate.values() for r in runs), default=None),
         "generate_peak_rss_mb": generate["peak_rss_mb"] if generate else None,
         "goal_rss_growth": GOAL,
     }
