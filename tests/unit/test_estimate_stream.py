@@ -163,7 +163,7 @@ def test_the_stage_reports_the_estimate_and_its_progress(tmp_path: Path) -> None
     assert "50 prompts" in result.message and "1 invalid rows skipped" in result.message
     assert json.loads(result.termination_message())["estimate"]["prompts"] == 50
     progress = json.loads((tmp_path / "art" / "estimate" / "progress.json").read_text())
-    assert progress["done"] == progress["total"] == 1 and "51 rows read" in progress["detail"]
+    assert progress["done"] == progress["total"] == 100 and "51 rows read" in progress["detail"]
 
 
 def test_the_stage_fails_with_the_datasets_reason(tmp_path: Path) -> None:

@@ -113,14 +113,19 @@ def run(inv: StageInvocation) -> StageResult:
     progress = ProgressReporter(inv.stage_uri(), inv.stage)
 
     def report(read: int, total: int, lines: int) -> None:
+        # In percent of the bytes: local mode's bar shows done/total, and a byte count reads badly.
         mb = 1024 * 1024
-        progress.update(read, total, detail=f"{lines:,} rows read ({read / mb:,.1f} of {total / mb:,.1f} MB)")
+        progress.update(
+            round(100 * read / total) if total else 0,
+            100,
+            detail=f"{lines:,} rows read ({read / mb:,.1f} of {total / mb:,.1f} MB)",
+        )
 
     report(0, 0, 0)
     tokenizer = local_tokenizer(spec.student.model)
     found, counts = estimate_dataset(spec, load_catalog(), tokenizer=tokenizer, on_progress=report)
     e, breakdown = found.estimate, found.breakdown
-    progress.update(1, 1, detail=f"{counts.valid + counts.rejected:,} rows read", force=True)
+    progress.update(100, 100, detail=f"{counts.valid + counts.rejected:,} rows read", force=True)
     counting = breakdown["counting"]
     how = (
         "every row counted"
