@@ -4,10 +4,9 @@ Pure: no I/O, no clock. The handlers observe (child Jobs and their pods, Secrets
 object, the alias) and apply what this decides. The estimate is a stage like the others, the first:
 its result becomes status.estimate, and no later stage starts unless it fits the budget. The phase
 is derived from observation each time; only facts are kept from the previous status: an estimate
-already made, stages already
-succeeded (with the metrics and artifacts they reported) and the terminal Complete/Failed
-conditions, because children may be gone by then (ttlSecondsAfterFinished, manual deletion) and a
-finished stage must never run again.
+already made, stages already succeeded (with the metrics and artifacts they reported) and the
+terminal Complete/Failed conditions, because children may be gone by then
+(ttlSecondsAfterFinished, manual deletion) and a finished stage must never run again.
 """
 
 from __future__ import annotations
