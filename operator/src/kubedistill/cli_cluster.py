@@ -243,6 +243,15 @@ def job_events(d: sdk.Distiller, name: str) -> list[list[str]]:
     ]
 
 
+def _counting(counting: Mapping[str, Any]) -> str:
+    if counting["mode"] == "exact":
+        return f"every row of {counting['rows']:,}"
+    return (
+        f"{counting['rowsCounted']:,} of {counting['rows']:,} rows, ±{100 * counting['inputTokensMargin95']:.1f}% "
+        "(95%)"
+    )
+
+
 def estimate_table(result: Mapping[str, Any]) -> Table:
     b = result["breakdown"]
     rows = [
@@ -250,7 +259,7 @@ def estimate_table(result: Mapping[str, Any]) -> Table:
          f"prices of {b['priceDate'] or 'unknown date'})"],
         ["teacher calls", str(result["teacher_calls"])],
         ["input / output tokens", f"{result['input_tokens']:,} / {result['output_tokens']:,} "
-         f"(output from {b['outputTokensFrom']}, counted by {b['tokenCounting']})"],
+         f"(output from {b['outputTokensFrom']}, counted by {b['tokenCounting']}, {_counting(b['counting'])})"],
         ["teacher cost", f"${result['teacher_cost']:.4f}"],
         ["judge cost", f"${result['judge_cost']:.4f} ({b['judge']})"],
         ["estimated cost", f"${result['estimated_cost']:.4f}"],
