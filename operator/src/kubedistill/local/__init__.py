@@ -843,7 +843,3 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(args[1], args[2])
     print("usage: python -m kubedistill.local {baseline INV OUT | convert GGUF DEST}", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
