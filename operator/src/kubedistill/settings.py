@@ -20,9 +20,9 @@ DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Measured by bench/dataset_scale.py (peak RSS of each stage process; docs/memory.md): the estimate
-# streams its dataset (under 80 MB up to a million rows, tokenizer or not; the 1 Gi limit leaves
+# streams its dataset (under 65 MB up to a million rows, tokenizer or not; the 1 Gi limit leaves
 # room for a student without tokenizer.json, counted through transformers and torch, ~650 MB);
-# curate holds one bucket of candidates at a time (under 80 MB up to a million prompts).
+# curate holds one bucket of candidates at a time (63 MB at 250k prompts × 4, as at 10k).
 _DEFAULT_RESOURCES: dict[Stage, ResourceRequirements] = {
     Stage.ESTIMATE: ResourceRequirements(
         requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "1Gi"}
