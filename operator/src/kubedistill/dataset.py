@@ -272,14 +272,6 @@ def is_test(row_id: str, test_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
-def split(rows: Iterable[Row], test_fraction: float) -> tuple[list[Row], list[Row]]:
-    train: list[Row] = []
-    test: list[Row] = []
-    for row in rows:
-        (test if is_test(row.id, test_fraction) else train).append(row)
-    return train, test
-
-
 def inline_lines(prompts: Iterable[str]) -> list[str]:
     return [json.dumps({"id": text_id(p), "prompt": p}) for p in prompts]
 

@@ -128,15 +128,6 @@ def read_shards(stage_uri: str, prefix: str) -> tuple[list[dict[str, Any]], int]
     return [row for uri in uris for row in store.read_jsonl(uri)], next_shard_index(uris, prefix)
 
 
-def read_candidates(stage_uri: str) -> tuple[list[dict[str, Any]], int]:
-    """All candidate rows kept so far (first occurrence of an id wins) and the next shard index."""
-    rows, next_index = read_shards(stage_uri, SHARD_PREFIX)
-    unique: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        unique.setdefault(row["id"], row)
-    return list(unique.values()), next_index
-
-
 def answered_so_far(stage_uri: str) -> tuple[dataset.SeenIds, Usage, int]:
     """Ids already answered, what they cost and the next shard index — one line in memory at a
     time and no answer texts kept, so resuming a large job stays small."""
