@@ -47,6 +47,8 @@ stage, base = inv["stage"], inv["artifactBase"].rstrip("/")
 metrics = {"evaluate": {"evalScore": 0.9, "teacherEvalScore": 1.0}}.get(stage, {})
 artifacts = {"export": {"ggufURIs": {"q4_k_m": base + "/export/student-q4_k_m.gguf"}}}.get(stage, {})
 result = {"stage": stage, "ok": True, "message": "instant", "metrics": metrics, "artifacts": artifacts}
+if stage == "estimate":
+    result["estimate"] = {"prompts": 2, "teacherCalls": 2}
 text = json.dumps(result, separators=(",", ":"))
 path = base[len("file://"):] + "/" + stage
 os.makedirs(path, exist_ok=True)

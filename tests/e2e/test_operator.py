@@ -23,8 +23,10 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from sdk_cli_support import job_body
 
+from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
 from kubedistill.domain.deletion import FINALIZER
 from kubedistill_testing.kubelet import LocalKubelet
+from kubedistill_testing.s3 import RcloneS3
 
 pytestmark = pytest.mark.cluster
 
@@ -252,9 +254,9 @@ def test_happy_path_succeeds_and_repoints_the_alias(
     status = done["status"]
     assert status["phase"] == "Succeeded", status
     assert child_jobs(batch, ns, "happy") == sorted(
-        f"happy-{s}-1" for s in ("generate", "curate", "train", "export", "evaluate")
+        f"happy-{s}-1" for s in ("estimate", "generate", "curate", "train", "export", "evaluate")
     )
-    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * 5
+    assert [s["state"] for s in status["stages"]] == ["Succeeded"] * 6
     assert status["metrics"]["evalScore"] == 0.91 and status["metrics"]["teacherCalls"] == 6
     gguf = status["artifacts"]["ggufURIs"]["q4_k_m"]
     assert gguf.startswith(operator.artifacts.as_uri()) and gguf.endswith("student-q4_k_m.gguf")
@@ -281,7 +283,7 @@ def test_happy_path_succeeds_and_repoints_the_alias(
     assert alias["status"]["ggufURI"] == gguf and alias["status"]["model"] == "qwen3-0.6b"
     assert alias["status"]["history"][0]["target"]["ggufURI"] == old_target["ggufURI"]
     reasons = events_for(k8s_api, ns, "happy")
-    assert reasons.count("StageStarted") == 5 and "PhaseSucceeded" in reasons
+    assert reasons.count("StageStarted") == 6 and "PhaseSucceeded" in reasons
 
 
 def test_a_stage_failing_once_is_retried(
@@ -335,7 +337,7 @@ def test_operator_killed_mid_stage_restarts_without_duplicates(
     done = wait_phase(custom, operator, "restart", {"Succeeded", "Failed"})
     assert done["status"]["phase"] == "Succeeded"
     assert child_jobs(batch, operator.namespace, "restart") == sorted(
-        f"restart-{s}-1" for s in ("generate", "curate", "train", "export", "evaluate")
+        f"restart-{s}-1" for s in ("estimate", "generate", "curate", "train", "export", "evaluate")
     )
 
 
@@ -410,7 +412,8 @@ def test_budget_exceeded_starts_nothing_until_raised(
     assert blocked["status"]["phase"] == "Pending"
     assert blocked["status"]["estimate"]["teacherCostUSD"] > 0.000001
     assert "exceeds budget.maxTeacherCostUSD" in condition(blocked, "BudgetExceeded")["message"]  # type: ignore[index]
-    assert child_jobs(batch, ns, "pricey") == []
+    # The estimate ran as a stage of its own; nothing after it starts.
+    assert child_jobs(batch, ns, "pricey") == ["pricey-estimate-1"]
     custom.patch_namespaced_custom_object(
         GROUP, VERSION, ns, "distillationjobs", "pricey", {"spec": {"budget": {"maxTeacherCostUSD": 1000}}}
     )
@@ -489,13 +492,14 @@ def test_active_deadline_fails_the_whole_job(
 ) -> None:
     ns = operator.namespace
     operator.start(KUBEDISTILL_FAKE_SLEEP="generate:60")
-    create_job(custom, ns, "slow", activeDeadlineSeconds=3)
+    # Long enough for the estimate (a real stage process) to finish first on a busy machine.
+    create_job(custom, ns, "slow", activeDeadlineSeconds=20)
     done = wait_phase(custom, operator, "slow", {"Succeeded", "Failed"})
     failed = condition(done, "Failed")
     assert failed is not None and failed["reason"] == "DeadlineExceeded"
-    assert child_jobs(batch, ns, "slow") == ["slow-generate-1"]
+    assert child_jobs(batch, ns, "slow") == ["slow-estimate-1", "slow-generate-1"]
     job = batch.read_namespaced_job("slow-generate-1", ns)
-    assert job.spec.active_deadline_seconds is not None and job.spec.active_deadline_seconds <= 3
+    assert job.spec.active_deadline_seconds is not None and job.spec.active_deadline_seconds < 20
     wait_until(
         lambda: not (batch.read_namespaced_job("slow-generate-1", ns).status.active or 0), "the stage to stop"
     )
@@ -566,3 +570,95 @@ def test_the_finalizers_an_older_operator_left_are_removed_at_startup(
     # The kept finalizer still does its work (and leaves the namespace deletable).
     custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "distillationjobs", "old-cleaning")
     wait_until(lambda: gone(custom, ns, "old-cleaning"), "the job with the finalizer to be deleted")
+
+
+def test_the_estimate_reads_the_dataset_with_the_jobs_own_storage_secret(
+    operator: Operator, custom: client.CustomObjectsApi, k8s_api: client.ApiClient, tmp_path: Path
+) -> None:
+    """The operator's own S3 credentials are wrong; the job names a Secret with the right ones. The
+    estimate runs as a stage pod with that Secret, so the job succeeds: the operator reads no data."""
+    ns = operator.namespace
+    with RcloneS3(tmp_path / "s3") as s3:
+        s3.create_bucket("team-data")
+        s3.create_bucket("team-artifacts")
+        rows = "".join(
+            json.dumps({"id": i, "prompt": f"ticket {i}: my invoice is wrong"}) + "\n" for i in range(40)
+        )
+        (tmp_path / "s3" / "team-data" / "tickets.jsonl").write_text(rows, encoding="utf-8")
+        client.CoreV1Api(k8s_api).create_namespaced_secret(
+            ns,
+            {
+                "metadata": {"name": "team-s3"},
+                "stringData": {S3_ACCESS_KEY_ENV: s3.access_key, S3_SECRET_KEY_ENV: s3.secret_key},
+            },
+        )
+        operator.env.update(
+            {
+                "KUBEDISTILL_STORAGE_ENDPOINT": s3.endpoint,
+                S3_ACCESS_KEY_ENV: "wrong",
+                S3_SECRET_KEY_ENV: "wrong-wrong",
+            }
+        )
+        operator.start()
+        create_job(
+            custom,
+            ns,
+            "own-creds",
+            dataset={"uri": "s3://team-data/tickets.jsonl"},
+            storage={"bucket": "team-artifacts", "endpoint": s3.endpoint, "credentialsSecretRef": "team-s3"},
+        )
+        done = wait_phase(custom, operator, "own-creds", {"Succeeded", "Failed"})
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        assert done["status"]["estimate"]["prompts"] == 40
+        assert stage_status(done, "estimate")["state"] == "Succeeded"
+        uid = done["metadata"]["uid"]
+        written = tmp_path / "s3" / "team-artifacts" / "kubedistill" / ns / "own-creds" / uid
+        assert (written / "estimate" / "result.json").is_file()
+        for secret in (s3.access_key, s3.secret_key):
+            assert secret not in json.dumps(done) and secret not in operator.logs()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def test_a_dataset_larger_than_the_operators_memory_never_enters_it(
+    operator: Operator, custom: client.CustomObjectsApi, tmp_path: Path
+) -> None:
+    """A 48 MB dataset is estimated while the operator's memory may grow by at most 16 MB (loading the
+    file whole takes more than its size), and another job runs to the end meanwhile; the operator is
+    never restarted. The latency of the other job's reconciliation is measured by
+    bench/dataset_scale.py, not here."""
+    ns = operator.namespace
+    big = tmp_path / "big.jsonl"
+    filler = "please look into this, the export keeps failing since the update. " * 3
+    with big.open("w", encoding="utf-8") as f:
+        for i in range(220_000):
+            f.write(json.dumps({"id": i, "prompt": f"{i}: {filler}"}) + "\n")
+    size_mb = big.stat().st_size / 1e6
+    limit_mb = 16.0
+    assert size_mb > 3 * limit_mb
+    operator.start()
+    create_job(custom, ns, "warm-up")
+    assert wait_phase(custom, operator, "warm-up", {"Succeeded", "Failed"})["status"]["phase"] == "Succeeded"
+    assert operator.process is not None
+    before = peak_rss_mb(operator.process.pid)
+
+    create_job(custom, ns, "big", dataset={"uri": big.as_uri()})
+    wait_phase(custom, operator, "big", {"Estimating", "Generating", "Curating", "Training"})
+    create_job(custom, ns, "meanwhile")
+    assert (
+        wait_phase(custom, operator, "meanwhile", {"Succeeded", "Failed"})["status"]["phase"] == "Succeeded"
+    )
+    done = wait_phase(custom, operator, "big", {"Succeeded", "Failed"}, timeout=180)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["estimate"]["prompts"] == 220_000
+
+    grown = peak_rss_mb(operator.process.pid) - before
+    assert grown < limit_mb, f"the operator's peak memory grew by {grown:.1f} MB ({size_mb:.0f} MB dataset)"
+    assert operator.alive() and operator.starts == 1
+    assert "reconcile crashed" not in operator.logs()

@@ -81,14 +81,21 @@ def test_mode_resolution() -> None:
         pricing.teacher_mode("batch", without, 10**6)
 
 
+def shared_prefix(requests: list[list[dict[str, str]]]) -> list[dict[str, str]]:
+    prefix = None
+    for messages in requests:
+        prefix = pricing.narrow_prefix(prefix, messages)
+    return prefix or []
+
+
 def test_shared_prefix_and_predicted_cached_tokens() -> None:
     system = {"role": "system", "content": "be brief"}
     shot = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     requests = [[system, *shot, {"role": "user", "content": q}] for q in ("a", "b", "c")]
-    assert pricing.shared_prefix(requests) == [system, *shot]
-    assert pricing.shared_prefix([*requests, [system, {"role": "user", "content": "d"}]]) == [system]
+    assert shared_prefix(requests) == [system, *shot]
+    assert shared_prefix([*requests, [system, {"role": "user", "content": "d"}]]) == [system]
     # The last message is the prompt: never part of the prefix, even when two requests are equal.
-    assert pricing.shared_prefix([[system], [system]]) == []
+    assert shared_prefix([[system], [system]]) == []
     assert pricing.predicted_cached_tokens(300, 10, 256) == 300 * 9
     assert pricing.predicted_cached_tokens(300, 10, 1024) == 0
     assert pricing.predicted_cached_tokens(300, 10, None) == 0

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from kubedistill.api.jobfile import parse_job as parse
 from kubedistill.api.models import STAGES, Stage
 from kubedistill.cli import app, render
+from kubedistill.cli import estimate as cli_estimate
 from kubedistill.local.plan import needs_teacher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,6 +115,33 @@ def test_estimate_of_batch_mode_without_a_batch_api_exits_2_naming_the_field(tmp
     )
 
 
+def test_estimate_of_a_large_file_reports_its_reading_and_bad_lines(tmp_path: Path) -> None:
+    """`kubedistill estimate -f` runs the estimate stage's streaming code: progress while it reads,
+    malformed lines counted and skipped, the job refused past half of them, as the stage would."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            "{broken\n" if i % 20 == 0 else json.dumps({"id": i, "prompt": f"p {i}"}) + "\n"
+            for i in range(25_000)
+        )
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "apiVersion: kubedistill.io/v1alpha1\nkind: DistillationJob\nmetadata: {name: big}\nspec:\n"
+        "  teacher: {model: openai/gpt-4o-mini}\n  student: {model: qwen3-0.6b}\n"
+        "  dataset: {uri: file://rows.jsonl}\n"
+    )
+    seen: list[tuple[int, int, int]] = []
+    result = cli_estimate.estimate_file(job, lambda *a: seen.append(a))
+    assert result["teacher_calls"] == 23_750
+    assert result["breakdown"]["datasetRows"] == {"valid": 23_750, "invalid": 1_250}
+    assert len(seen) >= 3 and seen[-1][0] == seen[-1][1] == rows.stat().st_size and seen[-1][2] == 25_000
+    assert [s[2] for s in seen] == sorted(s[2] for s in seen)
+    rows.write_text("{broken\n" * 3 + json.dumps({"prompt": "one"}) + "\n")
+    refused = runner.invoke(app, ["estimate", "-f", str(job)])
+    assert refused.exit_code == 2 and "3 of 4 dataset rows are invalid" in refused.output.replace("\n", "")
+
+
 def test_estimate_of_an_invalid_file_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: DistillationJob\nmetadata: {name: x}\nspec: {}\n")
@@ -167,7 +195,8 @@ def test_age_like_kubectl() -> None:
 @pytest.mark.parametrize(
     ("stage", "percent", "fraction"),
     [
-        (Stage.GENERATE, 17.5, 0.5),
+        (Stage.ESTIMATE, 1.0, 0.5),
+        (Stage.GENERATE, 18.5, 0.5),
         (Stage.CURATE, 35.0, 0.0),
         (Stage.TRAIN, 67.5, 0.5),
         (Stage.EVALUATE, 100.0, 1.0),

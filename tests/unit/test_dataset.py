@@ -81,16 +81,13 @@ def test_threshold_fails_only_past_half() -> None:
 
 
 def test_split_is_deterministic_and_near_the_fraction() -> None:
-    rows = [dataset.Row(id=f"row-{i}", prompt="p") for i in range(4000)]
-    train, test = dataset.split(rows, 0.1)
-    assert len(train) + len(test) == 4000
+    ids = [f"row-{i}" for i in range(4000)]
+    test = {i for i in ids if dataset.is_test(i, 0.1)}
     assert 320 < len(test) < 480
-    _, again_test = dataset.split(list(reversed(rows)), 0.1)
-    assert {r.id for r in again_test} == {r.id for r in test}
+    assert {i for i in reversed(ids) if dataset.is_test(i, 0.1)} == test
     # A larger fraction only moves rows from train to test, never the other way.
-    _, bigger = dataset.split(rows, 0.2)
-    assert {r.id for r in test} <= {r.id for r in bigger}
-    assert dataset.split(rows, 0.0)[1] == []
+    assert test <= {i for i in ids if dataset.is_test(i, 0.2)}
+    assert not any(dataset.is_test(i, 0.0) for i in ids)
 
 
 def test_messages_for_teacher_and_student() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,12 +12,14 @@ import pytest
 from kubedistill_testing.kubelet import (
     ConfigError,
     ContainerState,
+    configmap_volume_files,
     container_env,
     exit_code,
     expand_vars,
     insufficient,
     pod_phase,
     pod_requests,
+    remap_paths,
     resolve_argv,
     selector_matches,
     termination_message,
@@ -184,3 +187,19 @@ def test_container_status_nulls_the_states_it_left() -> None:
     status = terminated("a", 0).as_status()
     assert status["state"] == {"waiting": None, "running": None, "terminated": {"exitCode": 0}}
     assert status["ready"] is False
+
+
+def test_configmap_volumes_and_paths_under_their_mount() -> None:
+    data = {"dataset.jsonl": '{"prompt": "hi"}\n', "other": "x"}
+    source = {"name": "rows", "items": [{"key": "dataset.jsonl", "path": "dataset.jsonl"}]}
+    assert configmap_volume_files(source, data) == {"dataset.jsonl": '{"prompt": "hi"}\n'}
+    assert configmap_volume_files({"name": "rows"}, data) == data
+    with pytest.raises(ConfigError, match="non-existent config key: missing"):
+        configmap_volume_files({"name": "rows", "items": [{"key": "missing", "path": "m"}]}, data)
+    env = {"FILE": "/var/run/ds/dataset.jsonl", "DIR": "/var/run/ds", "NEAR": "/var/run/dsx", "HOME": "/tmp"}
+    assert remap_paths(env, {"/var/run/ds/": Path("/pods/u1/volumes/dataset")}) == {
+        "FILE": "/pods/u1/volumes/dataset/dataset.jsonl",
+        "DIR": "/pods/u1/volumes/dataset",
+        "NEAR": "/var/run/dsx",
+        "HOME": "/tmp",
+    }

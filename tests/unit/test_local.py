@@ -226,17 +226,19 @@ def test_a_failed_stage_is_rerun_and_the_run_stops_there(tmp_path: Path) -> None
     run = runner.LocalRun(
         job_file=write_job(tmp_path), workdir=tmp_path / "work", environ={"OPENAI_API_KEY": "k" * 8}
     )
-    bad = run.dir / "generate"
+    bad = run.dir / "estimate"
     bad.mkdir(parents=True)
-    failed = StageResult(stage=Stage.GENERATE, ok=False, reason="TeacherUnavailable", message="x")
+    failed = StageResult(stage=Stage.ESTIMATE, ok=False, reason="StoreUnreachable", message="x")
     (bad / "result.json").write_text(json.dumps(failed.to_k8s()), encoding="utf-8")
-    # Now every row is invalid: generate runs again, fails before calling any teacher, and nothing runs after it.
+    # Now every row is invalid: the estimate runs again, fails before any teacher is called, and
+    # nothing runs after it.
     (tmp_path / "rows.jsonl").write_text('{"no": "prompt"}\n', encoding="utf-8")
     state = run.execute(lambda *_: None, lambda _: None)
-    outcome = state.outcomes[Stage.GENERATE]
+    outcome = state.outcomes[Stage.ESTIMATE]
     assert outcome.result is not None and outcome.result.reason == "DatasetInvalid" and not outcome.resumed
-    assert set(state.outcomes) == {Stage.GENERATE}
-    invocation = json.loads((run.local_dir / "invocations" / "generate.json").read_text())
+    assert "line 1: exactly one of prompt or messages must be set" in outcome.result.message
+    assert set(state.outcomes) == {Stage.ESTIMATE}
+    invocation = json.loads((run.local_dir / "invocations" / "estimate.json").read_text())
     assert invocation["artifactBase"] == run.dir.as_uri() and invocation["job"]["uid"] == run.uid
     assert invocation["spec"]["dataset"]["uri"] == (tmp_path / "rows.jsonl").as_uri()
     assert "k" * 8 not in json.dumps(invocation)

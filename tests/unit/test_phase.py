@@ -53,6 +53,8 @@ def make_job(status: DistillationJobStatus | None = None, **spec: Any) -> Distil
 
 def ok(stage: Stage, attempt: int = 1, **metrics: Any) -> ChildJob:
     result = StageResult(stage=stage, ok=True, message=f"{stage.value} done", metrics=Metrics(**metrics))
+    if stage == Stage.ESTIMATE:
+        result.estimate = CHEAP
     if stage == Stage.EXPORT:
         result.artifacts = Artifacts(gguf_uris={"q4_k_m": "s3://b/x.gguf"})
     return ChildJob(
@@ -94,7 +96,7 @@ def running(
 
 
 def all_ok(*, score: float = 0.9, upto: Stage = Stage.EVALUATE) -> tuple[ChildJob, ...]:
-    stages = list(Stage)[: list(Stage).index(upto) + 1]
+    stages = list(Stage)[1 : list(Stage).index(upto) + 1]
     return tuple(ok(s, eval_score=score) if s == Stage.EVALUATE else ok(s, teacher_calls=40) for s in stages)
 
 
@@ -125,25 +127,74 @@ class Case:
     requeue_at_most: float | None = None
 
 
+ESTIMATED = Observed(children=(ok(Stage.ESTIMATE),))
+
 CASES = [
-    Case("estimating", Observed(), actions=[], phase=Phase.ESTIMATING),
+    Case(
+        "a new job starts with the estimate stage",
+        Observed(),
+        actions=[CreateJob(Stage.ESTIMATE, 1)],
+        phase=Phase.ESTIMATING,
+        stage_state={Stage.ESTIMATE: StageState.PENDING, Stage.GENERATE: StageState.PENDING},
+    ),
+    Case(
+        "estimating",
+        Observed(children=(running(Stage.ESTIMATE),)),
+        actions=[],
+        phase=Phase.ESTIMATING,
+        stage_state={Stage.ESTIMATE: StageState.RUNNING},
+    ),
+    Case(
+        "a failed estimate is retried",
+        Observed(children=(failed(Stage.ESTIMATE, 1, ago(30), "StoreUnreachable: refused"),)),
+        actions=[CreateJob(Stage.ESTIMATE, 2)],
+        phase=Phase.ESTIMATING,
+    ),
     Case(
         "estimate failed",
-        Observed(estimate_error="dataset s3://b/x.jsonl does not exist"),
-        phase=Phase.PENDING,
-        reason={cond.READY: "EstimateFailed"},
+        Observed(
+            children=tuple(
+                failed(Stage.ESTIMATE, a, ago(30), "dataset s3://b/x.jsonl does not exist") for a in (1, 2, 3)
+            )
+        ),
+        phase=Phase.FAILED,
+        reason={cond.READY: "EstimateFailed", cond.FAILED: "EstimateFailed"},
         message={cond.READY: "does not exist"},
     ),
     Case(
+        "an estimate stage that reports no estimate fails the job",
+        Observed(
+            children=(
+                ChildJob(
+                    name="bot-estimate-1",
+                    stage=Stage.ESTIMATE,
+                    attempt=1,
+                    succeeded=True,
+                    result=StageResult(stage=Stage.ESTIMATE, ok=True),
+                ),
+            )
+        ),
+        actions=[],
+        phase=Phase.FAILED,
+        reason={cond.FAILED: "EstimateFailed"},
+    ),
+    Case(
         "first stage starts once estimated",
-        Observed(estimate=CHEAP),
+        ESTIMATED,
         actions=[CreateJob(Stage.GENERATE, 1)],
         phase=Phase.GENERATING,
-        stage_state={Stage.GENERATE: StageState.PENDING},
+        stage_state={Stage.ESTIMATE: StageState.SUCCEEDED, Stage.GENERATE: StageState.PENDING},
+    ),
+    Case(
+        "a missing Secret holds the estimate too",
+        Observed(missing_secrets=("Secret s3 (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) not found",)),
+        actions=[],
+        phase=Phase.PENDING,
+        true=(cond.SECRET_MISSING,),
     ),
     Case(
         "budget exceeded starts nothing",
-        Observed(estimate=CHEAP),
+        ESTIMATED,
         spec={"budget": {"maxTeacherCostUSD": 1.0}},
         actions=[],
         phase=Phase.PENDING,
@@ -377,7 +428,7 @@ CASES = [
     ),
     Case(
         "restart with an empty status finds the running Job",
-        Observed(estimate=CHEAP, children=(ok(Stage.GENERATE), running(Stage.CURATE))),
+        Observed(children=(ok(Stage.ESTIMATE), ok(Stage.GENERATE), running(Stage.CURATE))),
         actions=[],
         phase=Phase.CURATING,
         stage_state={Stage.GENERATE: StageState.SUCCEEDED, Stage.CURATE: StageState.RUNNING},
@@ -432,10 +483,12 @@ def test_results_merge_into_metrics_and_artifacts() -> None:
 
 
 def test_stage_start_records_times_and_attempts() -> None:
-    decision = decide(make_job(), Observed(estimate=CHEAP), NOW, SETTINGS)
-    gen = decision.status.stages[0]
+    decision = decide(make_job(), ESTIMATED, NOW, SETTINGS)
+    assert decision.status.estimate == CHEAP
+    gen = decision.status.stages[1]
     assert (gen.name, gen.attempts, gen.job_name) == (Stage.GENERATE, 1, "bot-generate-1")
-    assert decision.status.start_time == cond.rfc3339(NOW)
+    # The job started with its first stage Job: the estimate's.
+    assert decision.status.start_time == cond.rfc3339(EARLIER)
     assert [e.reason for e in decision.events][:1] == ["StageStarted"]
 
 

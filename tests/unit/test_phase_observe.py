@@ -166,12 +166,11 @@ def test_child_events_wake_the_owner_only_on_meaningful_changes() -> None:
 
     from kubernetes.client import Configuration
 
-    from kubedistill.catalog import load_catalog
     from kubedistill.handlers.reconciler import Reconciler
     from kubedistill.k8s.client import Kube
     from kubedistill.settings import Settings
 
-    service = Reconciler(Kube(Configuration()), Settings(), load_catalog(), post_event=lambda *a, **k: None)
+    service = Reconciler(Kube(Configuration()), Settings(), post_event=lambda *a, **k: None)
     wakeup = service._wakeups.setdefault(("ns", "bot"), asyncio.Event())
     woken = []
     for status in (

@@ -9,16 +9,23 @@ or machines, and adding rows never moves an existing row to the other side.
 
 Sources (`DatasetSpec`): `uri` (read through the store), inline `prompts` (ids derived from the
 text), `configMapRef` — the operator mounts the ConfigMap key as a file in the stage pod and passes
-its path in env KUBEDISTILL_DATASET_FILE.
+its path in env KUBEDISTILL_DATASET_FILE. `open_source` streams any of them line by line, and
+`iter_parsed` parses a stream without holding it: what lets the estimate read a million rows in
+bounded memory. Duplicate ids are found with `SeenIds`, 8 bytes a row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubedistill import store
@@ -149,41 +156,115 @@ def row_from_obj(obj: Any) -> Row:
     )
 
 
-def parse_lines(lines: Iterable[str]) -> Parsed:
-    parsed = Parsed()
-    seen: set[str] = set()
+class SeenIds:
+    """The row ids seen so far, as 64-bit hashes: sorted arrays of up to `chunk` hashes, plus a set
+    of recent ones merged into them every `batch` ids. A set of the ids themselves takes ~100
+    bytes a row (100 MB for a million); this takes 8, and a merge rebuilds one chunk at a time, so
+    it never holds two copies. Two different ids share a hash with probability ~n²/2⁶⁵ (3·10⁻⁸
+    for a million rows), which would reject one row as a duplicate."""
+
+    def __init__(self, batch: int = 1 << 16, chunk: int = 1 << 16) -> None:
+        self.batch = batch
+        self.chunk = chunk
+        self._chunks: list[array[int]] = []
+        self._lasts: list[int] = []  # the largest hash of each chunk, for bisecting to the chunk
+        self._recent: set[int] = set()
+
+    @staticmethod
+    def _key(row_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest(), "big")
+
+    def _has(self, key: int) -> bool:
+        if key in self._recent:
+            return True
+        which = bisect_left(self._lasts, key)
+        if which == len(self._chunks):
+            return False
+        chunk = self._chunks[which]
+        at = bisect_left(chunk, key)
+        return at < len(chunk) and chunk[at] == key
+
+    def _drain(self) -> Iterator[int]:
+        """The sorted hashes, releasing each chunk once it has been read."""
+        while self._chunks:
+            yield from self._chunks.pop(0)
+
+    def _merge(self) -> None:
+        merged = heapq.merge(self._drain(), sorted(self._recent))
+        chunks: list[array[int]] = []
+        while block := array("Q", itertools.islice(merged, self.chunk)):
+            chunks.append(block)
+        self._chunks, self._lasts, self._recent = chunks, [c[-1] for c in chunks], set()
+
+    def __contains__(self, row_id: object) -> bool:
+        return isinstance(row_id, str) and self._has(self._key(row_id))
+
+    def add(self, row_id: str) -> bool:
+        """Record `row_id`; False when it was seen before."""
+        key = self._key(row_id)
+        if self._has(key):
+            return False
+        self._recent.add(key)
+        if len(self._recent) >= self.batch:
+            self._merge()
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks) + len(self._recent)
+
+
+def iter_parsed(lines: Iterable[str], seen: SeenIds | None = None) -> Iterator[Row | Rejected]:
+    """Each non-blank line as a valid Row or a Rejected one (duplicates of an earlier id included)."""
+    seen = SeenIds() if seen is None else seen
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = row_from_obj(json.loads(line))
         except json.JSONDecodeError as exc:
-            parsed.rejected.append(Rejected(number, f"not valid JSON ({exc.msg})", line))
+            yield Rejected(number, f"not valid JSON ({exc.msg})", line)
             continue
         except ValueError as exc:
-            parsed.rejected.append(Rejected(number, str(exc), line))
+            yield Rejected(number, str(exc), line)
             continue
-        if row.id in seen:
-            parsed.rejected.append(Rejected(number, f"duplicate id {row.id!r}", line))
+        if not seen.add(row.id):
+            yield Rejected(number, f"duplicate id {row.id!r}", line)
             continue
-        seen.add(row.id)
-        parsed.rows.append(row)
+        yield row
+
+
+def parse_lines(lines: Iterable[str]) -> Parsed:
+    parsed = Parsed()
+    for item in iter_parsed(lines):
+        if isinstance(item, Row):
+            parsed.rows.append(item)
+        else:
+            parsed.rejected.append(item)
     return parsed
 
 
-def check_invalid_share(parsed: Parsed, max_fraction: float = MAX_INVALID_FRACTION) -> None:
-    if not parsed.rows:
-        hint = (
-            f"; first: line {parsed.rejected[0].line}: {parsed.rejected[0].reason}" if parsed.rejected else ""
-        )
-        raise DatasetInvalid(f"the dataset has no valid rows ({len(parsed.rejected)} invalid{hint})")
-    share = len(parsed.rejected) / parsed.total
+def invalid_share_problem(
+    valid: int, rejected: int, first: Rejected | None, max_fraction: float = MAX_INVALID_FRACTION
+) -> str | None:
+    """Why a dataset with these counts must not run (None when it may): no valid row, or more than
+    `max_fraction` of its rows invalid. `first` is the first rejected row, named in the message."""
+    hint = f"; first: line {first.line}: {first.reason}" if first is not None else ""
+    if not valid:
+        return f"the dataset has no valid rows ({rejected} invalid{hint})"
+    share = rejected / (valid + rejected)
     if share > max_fraction:
-        first = parsed.rejected[0]
-        raise DatasetInvalid(
-            f"{len(parsed.rejected)} of {parsed.total} dataset rows are invalid ({share:.0%} > "
-            f"{max_fraction:.0%} allowed); first: line {first.line}: {first.reason}"
+        return (
+            f"{rejected} of {valid + rejected} dataset rows are invalid ({share:.0%} > "
+            f"{max_fraction:.0%} allowed){hint}"
         )
+    return None
+
+
+def check_invalid_share(parsed: Parsed, max_fraction: float = MAX_INVALID_FRACTION) -> None:
+    first = parsed.rejected[0] if parsed.rejected else None
+    problem = invalid_share_problem(len(parsed.rows), len(parsed.rejected), first, max_fraction)
+    if problem is not None:
+        raise DatasetInvalid(problem)
 
 
 def is_test(row_id: str, test_fraction: float) -> bool:
@@ -191,30 +272,21 @@ def is_test(row_id: str, test_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
-def split(rows: Iterable[Row], test_fraction: float) -> tuple[list[Row], list[Row]]:
-    train: list[Row] = []
-    test: list[Row] = []
-    for row in rows:
-        (test if is_test(row.id, test_fraction) else train).append(row)
-    return train, test
-
-
 def inline_lines(prompts: Iterable[str]) -> list[str]:
     return [json.dumps({"id": text_id(p), "prompt": p}) for p in prompts]
 
 
-def source_lines(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> list[str]:
-    """The raw JSONL lines of the job's dataset, from whichever source it names."""
+def open_source(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> tuple[Iterator[bytes], int]:
+    """The raw lines of the job's dataset as a stream, and its size in bytes (for a progress bar)."""
     env = os.environ if environ is None else environ
     if spec.prompts is not None:
-        return inline_lines(spec.prompts)
+        encoded = [line.encode("utf-8") for line in inline_lines(spec.prompts)]
+        return iter(encoded), sum(len(line) + 1 for line in encoded)
     if spec.uri is not None:
         try:
-            return store.read_text(spec.uri).splitlines()
+            return store.iter_lines(spec.uri), store.size(spec.uri)
         except store.NotFound:
             raise DatasetInvalid(f"dataset {spec.uri} does not exist") from None
-        except UnicodeDecodeError:
-            raise DatasetInvalid(f"dataset {spec.uri} is not UTF-8 text") from None
     assert spec.config_map_ref is not None
     ref = spec.config_map_ref
     path = env.get(DATASET_FILE_ENV)
@@ -223,12 +295,33 @@ def source_lines(spec: DatasetSpec, environ: Mapping[str, str] | None = None) ->
             f"dataset configMapRef {ref.name}/{ref.key} is not mounted: {DATASET_FILE_ENV} is not set"
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
+        return store.iter_lines(Path(path).resolve().as_uri()), os.path.getsize(path)
     except OSError as exc:
         raise DatasetInvalid(
             f"cannot read dataset configMapRef {ref.name}/{ref.key}: {exc.strerror}"
         ) from None
+
+
+def decode_lines(raw: Iterable[bytes], where: str) -> Iterator[str]:
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatasetInvalid(f"{where} is not UTF-8 text (line {number})") from None
+
+
+def describe(spec: DatasetSpec) -> str:
+    if spec.uri is not None:
+        return f"dataset {spec.uri}"
+    if spec.config_map_ref is not None:
+        return f"dataset configMapRef {spec.config_map_ref.name}/{spec.config_map_ref.key}"
+    return "dataset prompts"
+
+
+def source_lines(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The raw JSONL lines of the job's dataset, from whichever source it names."""
+    raw, _ = open_source(spec, environ)
+    return list(decode_lines(raw, describe(spec)))
 
 
 def load(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> Parsed:

@@ -19,12 +19,19 @@ PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
 GPU_RESOURCE = "nvidia.com/gpu"
 
+# Measured by bench/dataset_scale.py (peak RSS of each stage process; docs/memory.md): the estimate
+# streams its dataset (under 65 MB up to a million rows, tokenizer or not; the 1 Gi limit leaves
+# room for a student without tokenizer.json, counted through transformers and torch, ~650 MB);
+# curate holds one bucket of candidates at a time (63 MB at 250k prompts × 4, as at 10k).
 _DEFAULT_RESOURCES: dict[Stage, ResourceRequirements] = {
+    Stage.ESTIMATE: ResourceRequirements(
+        requests={"cpu": "250m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "1Gi"}
+    ),
     Stage.GENERATE: ResourceRequirements(
         requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "2", "memory": "2Gi"}
     ),
     Stage.CURATE: ResourceRequirements(
-        requests={"cpu": "500m", "memory": "1Gi"}, limits={"cpu": "2", "memory": "2Gi"}
+        requests={"cpu": "500m", "memory": "256Mi"}, limits={"cpu": "2", "memory": "1Gi"}
     ),
     Stage.TRAIN: ResourceRequirements(requests={"cpu": "2", "memory": "16Gi"}, limits={"memory": "32Gi"}),
     Stage.EXPORT: ResourceRequirements(requests={"cpu": "2", "memory": "8Gi"}, limits={"memory": "16Gi"}),

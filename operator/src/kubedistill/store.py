@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
+# Read size of a streamed S3 object: large enough for throughput, small against any memory limit.
+LINE_CHUNK_BYTES = 1 << 20
+
+
 class StoreError(Exception):
     reason = "StoreError"
 
@@ -61,6 +65,13 @@ class Backend(ABC):
 
     @abstractmethod
     def write_bytes(self, uri: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        """The object's lines (without line ends), streamed in chunks: memory stays one chunk."""
+
+    @abstractmethod
+    def size(self, uri: str) -> int: ...
 
     @abstractmethod
     def exists(self, uri: str) -> bool: ...
@@ -108,6 +119,23 @@ class FileBackend(Backend):
             os.replace(tmp, path)
         except OSError as exc:
             raise StoreUnreachable(f"cannot write {uri}: {exc.strerror}") from None
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        path = _local_path(uri)
+        try:
+            with path.open("rb") as f:
+                for line in f:
+                    yield line.rstrip(b"\r\n")
+        except FileNotFoundError:
+            raise NotFound(f"no such artifact: {uri}") from None
+        except OSError as exc:
+            raise StoreUnreachable(f"cannot read {uri}: {exc.strerror}") from None
+
+    def size(self, uri: str) -> int:
+        try:
+            return _local_path(uri).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(f"no such artifact: {uri}") from None
 
     def exists(self, uri: str) -> bool:
         return _local_path(uri).is_file()
@@ -229,6 +257,21 @@ class S3Backend(Backend):
         bucket, key = _bucket_key(uri)
         self._call(uri, bucket, self.client.put_object, Bucket=bucket, Key=key, Body=data)
 
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        bucket, key = _bucket_key(uri)
+        response = self._call(uri, bucket, self.client.get_object, Bucket=bucket, Key=key)
+        lines = iter(response["Body"].iter_lines(chunk_size=LINE_CHUNK_BYTES))
+        while True:
+            line = self._call(uri, bucket, lambda: next(lines, None))
+            if line is None:
+                return
+            yield line.rstrip(b"\r")
+
+    def size(self, uri: str) -> int:
+        bucket, key = _bucket_key(uri)
+        head = self._call(uri, bucket, self.client.head_object, Bucket=bucket, Key=key)
+        return int(head["ContentLength"])
+
     def exists(self, uri: str) -> bool:
         bucket, key = _bucket_key(uri)
         try:
@@ -329,6 +372,21 @@ def read_model(uri: str, model: type[M]) -> M | None:
     except (StoreError, ValidationError, UnicodeDecodeError) as err:
         log.warning("cannot read %s: %s", uri, type(err).__name__)
         return None
+
+
+def iter_lines(uri: str) -> Iterator[bytes]:
+    """Lines of an object as they arrive, whatever its size: for datasets and shards read as a stream."""
+    return backend(uri).iter_lines(uri)
+
+
+def size(uri: str) -> int:
+    return backend(uri).size(uri)
+
+
+def iter_jsonl(uri: str) -> Iterator[Any]:
+    for line in iter_lines(uri):
+        if line.strip():
+            yield json.loads(line)
 
 
 def read_jsonl(uri: str) -> list[Any]:

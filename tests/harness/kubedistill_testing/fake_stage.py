@@ -2,6 +2,10 @@
 
     python -m kubedistill_testing.fake_stage STAGE
 
+The estimate stage is never faked: it is the real program (`kubedistill_trainer.estimate`), cheap
+without a tokenizer, so every operator test shows the dataset read by a pod, with the pod's own
+credentials, and the operator gating on what it reported.
+
 It reads the invocation like the real stages (KUBEDISTILL_JOB / KUBEDISTILL_JOB_FILE), writes
 progress.json while it "works", then result.json and the termination message, and exits 0 or 1.
 What it does is scripted through env (the operator's KUBEDISTILL_STAGE_ENV setting passes it on):
@@ -33,6 +37,8 @@ from kubedistill.api.stage import (
     StageResult,
     load_invocation,
 )
+from kubedistill_trainer import estimate
+from kubedistill_trainer.runtime import execute
 
 FAIL_ENV = "KUBEDISTILL_FAKE_FAIL"
 FAIL_MESSAGE_ENV = "KUBEDISTILL_FAKE_FAIL_MESSAGE"
@@ -103,6 +109,8 @@ def write_termination_message(result: StageResult, env: Mapping[str, str]) -> No
 
 
 def run(inv: StageInvocation, env: Mapping[str, str]) -> StageResult:
+    if inv.stage == Stage.ESTIMATE:
+        return execute(estimate.run, inv)
     stage_uri = inv.stage_uri()
     seconds = float(per_stage(env.get(SLEEP_ENV, ""), inv.stage) or 0)
     hold = per_stage(env.get(HOLD_ENV, ""), inv.stage)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -181,13 +182,14 @@ def open_base_student(inv: StageInvocation) -> Student:
 
 
 def load_heldout(inv: StageInvocation) -> list[dict[str, Any]]:
+    """The held-out rows to score, read as a stream that stops at `evaluation.maxRows`: only the
+    rows scored are ever in memory."""
     uri = f"{inv.stage_uri(Stage.CURATE)}/{TEST_FILE}"
+    rows = (r for r in store.iter_jsonl(uri) if r.get("chosen"))
     try:
-        rows = [r for r in store.read_jsonl(uri) if r.get("chosen")]
+        return list(itertools.islice(rows, inv.spec.evaluation.max_rows))
     except store.NotFound as exc:
         raise StageFailure("MissingInput", f"no held-out rows at {uri}: run curate first") from exc
-    cap = inv.spec.evaluation.max_rows
-    return rows[:cap] if cap else rows
 
 
 def judge_of(inv: StageInvocation) -> JudgeSpec:

@@ -8,6 +8,11 @@ Writes below `<artifactBase>/generate/`:
   {calls, inputTokens, outputTokens, cachedInputTokens}, costUSD, model}`. Held-out (test)
   prompts are answered too: evaluation compares the student with them.
 
+The dataset is streamed, never held: one pass validates it (the estimate's invalid-share rule),
+writes the three dataset files and a local work file of the prompts still to ask, which the
+teacher calls then read line by line. Memory is the ids seen (8 bytes a prompt, twice: the
+dataset's and the answered ones) plus the requests in flight and one shard.
+
 Resumable: a rerun reads the shards, skips every prompt already in them (so it never pays twice
 for an answer it kept) and continues the numbering. The budget (`budget.maxTeacherCostUSD`) counts
 what earlier attempts spent; a prompt is started only while spent + in flight + its projected cost
@@ -17,19 +22,23 @@ fails with TeacherUnavailable and keeps the rest. SIGTERM or SIGINT stops it the
 requests in flight finish and are written, then it fails with Interrupted.
 
 `teacher.mode` batch (or auto, resolved by `kubedistill.domain.pricing`) sends the same requests
-through the provider's Batch API instead (`kubedistill_trainer.batch`), into the same shards.
+through the provider's Batch API instead (`kubedistill_trainer.batch`), into the same shards. The
+batch runner keeps the prompts still to ask in memory (a batch file holds them all anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubedistill import dataset, store
@@ -133,25 +142,15 @@ def read_shards(stage_uri: str, prefix: str) -> tuple[list[dict[str, Any]], int]
     return [row for uri in uris for row in store.read_jsonl(uri)], next_shard_index(uris, prefix)
 
 
-def read_candidates(stage_uri: str) -> tuple[list[dict[str, Any]], int]:
-    """All candidate rows kept so far (first occurrence of an id wins) and the next shard index."""
-    rows, next_index = read_shards(stage_uri, SHARD_PREFIX)
-    unique: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        unique.setdefault(row["id"], row)
-    return list(unique.values()), next_index
-
-
-def answered_so_far(stage_uri: str) -> tuple[set[str], Usage, int]:
-    """Ids already answered, what they cost and the next shard index — one shard in memory at a
+def answered_so_far(stage_uri: str) -> tuple[dataset.SeenIds, Usage, int]:
+    """Ids already answered, what they cost and the next shard index — one line in memory at a
     time and no answer texts kept, so resuming a large job stays small."""
     uris = shard_uris(stage_uri, SHARD_PREFIX)
-    ids: set[str] = set()
+    ids = dataset.SeenIds()
     usage = Usage()
     for uri in uris:
-        for row in store.read_jsonl(uri):
-            if row["id"] not in ids:
-                ids.add(row["id"])
+        for row in store.iter_jsonl(uri):
+            if ids.add(row["id"]):
                 usage.add(usage_of(row))
     return ids, usage, next_shard_index(uris, SHARD_PREFIX)
 
@@ -230,7 +229,7 @@ class BudgetGate:
 
 
 async def generate_candidates(
-    todo: Sequence[Work],
+    todo: Iterable[Work],
     client: TeacherClient,
     gen: GenerationSpec,
     gate: BudgetGate,
@@ -383,27 +382,86 @@ async def generate_in_batches(
     return outcome
 
 
-def prepare_dataset(inv: StageInvocation, stage_uri: str) -> tuple[list[Work], dataset.Parsed]:
-    parsed = dataset.load(inv.spec.dataset)
-    train, test = dataset.split(parsed.rows, inv.spec.dataset.test_fraction)
-    store.write_jsonl(f"{stage_uri}/dataset/train.jsonl", [r.to_json() for r in train])
-    store.write_jsonl(f"{stage_uri}/dataset/test.jsonl", [r.to_json() for r in test])
-    store.write_jsonl(f"{stage_uri}/dataset/rejected.jsonl", [r.to_json() for r in parsed.rejected])
-    test_ids = {r.id for r in test}
-    return [Work(r, "test" if r.id in test_ids else "train") for r in parsed.rows], parsed
+@dataclass
+class Prepared:
+    """The dataset as this attempt stages it: counts, and a local file of the prompts still to ask."""
+
+    work_path: Path
+    train: int = 0
+    test: int = 0
+    rejected: int = 0
+    done: int = 0
+    longest_request_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.train + self.test
+
+    @property
+    def to_ask(self) -> int:
+        return self.total - self.done
+
+    def works(self) -> Iterator[Work]:
+        with self.work_path.open(encoding="utf-8") as f:
+            for line in f:
+                obj = json.loads(line)
+                yield Work(dataset.row_from_obj(obj), obj["split"])
 
 
-def worst_case_cost(teacher: ResolvedTeacher, works: Sequence[Work], gen: GenerationSpec) -> float:
-    """The most one prompt can cost: the longest prompt, billed per request, and maxTokens per sample."""
-    if not works:
-        return 0.0
+def _jsonl(f: Any, obj: Any) -> None:
+    f.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def prepare_dataset(
+    inv: StageInvocation, stage_uri: str, directory: Path, done: dataset.SeenIds, teacher: ResolvedTeacher
+) -> Prepared:
+    """One streaming pass over the dataset: validate (DatasetInvalid past the invalid share), split
+    by id, write `dataset/{train,test,rejected}.jsonl`, and list the prompts not answered yet."""
+    spec = inv.spec
+    gen = spec.generation
     examples = gen.few_shot_turns()
-    longest = max(
-        estimate_tokens(w.row.teacher_messages(gen.system_prompt, examples), teacher.chars_per_token)
-        for w in works
-    )
+    raw, _ = dataset.open_source(spec.dataset)
+    lines = dataset.decode_lines(raw, dataset.describe(spec.dataset))
+    prepared = Prepared(directory / "work.jsonl")
+    outputs = {name: directory / f"{name}.jsonl" for name in ("train", "test", "rejected")}
+    valid, first_rejected = 0, None
+    with contextlib.ExitStack() as stack:
+        files = {
+            name: stack.enter_context(path.open("w", encoding="utf-8")) for name, path in outputs.items()
+        }
+        work = stack.enter_context(prepared.work_path.open("w", encoding="utf-8"))
+        for item in dataset.iter_parsed(lines):
+            if isinstance(item, dataset.Rejected):
+                prepared.rejected += 1
+                first_rejected = first_rejected or dataset.Rejected(item.line, item.reason, "")
+                _jsonl(files["rejected"], item.to_json())
+                continue
+            valid += 1
+            if spec.dataset.num_prompts is not None and valid > spec.dataset.num_prompts:
+                continue
+            split = "test" if dataset.is_test(item.id, spec.dataset.test_fraction) else "train"
+            _jsonl(files[split], item.to_json())
+            setattr(prepared, split, getattr(prepared, split) + 1)
+            if item.id in done:
+                prepared.done += 1
+                continue
+            _jsonl(work, {**item.to_json(), "split": split})
+            tokens = estimate_tokens(
+                item.teacher_messages(gen.system_prompt, examples), teacher.chars_per_token
+            )
+            prepared.longest_request_tokens = max(prepared.longest_request_tokens, tokens)
+    problem = dataset.invalid_share_problem(valid, prepared.rejected, first_rejected)
+    if problem is not None:
+        raise dataset.DatasetInvalid(problem)
+    for name, path in outputs.items():
+        store.put_file(path, f"{stage_uri}/dataset/{name}.jsonl")
+    return prepared
+
+
+def worst_case_cost(teacher: ResolvedTeacher, longest_request_tokens: int, gen: GenerationSpec) -> float:
+    """The most one prompt can cost: the longest prompt, billed per request, and maxTokens per sample."""
     requests = 1 if teacher.supports_n else gen.n_samples
-    return teacher.cost(longest * requests, gen.max_tokens * gen.n_samples)
+    return teacher.cost(longest_request_tokens * requests, gen.max_tokens * gen.n_samples)
 
 
 def make_client(inv: StageInvocation, teacher: ResolvedTeacher) -> TeacherClient:
@@ -426,30 +484,46 @@ def run(inv: StageInvocation) -> StageResult:
         raise StageFailure(
             "TeacherUnavailable", f"teacher {spec.teacher.model} is not in the catalog: set teacher.baseURL"
         )
-    works, parsed = prepare_dataset(inv, stage_uri)
+    done_ids, previous, next_shard = answered_so_far(stage_uri)
+    with tempfile.TemporaryDirectory(prefix="generate-") as tmp:
+        prepared = prepare_dataset(inv, stage_uri, Path(tmp), done_ids, teacher)
+        return _generate(inv, stage_uri, teacher, prepared, previous, next_shard)
+
+
+def _generate(
+    inv: StageInvocation,
+    stage_uri: str,
+    teacher: ResolvedTeacher,
+    prepared: Prepared,
+    previous: Usage,
+    next_shard: int,
+) -> StageResult:
+    spec = inv.spec
+    total = prepared.total
     requests_per_prompt = 1 if teacher.supports_n else spec.generation.n_samples
     try:
-        mode = pricing.teacher_mode(spec.teacher.mode, teacher, len(works) * requests_per_prompt)
+        mode = pricing.teacher_mode(spec.teacher.mode, teacher, total * requests_per_prompt)
     except pricing.BatchUnsupported as exc:
         raise StageFailure(exc.reason, str(exc)) from None
-    done_ids, previous, next_shard = answered_so_far(stage_uri)
-    todo = [w for w in works if w.row.id not in done_ids]
-    total = len(works)
     log.info(
         "%d prompts, %d already answered, %d to ask %s (%s)",
         total,
-        total - len(todo),
-        len(todo),
+        prepared.done,
+        prepared.to_ask,
         teacher.id,
         mode,
     )
 
     gate = BudgetGate(
-        spec.budget.max_teacher_cost_usd, previous.cost_usd, worst_case_cost(teacher, todo, spec.generation)
+        spec.budget.max_teacher_cost_usd,
+        previous.cost_usd,
+        worst_case_cost(teacher, prepared.longest_request_tokens, spec.generation)
+        if prepared.to_ask
+        else 0.0,
     )
     writer = ShardWriter(stage_uri, next_shard)
     progress = ProgressReporter(stage_uri, inv.stage)
-    base_done = total - len(todo)
+    base_done = prepared.done
 
     def report(outcome: Outcome, force: bool = False) -> None:
         done = base_done + outcome.answered
@@ -472,11 +546,12 @@ def run(inv: StageInvocation) -> StageResult:
                 loop.add_signal_handler(sig, stop.set)
         async with make_client(inv, teacher) as client:
             if mode == "batch":
+                todo = list(prepared.works())
                 return await generate_in_batches(
-                    inv, works, todo, client, gate, writer, on_progress=report_batch, stop=stop
+                    inv, todo, todo, client, gate, writer, on_progress=report_batch, stop=stop
                 )
             return await generate_candidates(
-                todo,
+                prepared.works(),
                 client,
                 spec.generation,
                 gate,
@@ -486,6 +561,7 @@ def run(inv: StageInvocation) -> StageResult:
                 stop=stop,
             )
 
+    todo = prepared.to_ask
     # Batch mode sizes each batch to the budget itself (and may have batches to finish first).
     runs = bool(todo) and (mode == "batch" or not gate.exhausted)
     outcome = run_async(go()) if runs else Outcome(budget_stopped=bool(todo))
@@ -515,16 +591,16 @@ def run(inv: StageInvocation) -> StageResult:
         "prompts": total,
         "answered": answered,
         "answeredThisAttempt": outcome.answered,
-        "trainRows": sum(w.split == "train" for w in works),
-        "testRows": sum(w.split == "test" for w in works),
-        "rejectedRows": len(parsed.rejected),
+        "trainRows": prepared.train,
+        "testRows": prepared.test,
+        "rejectedRows": prepared.rejected,
         "failedPrompts": outcome.failed[:20],
         "retries": outcome.retries,
         "responsesWithoutUsage": outcome.responses_without_usage,
         "generationSeconds": round(outcome.seconds, 3),
         "requestsPerSecond": round(outcome.usage.calls / outcome.seconds, 2) if outcome.seconds else None,
     }
-    rejected_note = f"; {len(parsed.rejected)} invalid dataset rows skipped" if parsed.rejected else ""
+    rejected_note = f"; {prepared.rejected} invalid dataset rows skipped" if prepared.rejected else ""
     result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)
     if outcome.fatal is not None:
         return result.model_copy(

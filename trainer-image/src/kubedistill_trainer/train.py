@@ -11,6 +11,10 @@ per epoch), all in one padded batch; pairs are chosen × rejected of the same pr
 policy is the same model with its adapters disabled, under no_grad. Which prompts form which
 micro-batch is a pure function of the micro-batch index, so a resumed run sees exactly the data the
 killed one would have seen next.
+
+The curated file is downloaded once and indexed by line offset (8 bytes a prompt); a micro-batch
+reads and tokenises only its own prompts, so memory does not grow with the number of prompts
+(beyond the index and one epoch's shuffle) and a short run does not tokenise a large dataset.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import os
 import random
 import tempfile
 import time
+from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,15 +79,49 @@ def _texts(value: Any) -> tuple[str, ...]:
     return tuple(t for t in texts if isinstance(t, str) and t.strip())
 
 
+def example_of(obj: Any) -> Example | None:
+    """A curated row as an example; None for a row without a chosen answer, which teaches nothing."""
+    chosen = _texts(obj.get("chosen"))
+    if not chosen:
+        return None
+    row = row_from_obj(obj)
+    return Example(row.id, row.student_messages(), chosen, _texts(obj.get("rejected")))
+
+
 def parse_curated(objs: Sequence[Any]) -> list[Example]:
-    """Curated rows → examples; rows without a chosen answer teach nothing and are left out."""
-    examples = []
-    for obj in objs:
-        chosen = _texts(obj.get("chosen"))
-        if chosen:
-            row = row_from_obj(obj)
-            examples.append(Example(row.id, row.student_messages(), chosen, _texts(obj.get("rejected"))))
-    return examples
+    """Curated rows → examples; rows without a chosen answer are left out."""
+    return [e for e in (example_of(o) for o in objs) if e is not None]
+
+
+class CuratedFile:
+    """The examples of a local curated JSONL file, read by index: only their line offsets are held."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offsets = array("Q")
+        self.with_rejected = 0
+        with path.open("rb") as f:
+            offset = 0
+            for line in f:
+                if line.strip():
+                    example = example_of(json.loads(line))
+                    if example is not None:
+                        self._offsets.append(offset)
+                        self.with_rejected += bool(example.rejected)
+                offset += len(line)
+        self._file = path.open("rb")
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> Example:
+        self._file.seek(self._offsets[index])
+        example = example_of(json.loads(self._file.readline()))
+        assert example is not None
+        return example
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -116,13 +156,18 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_len
     return Encoded(chosen=enc(example.chosen), rejected=enc(example.rejected))
 
 
+@lru_cache(maxsize=2)
+def epoch_order(epoch: int, n_examples: int) -> array[int]:
+    """The seeded shuffle of one epoch, 4 bytes a prompt (made once, not once per example)."""
+    return array("L", random.Random(SEED + epoch).sample(range(n_examples), n_examples))
+
+
 def micro_batch_members(index: int, batch_size: int, n_examples: int) -> list[tuple[int, int]]:
     """(example, epoch) of micro-batch `index`: consecutive slices of a per-epoch seeded shuffle."""
     members = []
     for flat in range(index * batch_size, (index + 1) * batch_size):
         epoch, pos = divmod(flat, n_examples)
-        order = random.Random(SEED + epoch).sample(range(n_examples), n_examples)
-        members.append((order[pos], epoch))
+        members.append((epoch_order(epoch, n_examples)[pos], epoch))
     return members
 
 
@@ -356,16 +401,24 @@ def _mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _steps(
-    model: Any, encoded: list[Encoded], pad_id: int, spec: TrainingSpec, state: TrainState
+    model: Any,
+    examples: Sequence[Example] | CuratedFile,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: TrainingSpec,
+    state: TrainState,
 ) -> Iterator[tuple[dict[str, float], int]]:
     """Per optimiser step: backpropagate each accumulated micro-batch; yield mean loss parts and tokens."""
+    pad_id = int(tokenizer.pad_token_id)
     for step in range(state.step, spec.steps):
         parts, tokens = [], 0
         for micro in range(spec.gradient_accumulation):
             members = micro_batch_members(
-                step * spec.gradient_accumulation + micro, spec.batch_size, len(encoded)
+                step * spec.gradient_accumulation + micro, spec.batch_size, len(examples)
             )
-            batch = collate([(encoded[i], epoch) for i, epoch in members], pad_id)
+            encoded = [
+                (encode_example(tokenizer, examples[i], spec.max_seq_length), epoch) for i, epoch in members
+            ]
+            batch = collate(encoded, pad_id)
             loss = bond_step_loss(model, batch, spec)
             (loss.total / spec.gradient_accumulation).backward()
             parts.append(loss.as_floats())
@@ -377,24 +430,32 @@ def run(inv: StageInvocation) -> StageResult:
     if models.unsloth_available():
         import unsloth  # noqa: F401  # it patches transformers, so it must be imported first
 
+    curated_uri = f"{inv.stage_uri(Stage.CURATE)}/{CURATED_FILE}"
+    with tempfile.TemporaryDirectory(prefix="train-data-") as tmp:
+        local = Path(tmp) / "train.jsonl"
+        try:
+            store.get_file(curated_uri, local)
+        except store.NotFound as exc:
+            raise StageFailure("MissingInput", f"no curated data at {curated_uri}: run curate first") from exc
+        examples = CuratedFile(local)
+        try:
+            if not len(examples):
+                raise StageFailure("NoTrainingData", f"{curated_uri} has no prompt with a chosen answer")
+            return _train(inv, examples)
+        finally:
+            examples.close()
+
+
+def _train(inv: StageInvocation, examples: CuratedFile) -> StageResult:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
     spec = inv.spec.training
     stage_uri = inv.stage_uri()
-    curated_uri = f"{inv.stage_uri(Stage.CURATE)}/{CURATED_FILE}"
-    try:
-        examples = parse_curated(store.read_jsonl(curated_uri))
-    except store.NotFound as exc:
-        raise StageFailure("MissingInput", f"no curated data at {curated_uri}: run curate first") from exc
-    if not examples:
-        raise StageFailure("NoTrainingData", f"{curated_uri} has no prompt with a chosen answer")
 
     progress = ProgressReporter(stage_uri, Stage.TRAIN)
     progress.update(0, spec.steps, detail="loading the student", force=True)
     model, tokenizer, backend = load_trainable(inv)
-    encoded = [encode_example(tokenizer, ex, spec.max_seq_length) for ex in examples]
-    pad_id = int(tokenizer.pad_token_id)
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate)
@@ -409,7 +470,7 @@ def run(inv: StageInvocation) -> StageResult:
     started = time.monotonic()
     attempt_tokens = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for parts, tokens in _steps(model, encoded, pad_id, spec, state):
+    for parts, tokens in _steps(model, examples, tokenizer, spec, state):
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
         scheduler.step()
@@ -449,7 +510,7 @@ def run(inv: StageInvocation) -> StageResult:
             "backend": backend,
             "device": models.device(),
             "prompts": len(examples),
-            "promptsWithRejected": sum(1 for e in examples if e.rejected),
+            "promptsWithRejected": examples.with_rejected,
             "lossParts": {k: final[k] for k in ("loss", "sft", "pref", "kl") if k in final},
             "lossesURI": f"{stage_uri}/losses.jsonl",
         },

@@ -26,6 +26,8 @@ Uri = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
 class Stage(StrEnum):
+    # The estimate runs first, as a stage Job of its own: the operator never reads a dataset.
+    ESTIMATE = "estimate"
     GENERATE = "generate"
     CURATE = "curate"
     TRAIN = "train"
@@ -315,6 +317,7 @@ class StageOverrides(Model):
 
 
 class StageResources(Model):
+    estimate: StageOverrides | None = Field(default=None, description="Overrides for the estimate stage.")
     generate: StageOverrides | None = Field(default=None, description="Overrides for the generate stage.")
     curate: StageOverrides | None = Field(default=None, description="Overrides for the curate stage.")
     train: StageOverrides | None = Field(default=None, description="Overrides for the train stage.")
@@ -380,6 +383,7 @@ class Phase(StrEnum):
 
 
 STAGE_PHASE: dict[Stage, Phase] = {
+    Stage.ESTIMATE: Phase.ESTIMATING,
     Stage.GENERATE: Phase.GENERATING,
     Stage.CURATE: Phase.CURATING,
     Stage.TRAIN: Phase.TRAINING,

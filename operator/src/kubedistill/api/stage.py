@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from kubedistill.api.models import Artifacts, DistillationJobSpec, Metrics, Model, Stage
+from kubedistill.api.models import Artifacts, DistillationJobSpec, Estimate, Metrics, Model, Stage
 
 JOB_ENV = "KUBEDISTILL_JOB"
 JOB_FILE_ENV = "KUBEDISTILL_JOB_FILE"
@@ -57,6 +57,9 @@ class StageResult(Model):
     message: str = ""
     metrics: Metrics = Field(default_factory=Metrics)
     artifacts: Artifacts = Field(default_factory=Artifacts)
+    estimate: Estimate | None = Field(
+        default=None, description="The estimate stage's figures, which the operator gates generate on."
+    )
     details: dict[str, Any] = Field(
         default_factory=dict,
         description="Stage-specific figures (histograms, tokens/s); not in the termination log.",

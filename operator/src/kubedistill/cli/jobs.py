@@ -141,7 +141,9 @@ def artifacts(opts: ClusterOptions, name: JobName, output: Output = "table") -> 
 def logs(
     opts: ClusterOptions,
     name: JobName,
-    stage: Annotated[str, typer.Option("--stage", "-s", help="generate, curate, train, export or evaluate.")],
+    stage: Annotated[
+        str, typer.Option("--stage", "-s", help="estimate, generate, curate, train, export or evaluate.")
+    ],
     tail: Annotated[int | None, typer.Option("--tail", help="Last lines only.")] = None,
 ) -> None:
     """Logs of the pod of the stage's latest Job."""

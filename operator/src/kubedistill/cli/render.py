@@ -165,6 +165,15 @@ def describe_job(d: sdk.Distiller, name: str) -> None:
         console.print(table(["TYPE", "REASON", "AGE", "MESSAGE"], events, title="Events"))
 
 
+def _counting(counting: Mapping[str, Any]) -> str:
+    if counting["mode"] == "exact":
+        return f"every row of {counting['rows']:,}"
+    return (
+        f"{counting['rowsCounted']:,} of {counting['rows']:,} rows, ±{100 * counting['inputTokensMargin95']:.1f}% "
+        "(95%)"
+    )
+
+
 def estimate_table(result: Mapping[str, Any]) -> Table:
     b = result["breakdown"]
     rows = [
@@ -172,7 +181,7 @@ def estimate_table(result: Mapping[str, Any]) -> Table:
          f"prices of {b['priceDate'] or 'unknown date'})"],
         ["teacher calls", str(result["teacher_calls"])],
         ["input / output tokens", f"{result['input_tokens']:,} / {result['output_tokens']:,} "
-         f"(output from {b['outputTokensFrom']}, counted by {b['tokenCounting']})"],
+         f"(output from {b['outputTokensFrom']}, counted by {b['tokenCounting']}, {_counting(b['counting'])})"],
         ["teacher cost", f"${result['teacher_cost']:.4f} ({b['teacherMode']}, {result['cached_input_tokens']:,} input "
          f"tokens from the provider's cache; ${b['teacherCostAtSyncPriceUSD']:.4f} at sync prices)"],
         ["judge cost", f"${result['judge_cost']:.4f} ({b['judge']})"],

@@ -33,7 +33,6 @@ class Reason:
     SUCCEEDED = "Succeeded"
     STAGE_FAILED = "StageFailed"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
-    ESTIMATING = "Estimating"
     ESTIMATE_FAILED = "EstimateFailed"
     BUDGET_EXCEEDED = "BudgetExceeded"
     WITHIN_BUDGET = "WithinBudget"

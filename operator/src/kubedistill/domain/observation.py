@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from kubedistill.api.models import Estimate, Stage
+from kubedistill.api.models import Stage
 from kubedistill.api.stage import StageProgress, StageResult
 
 # Pod waiting reasons that are normal on the way to Running, as opposed to ones a user must fix.
@@ -55,8 +55,6 @@ class ChildJob:
 class Observed:
     children: tuple[ChildJob, ...] = ()
     missing_secrets: tuple[str, ...] = ()
-    estimate: Estimate | None = None
-    estimate_error: str | None = None
     progress: StageProgress | None = None
     # Name of the DistillationJob the promotion alias points at now (None: no alias or another target).
     alias_target_job: str | None = None

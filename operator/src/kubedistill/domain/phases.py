@@ -1,11 +1,12 @@
 """The phase machine: (job, what was observed, now) → what to do next and the status to report.
 
-Pure: no I/O, no clock. The handlers observe (child Jobs and their pods, Secrets, the estimate, the
-progress object, the alias) and apply what this decides. The phase is derived from observation each
-time; only facts are kept from the previous status: an estimate already computed, stages already
-succeeded (with the metrics and artifacts they reported) and the terminal Complete/Failed
-conditions, because children may be gone by then (ttlSecondsAfterFinished, manual deletion) and a
-finished stage must never run again.
+Pure: no I/O, no clock. The handlers observe (child Jobs and their pods, Secrets, the progress
+object, the alias) and apply what this decides. The estimate is a stage like the others, the first:
+its result becomes status.estimate, and no later stage starts unless it fits the budget. The phase
+is derived from observation each time; only facts are kept from the previous status: an estimate
+already made, stages already succeeded (with the metrics and artifacts they reported) and the
+terminal Complete/Failed conditions, because children may be gone by then
+(ttlSecondsAfterFinished, manual deletion) and a finished stage must never run again.
 """
 
 from __future__ import annotations
@@ -141,11 +142,7 @@ def _reconcile(ctx: _Ctx) -> None:
     stages = _stage_statuses(status)
     status.start_time = status.start_time or _start_time(observed.children)
 
-    may_start = _gates(ctx)
-    if status.estimate is None:
-        status.stages = [stages[s] for s in STAGES]
-        return
-
+    may_start = _secrets_gate(ctx)
     deadline_left = _deadline_left(ctx)
     if deadline_left is not None and deadline_left <= 0:
         _fail(
@@ -164,8 +161,18 @@ def _reconcile(ctx: _Ctx) -> None:
 
     skipped = skipped_stages(spec)
     current: Stage | None = None
+    budget_checked = False
     for stage in STAGES:
         entry = stages[stage]
+        if stage == Stage.ESTIMATE and status.estimate is not None:
+            # Known from an earlier pass (its Job may be gone since): never estimated twice.
+            entry.state = StageState.SUCCEEDED
+            entry.message = entry.message or "estimated"
+            continue
+        if stage != Stage.ESTIMATE and not budget_checked:
+            # Reached only with the estimate in hand: every later stage is gated on it.
+            may_start = _budget_gate(ctx) and may_start
+            budget_checked = True
         if stage in skipped:
             entry.state, entry.message = StageState.SKIPPED, skipped[stage]
             continue
@@ -175,11 +182,15 @@ def _reconcile(ctx: _Ctx) -> None:
         winner = next((c for c in kids if c.succeeded), None)
         if winner is not None:
             _stage_succeeded(ctx, entry, winner, kids)
+            if stage == Stage.ESTIMATE and not _take_estimate(ctx, winner):
+                _fail(ctx, stages, grouped, Reason.ESTIMATE_FAILED, "the estimate stage reported no estimate")
+                return
             continue
         current = stage
         outcome = _advance_stage(ctx, entry, kids, may_start, deadline_left)
         if outcome is not None:
-            _fail(ctx, stages, grouped, Reason.STAGE_FAILED, outcome)
+            reason = Reason.ESTIMATE_FAILED if stage == Stage.ESTIMATE else Reason.STAGE_FAILED
+            _fail(ctx, stages, grouped, reason, outcome)
             return
         break
     status.stages = [stages[s] for s in STAGES]
@@ -187,7 +198,8 @@ def _reconcile(ctx: _Ctx) -> None:
     if suspended:
         status.phase = Phase.SUSPENDED
     elif current is not None:
-        started = any(stages[s].attempts for s in STAGES)
+        # The estimate's own attempts do not make a blocked job (budget, Secrets) look started.
+        started = any(stages[s].attempts for s in STAGES if s is current or s is not Stage.ESTIMATE)
         status.phase = STAGE_PHASE[current] if started or may_start else Phase.PENDING
     else:
         _complete(ctx)
@@ -199,56 +211,53 @@ def _start_time(children: Sequence[ChildJob]) -> str | None:
     return rfc3339(first) if first is not None else None
 
 
-def _gates(ctx: _Ctx) -> bool:
-    """Estimate, budget and Secrets: whether a new stage Job may start."""
-    status, observed, spec = ctx.status, ctx.observed, ctx.job.spec
-    if status.estimate is None and observed.estimate is not None:
-        status.estimate = observed.estimate
-    if status.estimate is None:
-        if observed.estimate_error:
-            status.phase = Phase.PENDING
-            ctx.set(cond.READY, "False", Reason.ESTIMATE_FAILED, observed.estimate_error)
-            ctx.decision.requeue(BLOCKED_REQUEUE_S)
-        else:
-            status.phase = Phase.ESTIMATING
-            ctx.set(cond.READY, "Unknown", Reason.ESTIMATING, "estimating cost before starting any stage")
-            ctx.decision.requeue(1.0)
+def _take_estimate(ctx: _Ctx, winner: ChildJob) -> bool:
+    """status.estimate from the estimate stage's result; False when it reported none."""
+    if winner.result is None or winner.result.estimate is None:
         return False
+    ctx.status.estimate = winner.result.estimate
+    return True
 
-    estimate = status.estimate
-    cost = estimate.teacher_cost_usd
-    budget = spec.budget.max_teacher_cost_usd
-    fits = budget is None or cost <= budget
-    status.estimate = estimate.model_copy(update={"fits_budget": fits})
-    ready_ok = True
-    if budget is not None:
-        if fits:
-            ctx.set(
-                cond.BUDGET_EXCEEDED,
-                "False",
-                Reason.WITHIN_BUDGET,
-                f"estimated {_usd(cost)} ≤ budget {_usd(budget)}",
-            )
-        else:
-            message = (
-                f"estimated teacher cost {_usd(cost)} exceeds budget.maxTeacherCostUSD {_usd(budget)}; "
-                "no stage starts until the budget is raised"
-            )
-            ctx.set(cond.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED, message)
-            ctx.set(cond.READY, "False", Reason.BUDGET_EXCEEDED, message)
-            ready_ok = False
-    else:
-        ctx.clear(cond.BUDGET_EXCEEDED, Reason.WITHIN_BUDGET, "no budget set")
 
-    if observed.missing_secrets:
-        message = "; ".join(observed.missing_secrets)
+def _secrets_gate(ctx: _Ctx) -> bool:
+    """Whether a stage Job may start as far as the Secrets it references go (names only)."""
+    missing = ctx.observed.missing_secrets
+    if missing:
+        message = "; ".join(missing)
         ctx.set(cond.SECRET_MISSING, "True", Reason.SECRET_NOT_FOUND, message)
         ctx.set(cond.READY, "False", Reason.SECRET_NOT_FOUND, message)
         ctx.decision.requeue(BLOCKED_REQUEUE_S)
-        ready_ok = False
-    else:
-        ctx.clear(cond.SECRET_MISSING, Reason.SECRETS_FOUND, "all referenced Secrets exist")
-    return ready_ok
+        return False
+    ctx.clear(cond.SECRET_MISSING, Reason.SECRETS_FOUND, "all referenced Secrets exist")
+    return True
+
+
+def _budget_gate(ctx: _Ctx) -> bool:
+    """Whether the estimated teacher cost lets the stages after the estimate start."""
+    status, spec = ctx.status, ctx.job.spec
+    assert status.estimate is not None
+    cost = status.estimate.teacher_cost_usd
+    budget = spec.budget.max_teacher_cost_usd
+    fits = budget is None or cost <= budget
+    status.estimate = status.estimate.model_copy(update={"fits_budget": fits})
+    if budget is None:
+        ctx.clear(cond.BUDGET_EXCEEDED, Reason.WITHIN_BUDGET, "no budget set")
+        return True
+    if fits:
+        ctx.set(
+            cond.BUDGET_EXCEEDED,
+            "False",
+            Reason.WITHIN_BUDGET,
+            f"estimated {_usd(cost)} ≤ budget {_usd(budget)}",
+        )
+        return True
+    message = (
+        f"estimated teacher cost {_usd(cost)} exceeds budget.maxTeacherCostUSD {_usd(budget)}; "
+        "no stage starts until the budget is raised"
+    )
+    ctx.set(cond.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED, message)
+    ctx.set(cond.READY, "False", Reason.BUDGET_EXCEEDED, message)
+    return False
 
 
 def _usd(amount: float) -> str:

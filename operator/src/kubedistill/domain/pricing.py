@@ -3,7 +3,8 @@
 Pure functions shared by the estimate (before anything runs) and the generate stage (while it runs):
 
     mode = teacher_mode("auto", teacher, requests=600)       # "batch" when the provider has a batch API
-    prefix = shared_prefix([r.teacher_messages(...) for r in rows])
+    prefix = None
+    for row in rows: prefix = narrow_prefix(prefix, row.teacher_messages(...))
     cached = predicted_cached_tokens(prefix_tokens, requests=600, min_tokens=teacher.cache_min_tokens)
 
 Providers cache a prompt prefix by themselves once it is long enough (`cacheMinTokens` in the
@@ -14,7 +15,7 @@ providers cache in (OpenAI: 128-token steps) — at most one step per request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from kubedistill.catalog import ResolvedTeacher
@@ -47,20 +48,19 @@ def teacher_mode(requested: str, teacher: ResolvedTeacher, requests: int) -> Mod
     return "sync"
 
 
-def shared_prefix(requests: Iterable[Sequence[Mapping[str, str]]]) -> list[Mapping[str, str]]:
-    """The longest run of whole messages every request starts with, never a request's last message
-    (the prompt itself, which a cache cannot serve). Reads `requests` once, keeping only the prefix."""
-    prefix: list[Mapping[str, str]] | None = None
-    for messages in requests:
-        if prefix is None:
-            prefix = list(messages[:-1])
-            continue
-        same = 0
-        limit = min(len(prefix), len(messages) - 1)
-        while same < limit and dict(prefix[same]) == dict(messages[same]):
-            same += 1
-        del prefix[same:]
-    return prefix or []
+def narrow_prefix(
+    prefix: list[dict[str, str]] | None, messages: Sequence[Mapping[str, str]]
+) -> list[dict[str, str]]:
+    """The longest run of whole messages that `prefix` (None: no request seen yet) and this request
+    both start with, never a request's last message (the prompt itself, which a cache cannot serve).
+    Fed every request in turn, it keeps only the shared prefix in memory."""
+    head = [dict(m) for m in messages[:-1]]
+    if prefix is None:
+        return head
+    same = 0
+    while same < min(len(prefix), len(head)) and prefix[same] == head[same]:
+        same += 1
+    return prefix[:same]
 
 
 def predicted_cached_tokens(prefix_tokens: int, requests: int, min_tokens: int | None) -> int:

@@ -8,7 +8,8 @@ from kubedistill.domain.observation import MAX_MESSAGE
 
 # Share of the whole pipeline each stage stands for in status.progress.percent.
 STAGE_WEIGHT: dict[Stage, float] = {
-    Stage.GENERATE: 35.0,
+    Stage.ESTIMATE: 2.0,
+    Stage.GENERATE: 33.0,
     Stage.CURATE: 15.0,
     Stage.TRAIN: 35.0,
     Stage.EXPORT: 10.0,

@@ -28,7 +28,6 @@ from kubedistill.api.models import (
     StageState,
 )
 from kubedistill.builders import artifact_root, build_stage_manifests
-from kubedistill.catalog import Catalog
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Event, Promote, SetSuspend
 from kubedistill.domain.alias import RESOLVABLE
@@ -77,7 +76,6 @@ class Reconciler:
 
     kube: Kube
     settings: Settings
-    catalog: Catalog
     post_event: EventPoster
     metrics: OperatorMetrics | None = None
     clock: Callable[[], datetime] = _utcnow
@@ -191,9 +189,6 @@ class Reconciler:
         children = await observe.observe_children(self.kube, job, self.settings)
         if terminal:
             return Observed(children=children)
-        estimate, estimate_error = (status.estimate, None)
-        if estimate is None:
-            estimate, estimate_error = await observe.compute_estimate(self.kube, job, self.catalog)
         missing = await observe.missing_secrets(self.kube, job, self.settings)
         running = [c for c in children if not c.finished and c.pod is not None and c.pod.phase == "Running"]
         progress = None
@@ -210,8 +205,6 @@ class Reconciler:
         return Observed(
             children=children,
             missing_secrets=missing,
-            estimate=None if status.estimate else estimate,
-            estimate_error=estimate_error,
             progress=progress,
             alias_target_job=alias_job,
         )

@@ -18,7 +18,6 @@ from typing import Any, cast
 import kopf
 
 from kubedistill.api.models import GROUP, VERSION
-from kubedistill.catalog import load_catalog
 from kubedistill.domain.deletion import DELETE_ARTIFACTS_FIELD, FINALIZER, is_deleting
 from kubedistill.domain.naming import LABEL_MANAGED_BY, MANAGED_BY
 from kubedistill.handlers.alias import reconcile_alias
@@ -83,7 +82,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     service = Reconciler(
         kube=kube,
         settings=ours,
-        catalog=load_catalog(),
         post_event=_post_event,
         metrics=default_metrics(),
     )

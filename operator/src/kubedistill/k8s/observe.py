@@ -1,8 +1,9 @@
-"""Observation: turn child Jobs, their pods, Secrets, the dataset and stage files into `phases.Observed`.
+"""Observation: turn child Jobs, their pods, Secrets and stage files into `phases.Observed`.
 
 `summarise_*` are pure (dicts in, dataclasses out) so they are tested without a cluster; the async
-functions around them do the reads. Stage files (result.json, progress.json) and S3/file datasets
-go through `kubedistill.store`, which is blocking, so they run in a worker thread.
+functions around them do the reads. Stage files (result.json, progress.json) go through
+`kubedistill.store`, which is blocking, so they run in a worker thread. No dataset is read here: the
+estimate is a stage Job of its own, in the job's namespace with the job's credentials.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from kubedistill import dataset as datasets
 from kubedistill import store
-from kubedistill.api.models import DistillationJob, Estimate, Stage
+from kubedistill.api.models import DistillationJob, Stage
 from kubedistill.api.stage import PROGRESS_FILE, RESULT_FILE, StageProgress, StageResult
 from kubedistill.builders import build_invocation, referenced_secrets
 from kubedistill.builders.stage_job import CONTAINER
 from kubedistill.domain.conditions import parse_time
-from kubedistill.domain.estimate import estimate
 from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_STAGE
 from kubedistill.domain.observation import ChildJob, PodSummary, parse_termination_message
 from kubedistill.domain.plan import skipped_stages
@@ -137,38 +136,3 @@ async def read_progress(
     uri = f"{build_invocation(job, stage, attempt, settings).stage_uri()}/{PROGRESS_FILE}"
     progress: StageProgress | None = await asyncio.to_thread(store.read_model, uri, StageProgress)
     return progress
-
-
-async def dataset_lines(kube: Kube, job: DistillationJob) -> list[str]:
-    spec = job.spec.dataset
-    ref = spec.config_map_ref
-    if ref is None:
-        return await asyncio.to_thread(datasets.source_lines, spec)
-    configmap = await resources.get_configmap(kube, job.metadata.namespace or "default", ref.name)
-    if configmap is None:
-        raise datasets.DatasetInvalid(f"dataset ConfigMap {ref.name} not found")
-    text = (configmap.get("data") or {}).get(ref.key)
-    if text is None:
-        raise datasets.DatasetInvalid(f"dataset ConfigMap {ref.name} has no key {ref.key}")
-    lines: list[str] = text.splitlines()
-    return lines
-
-
-async def compute_estimate(
-    kube: Kube, job: DistillationJob, catalog: Any
-) -> tuple[Estimate | None, str | None]:
-    """(estimate, None) or (None, why not): a bad dataset is the user's to fix, so it is a message."""
-    try:
-        parsed = datasets.parse_lines(await dataset_lines(kube, job))
-        datasets.check_invalid_share(parsed)
-    except (datasets.DatasetInvalid, store.StoreError) as err:
-        return None, str(err)
-    rows = parsed.rows
-    if job.spec.dataset.num_prompts is not None:
-        rows = rows[: job.spec.dataset.num_prompts]
-    if not rows:
-        return None, "the dataset has no valid rows"
-    try:
-        return estimate(job.spec, rows, catalog).estimate, None
-    except (KeyError, ValueError) as err:
-        return None, f"cannot estimate: {err}"

@@ -64,6 +64,24 @@ def _ratio(a: float | int | None, b: float | int | None) -> float | None:
     return round(a / b, 1) if a is not None and b else None
 
 
+def estimate_summary(result: StageResult | None) -> dict[str, Any]:
+    """What the summary shows of the estimate stage's result; empty when it has none."""
+    if result is None or result.estimate is None:
+        return {}
+    e = result.estimate
+    return {
+        "costUSD": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
+        "teacherCalls": e.teacher_calls,
+        "inputTokens": e.input_tokens,
+        "outputTokens": e.output_tokens,
+        "cachedInputTokens": e.cached_input_tokens,
+        "teacherMode": e.teacher_mode,
+        "tokenCounting": result.details.get("tokenCounting"),
+        "counting": result.details.get("counting"),
+        "gpuMinutes": e.gpu_minutes,
+    }
+
+
 def compute_figures(state: RunState, estimate: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
     """The numbers the summary table shows (and local/summary.json keeps)."""
     res = {s: o.result for s, o in state.outcomes.items() if o.result is not None}
@@ -163,43 +181,19 @@ class LocalRun:
             return ensure_hf_student(model.removeprefix(LOCAL_PREFIX), self.local_dir, self.child_env())
         return None
 
-    def estimate_once(self, spec: DistillationJobSpec, student_dir: Path | None) -> dict[str, Any]:
-        """The estimate made before the first stage ran (kept in local/estimate.json for the summary).
+    def estimate_once(self, spec: DistillationJobSpec) -> dict[str, Any]:
+        """The estimate stage's figures for the summary, running the stage first if it has not run.
 
-        Tokens are counted with the student's tokenizer when its files are here (for the quick start,
-        teacher and student are one model, so the count is the teacher's own).
+        Tokens are counted with the student's tokenizer when `spec` names a local student directory
+        (for the quick start, teacher and student are one model, so the count is the teacher's own).
         """
-        path = self.local_dir / "estimate.json"
-        if path.is_file():
-            kept: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-            return kept
-        from kubedistill import dataset
-        from kubedistill.catalog import load_catalog
-        from kubedistill.domain.estimate import estimate
-        from kubedistill.domain.pricing import BatchUnsupported
-
-        try:
-            rows = dataset.load(spec.dataset).rows
-        except Exception:  # the generate stage reports dataset problems with its reason
-            return {}
-        try:
-            report = estimate(spec, rows, load_catalog(), tokenizer=_tokenizer(student_dir))
-        except BatchUnsupported:  # the generate stage fails with it, as the operator's estimate does
-            return {}
-        e = report.estimate
-        found = {
-            "costUSD": round(e.teacher_cost_usd + e.judge_cost_usd, 6),
-            "teacherCalls": e.teacher_calls,
-            "inputTokens": e.input_tokens,
-            "outputTokens": e.output_tokens,
-            "cachedInputTokens": e.cached_input_tokens,
-            "teacherMode": e.teacher_mode,
-            "tokenCounting": report.breakdown["tokenCounting"],
-            "gpuMinutes": e.gpu_minutes,
-        }
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(found, indent=2), encoding="utf-8")
-        return found
+        result = read_result(self.base, Stage.ESTIMATE)
+        if result is None or not result.ok:
+            inv = invocation(self.name, self.uid, spec, Stage.ESTIMATE, self.base)
+            result = run_stage_process(
+                inv, self.local_dir, self.child_env(), lambda *_: None, lambda: self.stop
+            )
+        return estimate_summary(result)
 
     def load_timing(self) -> dict[str, Any]:
         """Seconds spent so far: per stage (its last run) and in all runs of this job together."""
@@ -238,13 +232,6 @@ class LocalRun:
         with self.teacher() if teacher_needed else _nothing() as teacher_url:
             student = self.student_dir() if pending or self.baseline_due(state) else None
             spec = effective_spec(self.spec, teacher_url, student)
-            self.estimate = self.estimate_once(spec, student)
-            if pending and self.estimate:
-                e = self.estimate
-                on_note(
-                    f"estimate: {e['teacherCalls']} teacher calls, {e['inputTokens']:,} + {e['outputTokens']:,} "
-                    f"tokens ({e['tokenCounting']}), ${e['costUSD']:.4f}"
-                )
             for stage in pending:
                 if self.stop:
                     state.interrupted = True
@@ -258,12 +245,15 @@ class LocalRun:
                     break
                 if not result.ok:
                     break
+                if stage == Stage.ESTIMATE:
+                    on_note(f"estimate: {result.message}")
         if self.baseline_due(state) and not self.stop:
             on_note("scoring the untrained student on the same held-out rows (baseline)…")
             inv = invocation(self.name, self.uid, spec, Stage.EVALUATE, self.base)
             state.baseline = run_baseline_process(inv, self.local_dir, self.child_env())
         timing["wallTimeSec"] = round(timing["wallTimeSec"] + time.monotonic() - started, 1)
         (self.local_dir / TIMING_FILE).write_text(json.dumps(timing, indent=2), encoding="utf-8")
+        self.estimate = estimate_summary(read_result(self.base, Stage.ESTIMATE))
         self.figures = compute_figures(state, self.estimate, timing["wallTimeSec"])
         if self.succeeded(state):
             (self.local_dir / "summary.json").write_text(json.dumps(self.figures, indent=2), encoding="utf-8")
@@ -310,17 +300,6 @@ class LocalRun:
             (o := state.outcomes.get(s)) is not None and o.result is not None and o.result.ok
             for s in self.stages()
         )
-
-
-def _tokenizer(model_dir: Path | None) -> Any:
-    """The tokenizer of a local model directory, or None (the estimate then uses chars per token)."""
-    if model_dir is None or not (model_dir / "tokenizer_config.json").is_file():
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        return None
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 @contextmanager

@@ -38,17 +38,23 @@ It does what the control plane needs from a kubelet and a scheduler:
   (capped at ``max_grace_seconds``), SIGKILLs the process group, reports the Pod Failed and only then
   removes it, as a kubelet finishes a graceful delete.
 
-Volumes, hostNetwork, security contexts, sidecar init containers and postStart hooks are ignored.
+- writes each ``configMap`` volume (its ``items``, else every key) into a per-pod directory, and points
+  env values naming a path under a container's ``mountPath`` at it there (local processes cannot see
+  the mount path itself): a dataset or an invocation mounted from a ConfigMap is read as in a cluster.
+
+Other volumes, hostNetwork, security contexts, sidecar init containers and postStart hooks are ignored.
 """
 
 from kubedistill_testing.kubelet.addresses import loopback_address
 from kubedistill_testing.kubelet.containers import (
     ConfigError,
     ContainerState,
+    configmap_volume_files,
     container_env,
     exit_code,
     expand_vars,
     pod_phase,
+    remap_paths,
     resolve_argv,
     termination_message,
 )
@@ -64,6 +70,7 @@ __all__ = [
     "ConfigError",
     "ContainerState",
     "LocalKubelet",
+    "configmap_volume_files",
     "container_env",
     "exit_code",
     "expand_vars",
@@ -71,6 +78,7 @@ __all__ = [
     "loopback_address",
     "pod_phase",
     "pod_requests",
+    "remap_paths",
     "resolve_argv",
     "selector_matches",
     "termination_message",

@@ -126,6 +126,33 @@ def container_env(
     return env
 
 
+def configmap_volume_files(source: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, str]:
+    """Relative path → content of a configMap volume: its `items`, else one file per key."""
+    items = source.get("items")
+    if not items:
+        return dict(data)
+    files = {}
+    for item in items:
+        if item["key"] not in data:
+            raise ConfigError(
+                "CreateContainerConfigError",
+                f"configmap {source['name']} references non-existent config key: {item['key']}",
+            )
+        files[item["path"]] = data[item["key"]]
+    return files
+
+
+def remap_paths(env: Mapping[str, str], mounts: Mapping[str, Path]) -> dict[str, str]:
+    """`env` with every value at or under a mount path pointed at that mount's local directory."""
+    out = dict(env)
+    for key, value in env.items():
+        for mount, local in mounts.items():
+            root = mount.rstrip("/")
+            if value == root or value.startswith(root + "/"):
+                out[key] = str(local) + value[len(root) :]
+    return out
+
+
 def resolve_argv(
     container: Mapping[str, Any],
     env: Mapping[str, str],

@@ -24,12 +24,14 @@ from kubedistill_testing.kubelet.containers import (
     TERMINAL,
     ConfigError,
     ContainerState,
+    configmap_volume_files,
     container_env,
     crash_loop_message,
     exit_code,
     now,
     pod_phase,
     pod_status,
+    remap_paths,
     resolve_argv,
     restart_delay,
     should_restart,
@@ -164,9 +166,15 @@ class PodWorker(threading.Thread):
         # Inside the Pod its own address is the loopback one its processes can bind (see addresses.py).
         local_view = {**self.pod, "status": {**self.pod.get("status", {}), "podIP": self.local_ip}}
         account_dir = kubelet._service_account_dir(self.pod, self.dir / "serviceaccount")
+        volumes = self._configmap_volumes()
         resolved = {}
         for container in [*(self.pod["spec"].get("initContainers") or []), *self.pod["spec"]["containers"]]:
-            env = container_env(local_view, container, kubelet._lookup, base)
+            mounts = {
+                m["mountPath"]: volumes[m["name"]]
+                for m in container.get("volumeMounts") or []
+                if m["name"] in volumes
+            }
+            env = remap_paths(container_env(local_view, container, kubelet._lookup, base), mounts)
             if account_dir:
                 env["KUBEDISTILL_SERVICEACCOUNT_DIR"] = str(account_dir)
             termination_file = self.dir / container["name"] / "termination-log"
@@ -187,6 +195,26 @@ class PodWorker(threading.Thread):
                 pre_stop=handler_action(pre_stop, container) if pre_stop else None,
             )
         return resolved
+
+    def _configmap_volumes(self) -> dict[str, Path]:
+        """Write the Pod's configMap volumes under its directory; volume name → local directory."""
+        namespace = self.pod["metadata"]["namespace"]
+        written = {}
+        for volume in self.pod["spec"].get("volumes") or []:
+            source = volume.get("configMap")
+            if source is None:
+                continue
+            data = self.kubelet._lookup("configmap", namespace, source["name"])
+            if data is None and not source.get("optional"):
+                raise ConfigError("CreateContainerConfigError", f'configmap "{source["name"]}" not found')
+            directory = self.dir / "volumes" / volume["name"]
+            for relative, content in configmap_volume_files(source, data or {}).items():
+                path = directory / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content, encoding="utf-8")
+            directory.mkdir(parents=True, exist_ok=True)
+            written[volume["name"]] = directory
+        return written
 
     def _run_group(self, states: Sequence[ContainerState], prepared: Mapping[str, Prepared]) -> bool:
         """Run containers together until all are done for good (or the Pod is deleted); True if all exit 0."""
