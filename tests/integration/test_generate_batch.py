@@ -28,7 +28,8 @@ from kubedistill.api.models import DistillationJobSpec
 from kubedistill.catalog import load_catalog
 from kubedistill.dataset import load
 from kubedistill_testing.fake_teacher import FakeTeacher
-from kubedistill_trainer.generate import Work, worst_case_cost
+from kubedistill_trainer.budget import worst_case_cost
+from kubedistill_trainer.teacher import estimate_tokens
 
 BATCH_FACTOR = 0.5
 
@@ -266,8 +267,14 @@ def test_budget_splits_the_job_into_batches_and_is_never_overspent(
     catalog = load_catalog(environ=env)
     teacher_model = catalog.resolve_teacher("acme/teacher-1")
     parsed = DistillationJobSpec.model_validate(job)
-    works = [Work(r, "train") for r in load(parsed.dataset).rows]
-    worst = worst_case_cost(teacher_model, works, parsed.generation) * BATCH_FACTOR
+    gen = parsed.generation
+    longest = max(
+        estimate_tokens(
+            r.teacher_messages(gen.system_prompt, gen.few_shot_turns()), teacher_model.chars_per_token
+        )
+        for r in load(parsed.dataset).rows
+    )
+    worst = worst_case_cost(teacher_model, longest, gen) * BATCH_FACTOR
     budget = 20.5 * worst
     job["budget"] = {"maxTeacherCostUSD": budget}
     inv = invocation((tmp_path / "art").as_uri(), job)

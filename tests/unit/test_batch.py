@@ -14,7 +14,7 @@ from kubedistill.domain import pricing
 from kubedistill.k8s import observe
 from kubedistill_trainer.batch import MAX_BATCH_REQUESTS, Group, affordable, sample_groups
 from kubedistill_trainer.batch_api import anthropic_collect, anthropic_params, openai_collect, openai_line
-from kubedistill_trainer.generate import Work
+from kubedistill_trainer.shards import Work
 
 
 def teacher(supports_n: bool = True, batch_api: Any = "openai") -> ResolvedTeacher:

@@ -36,6 +36,7 @@ from kubedistill import store
 from kubedistill.api.models import GenerationSpec
 from kubedistill.catalog import ResolvedTeacher
 from kubedistill_trainer.batch_api import BatchAPI, BatchView, Collected
+from kubedistill_trainer.shards import ShardWriter, Work
 from kubedistill_trainer.teacher import (
     Completion,
     TeacherAuthFailed,
@@ -46,7 +47,7 @@ from kubedistill_trainer.teacher import (
 
 if TYPE_CHECKING:
     # generate runs this module: at run time the names come from it, not the other way round.
-    from kubedistill_trainer.generate import Outcome, ShardWriter, Work
+    from kubedistill_trainer.generate import Outcome
 
 log = logging.getLogger(__name__)
 

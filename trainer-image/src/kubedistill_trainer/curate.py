@@ -40,7 +40,7 @@ from typing import IO, Any
 from kubedistill import store
 from kubedistill.api.models import Artifacts, JudgeSpec, Metrics, Stage
 from kubedistill.api.stage import StageInvocation, StageResult
-from kubedistill_trainer import generate
+from kubedistill_trainer import generate, shards
 from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.teacher import TeacherAborted, TeacherAuthFailed, TeacherClient, TeacherRejected
@@ -168,18 +168,18 @@ def _split_lines(uris: Sequence[str], paths: Sequence[Path], buckets: int) -> It
 
 
 def partition(inv: StageInvocation, directory: Path, *, with_scores: bool) -> Partition:
-    candidate_uris = generate.shard_uris(inv.stage_uri(Stage.GENERATE), generate.SHARD_PREFIX)
+    candidate_uris = shards.shard_uris(inv.stage_uri(Stage.GENERATE), shards.SHARD_PREFIX)
     # Shards hold at most SHARD_ROWS prompts: enough buckets for BUCKET_ROWS each at the most.
-    buckets = max(1, min(MAX_BUCKETS, math.ceil(len(candidate_uris) * generate.SHARD_ROWS / BUCKET_ROWS)))
+    buckets = max(1, min(MAX_BUCKETS, math.ceil(len(candidate_uris) * shards.SHARD_ROWS / BUCKET_ROWS)))
     part = Partition(directory, buckets)
     paths = [part.rows_path(b) for b in range(buckets)]
     for row in _split_lines(candidate_uris, paths, buckets):
         part.candidates += len(row["candidates"])
     if with_scores:
-        score_uris = generate.shard_uris(inv.stage_uri(), SCORE_PREFIX)
+        score_uris = shards.shard_uris(inv.stage_uri(), SCORE_PREFIX)
         for _ in _split_lines(score_uris, [part.scores_path(b) for b in range(buckets)], buckets):
             pass
-        part.next_score_shard = generate.next_shard_index(score_uris, SCORE_PREFIX)
+        part.next_score_shard = shards.next_shard_index(score_uris, SCORE_PREFIX)
     return part
 
 
@@ -207,7 +207,7 @@ async def score_llm_resumable(
     rows: Sequence[dict[str, Any]],
     client: TeacherClient,
     cached: dict[tuple[str, int], Score],
-    writer: generate.ShardWriter,
+    writer: shards.ShardWriter,
     meter: Meter,
     stop: asyncio.Event,
 ) -> dict[tuple[str, int], Score]:
@@ -326,7 +326,7 @@ async def curate_buckets(
                 # As in generate: finish and keep the paid judge calls in flight, then stop.
                 with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                     loop.add_signal_handler(sig, stop.set)
-        writer = generate.ShardWriter(inv.stage_uri(), part.next_score_shard, prefix=SCORE_PREFIX)
+        writer = shards.ShardWriter(inv.stage_uri(), part.next_score_shard, prefix=SCORE_PREFIX)
         for bucket in range(part.buckets):
             rows, cached = load_bucket(part, bucket)
             if client is not None:

@@ -38,7 +38,7 @@ from kubedistill import store
 from kubedistill.api.models import Artifacts, JudgeSpec, Metrics, Stage
 from kubedistill.api.stage import StageInvocation, StageResult
 from kubedistill.dataset import row_from_obj
-from kubedistill_trainer import generate, models
+from kubedistill_trainer import models, shards
 from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score, token_f1
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure
 
@@ -216,11 +216,11 @@ async def _score_cached(
     judge: JudgeSpec, client: Any, keyed: Sequence[tuple[str, JudgeItem]], stage_uri: str | None
 ) -> dict[str, Score]:
     """LLM scores, reusing and extending the score shards of earlier attempts when `stage_uri` is set."""
-    cached, next_index = generate.read_shards(stage_uri, SCORE_PREFIX) if stage_uri else ([], 0)
+    cached, next_index = shards.read_shards(stage_uri, SCORE_PREFIX) if stage_uri else ([], 0)
     scores = {r["key"]: Score(r["score"], r.get("reason", "")) for r in cached}
     missing = [(k, item) for k, item in dict(keyed).items() if k not in scores]
     writer = (
-        generate.ShardWriter(stage_uri, next_index, prefix=SCORE_PREFIX, rows=SCORE_BATCH)
+        shards.ShardWriter(stage_uri, next_index, prefix=SCORE_PREFIX, rows=SCORE_BATCH)
         if stage_uri
         else None
     )

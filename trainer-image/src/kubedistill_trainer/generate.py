@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -41,14 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubedistill import dataset, store
 from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
 from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.domain import pricing
 from kubedistill_trainer.batch import BatchRun
 from kubedistill_trainer.batch_api import open_batch_api
+from kubedistill_trainer.budget import BudgetGate, worst_case_cost
+from kubedistill_trainer.prompts import Prepared, prepare_dataset
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
+from kubedistill_trainer.shards import ShardWriter, Work, answered_so_far, candidate_row
 from kubedistill_trainer.teacher import (
     Completion,
     TeacherAborted,
@@ -57,26 +58,15 @@ from kubedistill_trainer.teacher import (
     TeacherError,
     TeacherRejected,
     Usage,
-    estimate_tokens,
 )
 
 log = logging.getLogger(__name__)
 
-SHARD_ROWS = 100
-# A SIGKILL loses at most this much of answered-but-unwritten work (SIGTERM loses none).
-SHARD_SECONDS = 1.0
-SHARD_PREFIX = "candidates/shard-"
 # Prompts in progress per concurrency slot: while one waits out a Retry-After, another uses its
 # connection (requests in flight stay capped by teacher.maxConcurrency).
 WORKERS_PER_SLOT = 2
 # Consecutive failed prompts (after their own retries) that mean the teacher is down, not flaky.
 MAX_CONSECUTIVE_FAILURES = 16
-
-
-@dataclass
-class Work:
-    row: dataset.Row
-    split: str
 
 
 @dataclass
@@ -91,141 +81,6 @@ class Outcome:
     retries: dict[str, int] = field(default_factory=dict)
     responses_without_usage: int = 0
     batch_details: dict[str, Any] = field(default_factory=dict)
-
-
-def candidate_row(
-    work: Work, texts: list[str], finish: list[str], usage: Usage, model: str
-) -> dict[str, Any]:
-    return {
-        **work.row.to_json(),
-        "split": work.split,
-        "candidates": texts,
-        "finishReasons": finish,
-        "usage": {
-            "calls": usage.calls,
-            "inputTokens": usage.input_tokens,
-            "outputTokens": usage.output_tokens,
-            "cachedInputTokens": usage.cached_input_tokens,
-        },
-        "costUSD": usage.cost_usd,
-        "model": model,
-    }
-
-
-def usage_of(row: dict[str, Any]) -> Usage:
-    u = row.get("usage", {})
-    return Usage(
-        u.get("calls", 0),
-        u.get("inputTokens", 0),
-        u.get("outputTokens", 0),
-        row.get("costUSD", 0.0),
-        u.get("cachedInputTokens", 0),
-    )
-
-
-def shard_index(uri: str, prefix: str = SHARD_PREFIX) -> int:
-    return int(uri.rsplit(prefix, 1)[1].split(".", 1)[0])
-
-
-def shard_uris(stage_uri: str, prefix: str) -> list[str]:
-    directory = prefix.rsplit("/", 1)[0]
-    return [u for u in store.list_uris(f"{stage_uri}/{directory}/") if prefix in u and u.endswith(".jsonl")]
-
-
-def next_shard_index(uris: Sequence[str], prefix: str) -> int:
-    return max((shard_index(u, prefix) for u in uris), default=-1) + 1
-
-
-def read_shards(stage_uri: str, prefix: str) -> tuple[list[dict[str, Any]], int]:
-    """Every row of `<stage_uri>/<prefix>NNNNN.jsonl` in shard order, and the next shard index."""
-    uris = shard_uris(stage_uri, prefix)
-    return [row for uri in uris for row in store.read_jsonl(uri)], next_shard_index(uris, prefix)
-
-
-def answered_so_far(stage_uri: str) -> tuple[dataset.SeenIds, Usage, int]:
-    """Ids already answered, what they cost and the next shard index — one line in memory at a
-    time and no answer texts kept, so resuming a large job stays small."""
-    uris = shard_uris(stage_uri, SHARD_PREFIX)
-    ids = dataset.SeenIds()
-    usage = Usage()
-    for uri in uris:
-        for row in store.iter_jsonl(uri):
-            if ids.add(row["id"]):
-                usage.add(usage_of(row))
-    return ids, usage, next_shard_index(uris, SHARD_PREFIX)
-
-
-class ShardWriter:
-    """Buffers answered rows and writes them as a new shard every `rows` rows or `seconds` seconds."""
-
-    def __init__(
-        self,
-        stage_uri: str,
-        next_index: int,
-        *,
-        prefix: str = SHARD_PREFIX,
-        rows: int = SHARD_ROWS,
-        seconds: float = SHARD_SECONDS,
-    ) -> None:
-        self.stage_uri = stage_uri
-        self.prefix = prefix
-        self.index = next_index
-        self.max_rows = rows
-        self.max_seconds = seconds
-        self.buffer: list[dict[str, Any]] = []
-        self.last_flush = time.monotonic()
-        self.written = 0
-
-    def due(self) -> bool:
-        return len(self.buffer) >= self.max_rows or (
-            bool(self.buffer) and time.monotonic() - self.last_flush >= self.max_seconds
-        )
-
-    async def flush(self) -> None:
-        if not self.buffer:
-            return
-        rows, self.buffer = self.buffer, []
-        uri = f"{self.stage_uri}/{self.prefix}{self.index:05d}.jsonl"
-        self.index += 1
-        self.last_flush = time.monotonic()
-        await asyncio.to_thread(store.write_jsonl, uri, rows)
-        self.written += len(rows)
-
-
-class BudgetGate:
-    """Admits a prompt only while spent + in-flight projections + its projection fit the budget."""
-
-    def __init__(self, limit: float | None, spent: float, worst_case: float) -> None:
-        self.limit = limit
-        self.spent = spent
-        self.in_flight = 0.0
-        self.worst_case = worst_case
-        self._answered = 0
-        self._answered_cost = 0.0
-
-    def projection(self) -> float:
-        # Before any answer the worst case (maxTokens); then twice the mean seen so far.
-        if not self._answered:
-            return self.worst_case
-        return min(self.worst_case, 2 * self._answered_cost / self._answered)
-
-    def admit(self) -> float | None:
-        projected = self.projection()
-        if self.limit is not None and self.spent + self.in_flight + projected > self.limit:
-            return None
-        self.in_flight += projected
-        return projected
-
-    def settle(self, projected: float, cost: float | None) -> None:
-        self.in_flight -= projected
-        if cost is not None:
-            self.spent += cost
-            self._answered += 1
-            self._answered_cost += cost
-
-    @property
-    def exhausted(self) -> bool:
-        return self.limit is not None and self.spent + self.projection() > self.limit
 
 
 async def generate_candidates(
@@ -380,88 +235,6 @@ async def generate_in_batches(
     outcome.retries = dict(client.retries)
     outcome.responses_without_usage += client.responses_without_usage
     return outcome
-
-
-@dataclass
-class Prepared:
-    """The dataset as this attempt stages it: counts, and a local file of the prompts still to ask."""
-
-    work_path: Path
-    train: int = 0
-    test: int = 0
-    rejected: int = 0
-    done: int = 0
-    longest_request_tokens: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.train + self.test
-
-    @property
-    def to_ask(self) -> int:
-        return self.total - self.done
-
-    def works(self) -> Iterator[Work]:
-        with self.work_path.open(encoding="utf-8") as f:
-            for line in f:
-                obj = json.loads(line)
-                yield Work(dataset.row_from_obj(obj), obj["split"])
-
-
-def _jsonl(f: Any, obj: Any) -> None:
-    f.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
-
-
-def prepare_dataset(
-    inv: StageInvocation, stage_uri: str, directory: Path, done: dataset.SeenIds, teacher: ResolvedTeacher
-) -> Prepared:
-    """One streaming pass over the dataset: validate (DatasetInvalid past the invalid share), split
-    by id, write `dataset/{train,test,rejected}.jsonl`, and list the prompts not answered yet."""
-    spec = inv.spec
-    gen = spec.generation
-    examples = gen.few_shot_turns()
-    raw, _ = dataset.open_source(spec.dataset)
-    lines = dataset.decode_lines(raw, dataset.describe(spec.dataset))
-    prepared = Prepared(directory / "work.jsonl")
-    outputs = {name: directory / f"{name}.jsonl" for name in ("train", "test", "rejected")}
-    valid, first_rejected = 0, None
-    with contextlib.ExitStack() as stack:
-        files = {
-            name: stack.enter_context(path.open("w", encoding="utf-8")) for name, path in outputs.items()
-        }
-        work = stack.enter_context(prepared.work_path.open("w", encoding="utf-8"))
-        for item in dataset.iter_parsed(lines):
-            if isinstance(item, dataset.Rejected):
-                prepared.rejected += 1
-                first_rejected = first_rejected or dataset.Rejected(item.line, item.reason, "")
-                _jsonl(files["rejected"], item.to_json())
-                continue
-            valid += 1
-            if spec.dataset.num_prompts is not None and valid > spec.dataset.num_prompts:
-                continue
-            split = "test" if dataset.is_test(item.id, spec.dataset.test_fraction) else "train"
-            _jsonl(files[split], item.to_json())
-            setattr(prepared, split, getattr(prepared, split) + 1)
-            if item.id in done:
-                prepared.done += 1
-                continue
-            _jsonl(work, {**item.to_json(), "split": split})
-            tokens = estimate_tokens(
-                item.teacher_messages(gen.system_prompt, examples), teacher.chars_per_token
-            )
-            prepared.longest_request_tokens = max(prepared.longest_request_tokens, tokens)
-    problem = dataset.invalid_share_problem(valid, prepared.rejected, first_rejected)
-    if problem is not None:
-        raise dataset.DatasetInvalid(problem)
-    for name, path in outputs.items():
-        store.put_file(path, f"{stage_uri}/dataset/{name}.jsonl")
-    return prepared
-
-
-def worst_case_cost(teacher: ResolvedTeacher, longest_request_tokens: int, gen: GenerationSpec) -> float:
-    """The most one prompt can cost: the longest prompt, billed per request, and maxTokens per sample."""
-    requests = 1 if teacher.supports_n else gen.n_samples
-    return teacher.cost(longest_request_tokens * requests, gen.max_tokens * gen.n_samples)
 
 
 def make_client(inv: StageInvocation, teacher: ResolvedTeacher) -> TeacherClient:
