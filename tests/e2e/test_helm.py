@@ -29,6 +29,7 @@ from kubernetes.dynamic import DynamicClient
 from sdk_cli_support import job_body
 
 from conftest import wait_for
+from kubedistill.api.models import STAGES
 from kubedistill.domain.deletion import FINALIZER
 from kubedistill_testing import argocd, helm
 from kubedistill_testing.cluster import free_port
@@ -605,11 +606,9 @@ def test_helm_upgrade_of_the_operator_mid_stage_runs_no_stage_twice(
         )
         done = dj(custom, namespace, "rolling")
         assert done is not None and done["status"]["phase"] == "Succeeded", done
-        assert [s["attempts"] for s in done["status"]["stages"]] == [1] * 5
+        assert [s["attempts"] for s in done["status"]["stages"]] == [1] * len(STAGES)
         jobs = batch.list_namespaced_job(namespace, label_selector="kubedistill.io/job=rolling").items
-        assert sorted(j.metadata.name for j in jobs) == sorted(
-            f"rolling-{s}-1" for s in ("generate", "curate", "train", "export", "evaluate")
-        )
+        assert sorted(j.metadata.name for j in jobs) == sorted(f"rolling-{s.value}-1" for s in STAGES)
         # The new operator came up while the train stage ran, and took it over.
         train = next(j for j in jobs if j.metadata.name == "rolling-train-1")
         assert train.status.start_time <= new_pod.status.start_time <= train.status.completion_time

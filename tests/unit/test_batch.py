@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
-from kubedistill.api.models import DistillationJob, GenerationSpec
+from kubedistill.api.models import DistillationJobSpec, GenerationSpec
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.dataset import Row
 from kubedistill.domain import pricing
-from kubedistill.k8s import observe
+from kubedistill.estimating import estimate_dataset
 from kubedistill_trainer.batch import MAX_BATCH_REQUESTS, Group, affordable, sample_groups
 from kubedistill_trainer.batch_api import anthropic_collect, anthropic_params, openai_collect, openai_line
 from kubedistill_trainer.shards import Work
@@ -197,22 +196,26 @@ def test_anthropic_requests_have_no_n_and_their_results_map_back() -> None:
     assert got.unknown == 1 and got.usage.calls == 2
 
 
-def test_the_operator_estimate_refuses_batch_mode_for_a_provider_without_a_batch_api() -> None:
-    def job(model: str) -> DistillationJob:
-        spec = {"teacher": {"model": model, "mode": "batch"}, "student": {"model": "qwen3-0.6b"}}
-        return DistillationJob.model_validate(
+def test_the_estimate_refuses_batch_mode_for_a_provider_without_a_batch_api() -> None:
+    """The estimate stage runs this; its BatchUnsupported (reason `BatchUnsupported`) fails the stage,
+    and so the job with EstimateFailed, before any teacher call."""
+
+    def spec(model: str) -> DistillationJobSpec:
+        return DistillationJobSpec.model_validate(
             {
-                "metadata": {"name": "bot", "namespace": "team"},
-                "spec": {**spec, "dataset": {"prompts": ["a"]}},
+                "teacher": {"model": model, "mode": "batch"},
+                "student": {"model": "qwen3-0.6b"},
+                "dataset": {"prompts": ["a"]},
             }
         )
 
     catalog = load_catalog(environ={})
-    # Inline prompts: the estimate reads nothing from the cluster.
-    found, error = asyncio.run(observe.compute_estimate(None, job("groq/llama-3.1-8b-instant"), catalog))
-    assert found is None and error == (
-        "cannot estimate: teacher.mode batch: the catalog lists no batch API for groq/llama-3.1-8b-instant "
+    with pytest.raises(pricing.BatchUnsupported) as refused:
+        estimate_dataset(spec("groq/llama-3.1-8b-instant"), catalog)
+    assert str(refused.value) == (
+        "teacher.mode batch: the catalog lists no batch API for groq/llama-3.1-8b-instant "
         "(provider groq); use mode sync or auto, or set batchAPI for the provider in a catalog override"
     )
-    found, error = asyncio.run(observe.compute_estimate(None, job("openai/gpt-4o"), catalog))
-    assert error is None and found is not None and found.teacher_mode == "batch"
+    assert refused.value.reason == "BatchUnsupported"
+    report, _ = estimate_dataset(spec("openai/gpt-4o"), catalog)
+    assert report.estimate.teacher_mode == "batch"
