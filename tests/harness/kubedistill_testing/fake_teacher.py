@@ -15,6 +15,9 @@ the request `hang_seconds` then answers 504, so the client's timeout fires first
 (the connection is closed with no answer). Failed requests are logged with their status.
 Prompts in `fail_prompts` always get the 429. When `api_key` is set, a request without
 `Authorization: Bearer <api_key>` gets 401.
+
+`report_timings=True` adds to each answer the `timings` object llama.cpp's server sends, with
+fixed rates: 1 ms per prompt token (1000 tokens/s) and 10 ms per answer token (100 tokens/s).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class FakeTeacher(ScriptedTeacher):
         call_log: str | None = None,
         fail_prompts: Collection[str] = (),
         report_usage: bool = True,
+        report_timings: bool = False,
     ) -> None:
         super().__init__(
             answers, latency=latency, models=models, host=host, port=port, report_usage=report_usage
@@ -76,7 +80,20 @@ class FakeTeacher(ScriptedTeacher):
         self.api_key = api_key
         self.call_log_path = call_log
         self.fail_prompts = set(fail_prompts)
+        self.report_timings = report_timings
         self._random = random.Random(seed)
+
+    async def _chat(self, headers: Mapping[str, str], body: bytes) -> Response:
+        status, payload, extra = await super()._chat(headers, body)
+        if self.report_timings and status == 200 and isinstance(payload, dict):
+            call = self.calls[-1]
+            payload["timings"] = {
+                "prompt_n": call.prompt_tokens,
+                "prompt_ms": float(call.prompt_tokens),
+                "predicted_n": call.completion_tokens,
+                "predicted_ms": 10.0 * call.completion_tokens,
+            }
+        return status, payload, extra
 
     def _record(self, call: Call) -> None:
         super()._record(call)

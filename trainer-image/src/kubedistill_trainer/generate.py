@@ -34,6 +34,7 @@ from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
 from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
+from kubedistill_trainer.speed import speed_figures
 from kubedistill_trainer.teacher import (
     TeacherAborted,
     TeacherAuthFailed,
@@ -74,6 +75,8 @@ class Outcome:
     seconds: float = 0.0
     retries: dict[str, int] = field(default_factory=dict)
     responses_without_usage: int = 0
+    # Latency p50/p95 and llama.cpp's timings of this attempt's requests (speed.speed_figures).
+    speed: dict[str, Any] = field(default_factory=dict)
 
 
 def candidate_row(
@@ -316,6 +319,7 @@ async def generate_candidates(
     outcome.seconds = time.perf_counter() - start
     outcome.retries = dict(client.retries)
     outcome.responses_without_usage = client.responses_without_usage
+    outcome.speed = speed_figures("teacher", client.latencies, client.engine)
     return outcome
 
 
@@ -416,6 +420,10 @@ def run(inv: StageInvocation) -> StageResult:
         teacher_output_tokens=usage.output_tokens,
         teacher_cost_total=usage.cost_usd,
         candidates=answered * spec.generation.n_samples,
+        teacher_latency_p50_sec=outcome.speed.get("teacherLatencyP50Sec"),
+        teacher_latency_p95_sec=outcome.speed.get("teacherLatencyP95Sec"),
+        teacher_prompt_tokens_per_second=outcome.speed.get("teacherPromptTokensPerSecond"),
+        teacher_decode_tokens_per_second=outcome.speed.get("teacherDecodeTokensPerSecond"),
     )
     artifacts = Artifacts(dataset_uri=f"{stage_uri}/dataset/", candidates_uri=f"{stage_uri}/candidates/")
     details = {
@@ -432,6 +440,7 @@ def run(inv: StageInvocation) -> StageResult:
         "responsesWithoutUsage": outcome.responses_without_usage,
         "generationSeconds": round(outcome.seconds, 3),
         "requestsPerSecond": round(outcome.usage.calls / outcome.seconds, 2) if outcome.seconds else None,
+        **outcome.speed,
     }
     rejected_note = f"; {len(parsed.rejected)} invalid dataset rows skipped" if parsed.rejected else ""
     result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)

@@ -15,6 +15,8 @@
 - `abort()` stops new sends (waiting requests raise `TeacherAborted`); requests already sent finish.
 - Usage is taken from each successful response; cost = tokens × the catalog price. Failed calls
   cost nothing and are not counted. `client.usage` holds the totals.
+- Each successful request's latency (sent → answer read, queueing in the server included) is kept in
+  `client.latencies`; a llama.cpp server's own per-response `timings` are summed in `client.engine`.
 
 The API key is sent only in the Authorization header; error messages never contain it.
 """
@@ -37,6 +39,7 @@ from urllib.parse import urlparse
 import httpx
 
 from kubedistill.catalog import ResolvedTeacher
+from kubedistill_trainer.speed import EngineTimings
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,8 @@ class TeacherClient:
         self.retries: Counter[str] = Counter()
         # Responses without a usage block (some self-hosted servers): their cost is unknown, not 0.
         self.responses_without_usage = 0
+        self.latencies: list[float] = []
+        self.engine = EngineTimings()
         self._aborted = False
         self._rpm = TokenBucket(requests_per_minute) if requests_per_minute else None
         self._tpm = TokenBucket(tokens_per_minute) if tokens_per_minute else None
@@ -335,6 +340,7 @@ class TeacherClient:
         return response
 
     async def _send(self, transport: httpx.AsyncHTTPTransport, content: bytes) -> Completion:
+        sent = time.perf_counter()
         try:
             response = await self._post(transport, content)
         except httpx.TimeoutException:
@@ -363,6 +369,8 @@ class TeacherClient:
             texts = [c["message"].get("content") or "" for c in choices]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise _Retryable("malformed response") from None
+        self.latencies.append(time.perf_counter() - sent)
+        self.engine.add_server_timings(payload.get("timings"))
         usage = payload.get("usage") or {}
         if not usage:
             self.responses_without_usage += 1
