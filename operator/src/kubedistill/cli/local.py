@@ -144,7 +144,8 @@ def summary_rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
 def _rates(f: Mapping[str, Any], who: str) -> str:
     prompt, decode = f.get(f"{who}PromptTokensPerSecond"), f.get(f"{who}DecodeTokensPerSecond")
     if prompt is None and decode is None:
-        return "– (no llama.cpp timings: its server does not report them)"
+        why = "its server reports no llama.cpp timings" if who == "teacher" else "not served by llama.cpp"
+        return f"– ({why})"
     return f"{_fmt(prompt)} / {_fmt(decode)}"
 
 
