@@ -212,6 +212,11 @@ def test_operator_runs_the_real_stages_with_the_images_env_and_secrets(
     assert (
         status["metrics"].get("evalScore") is not None and status["metrics"].get("retention") is not None
     ), shown
+    # Speed per request, taken apart: latency of the teacher's calls; llama.cpp's own rates for the student.
+    metrics = status["metrics"]
+    assert 0 < metrics["teacherLatencyP50Sec"] <= metrics["teacherLatencyP95Sec"], shown
+    assert 0 < metrics["studentLatencyP50Sec"] <= metrics["studentLatencyP95Sec"], shown
+    assert metrics["studentPromptTokensPerSecond"] > 0 and metrics["studentDecodeTokensPerSecond"] > 0, shown
     gguf = status["artifacts"]["ggufURIs"]["q4_k_m"]
     assert gguf.startswith(f"s3://artifacts/kubedistill/{namespace}/{name}/")
     assert alias["status"]["ggufURI"] == gguf

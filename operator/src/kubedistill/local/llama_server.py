@@ -129,7 +129,7 @@ def main() -> None:
         app.add_middleware(TimingsMiddleware)
         return app
 
-    server.create_app = timed_app  # type: ignore[assignment]
+    server.create_app = timed_app
     server.main()
 
 
