@@ -11,13 +11,17 @@ median of `--steps` after warm-up:
 - **physical estimate** of BOND: twice the tokens of plain SFT (the same plain step on chosen +
   rejected rows, measured) plus one forward of those rows without grad (measured). BOND ÷ this
   is what the BOND loss itself (exact KL over the vocabulary, preference term) adds.
-- **TRL**: TRL's SFTTrainer on the chosen rows, shown for information with where its time goes,
-  from cProfile over three steps after the timed ones (`trl_profile` in the JSON). TRL 1.16 computes
-  the loss through its fused LM head, which on CPU scores every position of the batch — prompt and
-  padding included ("every position is scored instead" off Triton devices, in its own words) —
-  computing per-token entropy and top-1 accuracy beside the log-probabilities, and recomputes the
-  logits tile by tile in its backward; the plain step projects only the answer positions
-  (`logits_to_keep`). Its data collator and metric gathering are a fraction of a percent.
+- **TRL**: TRL's SFTTrainer on the chosen rows, shown for information, as TRL configures it by
+  default and with two of SFTConfig's defaults turned off in turn, with cProfile over three steps
+  after the timed ones (`trl_profile` in the JSON). Why it is slow here, measured on this
+  repository's 2-core AMD EPYC (no AVX-512, so no bf16 instructions: `cpu_bf16_instructions` in
+  the JSON), load average 1.6: TRL's step was 34.9× the plain step (2539 vs 73 ms), 1.97× with
+  `bf16=False`, 1.32× with `bf16=False` and `gradient_checkpointing=False`. SFTConfig defaults to
+  bf16, and bfloat16 autocast on a CPU without bf16 instructions runs emulated matmuls, most of them
+  in the backward (89% of TRL's profiled time was the autograd engine) — which is why TRL's step
+  moved 70× between two machines while ours moved 3.7×. Its default gradient checkpointing runs
+  every forward twice; its fused LM head (entropy and top-1 accuracy beside the log-probabilities)
+  took about 2% of its time, its data collator (padding) and metric gathering 0%.
 
 Every side runs in this process with the same torch threads, interleaved (BOND, plain, BOND), so
 load from other work hits them alike; the BOND figure is the faster of its two medians.
@@ -38,6 +42,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,14 +72,24 @@ PROFILED = 3
 # Where TRL's step time goes: the largest cProfile cumulative time among functions whose "path:name"
 # contains one of these (so a part's nested calls are not counted twice).
 TRL_PARTS = {
-    "fused LM head forward (log-probs, entropy, top-1)": ("trl/trainer/utils.py:forward",),
-    "fused LM head backward (logits recomputed per tile)": ("trl/trainer/utils.py:backward",),
+    "activation checkpointing (forward recomputed in backward)": ("torch/utils/checkpoint.py",),
+    "fused LM head forward (log-probs, entropy, top-1)": ("chunked_logprob.py:forward",),
+    "fused LM head backward (logits recomputed per tile)": ("chunked_logprob.py:backward",),
     "backbone forward (Llama + LoRA)": ("modeling_llama.py:forward",),
     "backward, all of it": ("run_backward",),
     "data collator (padding)": ("sft_trainer.py:torch_call",),
     "metrics gather (accelerate)": ("gather_for_metrics",),
     "optimizer step": ("adamw",),
 }
+
+
+def cpu_bf16_instructions() -> list[str]:
+    """The CPU's bfloat16 instruction sets (AVX-512 BF16, AMX); without them torch emulates bf16 matmuls."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    return sorted({f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")})
 
 
 def _lora() -> LoraConfig:
@@ -160,8 +175,14 @@ class _StepTimer(TrainerCallback):
             self.profile.disable()
 
 
-def _trl(model_dir: str, rows: list[dict[str, list[int]]], steps: int) -> tuple[float, dict[str, float]]:
-    """TRL's median step (unprofiled steps), and the share of the profiled steps' time in each TRL_PARTS."""
+def _trl(
+    model_dir: str, rows: list[dict[str, list[int]]], steps: int, **changes: Any
+) -> tuple[float, dict[str, float]]:
+    """TRL's median step (unprofiled steps), and the share of the profiled steps' time in each TRL_PARTS.
+
+    `changes`: SFTConfig fields set against TRL's defaults (bf16, gradient_checkpointing), to measure
+    what each default costs here.
+    """
     torch.manual_seed(0)
     timer = _StepTimer(profile_after=WARMUP + steps, profiled=PROFILED)
     with tempfile.TemporaryDirectory() as out:
@@ -179,6 +200,7 @@ def _trl(model_dir: str, rows: list[dict[str, list[int]]], steps: int) -> tuple[
             max_length=None,
             dataloader_num_workers=0,
             disable_tqdm=True,
+            **changes,
         )
         trainer = SFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
@@ -242,15 +264,20 @@ def main() -> None:
         for ids, n_prompt in enc.chosen
     ]
     trl, trl_profile = _trl(model_dir, trl_rows, args.steps)
+    trl_fp32, _ = _trl(model_dir, trl_rows, args.steps, bf16=False)
+    trl_fp32_unchecked, _ = _trl(model_dir, trl_rows, args.steps, bf16=False, gradient_checkpointing=False)
 
     ms = {k: round(v * 1000, 2) for k, v in {
         "bond": bond_s, "plain_sft": plain, "plain_sft_doubled": plain_doubled,
         "reference_forward": reference, "physical_estimate": physical, "trl_sft": trl,
+        "trl_sft_fp32": trl_fp32, "trl_sft_fp32_without_checkpointing": trl_fp32_unchecked,
     }.items()}  # fmt: skip
     print(
         f"step ms: BOND {ms['bond']} ({bond_first * 1000:.1f} / {bond_second * 1000:.1f}) | plain SFT "
         f"{ms['plain_sft']} | physical estimate {ms['physical_estimate']} (plain SFT on both rows "
-        f"{ms['plain_sft_doubled']} + reference forward {ms['reference_forward']}) | TRL SFT {ms['trl_sft']}"
+        f"{ms['plain_sft_doubled']} + reference forward {ms['reference_forward']}) | TRL SFT {ms['trl_sft']} "
+        f"({ms['trl_sft_fp32']} with bf16=False, {ms['trl_sft_fp32_without_checkpointing']} with bf16=False "
+        "and gradient_checkpointing=False)"
     )
     slowest = max(trl_profile, key=lambda k: trl_profile[k])
     print(f"TRL's profiled time by part: {trl_profile}; largest: {slowest}")
@@ -260,11 +287,14 @@ def main() -> None:
             ratio("BOND step / physical estimate", bond_s / physical, "<= 1.3"),
             ratio("BOND step / plain SFT step (chosen rows)", bond_s / plain, "<= 3.5"),
             ratio("TRL SFT step / plain SFT step", trl / plain),
+            ratio("same, TRL with bf16=False", trl_fp32 / plain),
+            ratio("same, TRL with bf16=False, gradient_checkpointing=False", trl_fp32_unchecked / plain),
         ],
         machine,
         step_ms=ms,
         trl_profile=trl_profile,
         trl_largest_part=slowest,
+        cpu_bf16_instructions=cpu_bf16_instructions(),
         prompts=args.prompts,
         bond_sequences=int(bond_batch.input_ids.shape[0]),
         sft_sequences=int(chosen_only.input_ids.shape[0]),
