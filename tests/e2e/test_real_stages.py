@@ -68,10 +68,10 @@ def trainer_image_env(image_tmp: Path) -> dict[str, str]:
         base={"PATH": os.environ["PATH"]},  # the base image's PATH
         filesystem={
             "/opt/venv": sys.prefix,  # the image's virtualenv: this interpreter's
-            "/opt/llama.cpp": converter_dir(
-                dict(os.environ)
-            ),  # the sdist's converter, as the bootstrap keeps it
-            "/tmp": image_tmp,  # the Pod's writable emptyDir
+            # llama.cpp's converter from the llama-cpp-python sdist, where the bootstrap keeps it
+            "/opt/llama.cpp": converter_dir(dict(os.environ)),
+            # the Pods' writable /tmp (one directory for all of this test's Pods)
+            "/tmp": image_tmp,
         },
     )
 
