@@ -31,8 +31,13 @@ test:
 unit: venv
 	$(VENV)/bin/pytest tests/unit
 
+# Each benchmark's output is kept in .work/bench/; report.py prints one table of their ratios at the end
+# (and fails when a benchmark did).
 bench: venv controlplane
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+	@set -o pipefail; mkdir -p .work/bench; rm -f .work/bench/*.out; status=0; \
+	for b in bench/[a-z]*.py; do [ $$b = bench/report.py ] && continue; \
+	  echo "== $$b"; $(PY) $$b 2>&1 | tee .work/bench/$$(basename $$b .py).out || status=1; done; \
+	$(PY) bench/report.py .work/bench/*.out && exit $$status
 
 crds: venv
 	$(VENV)/bin/kubedistill crds --out crds/

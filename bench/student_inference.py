@@ -11,23 +11,23 @@ Llama, where per-token framework overhead dominates).
 
     python bench/student_inference.py [--model smollm2|tiny] [--tokens 64] [--threads N]
 
-Ends with one JSON line; `ratio` = llama.cpp tokens/s ÷ transformers tokens/s (target ≥ 3).
+Ends with one JSON line (bench/_common.py); the ratio is llama.cpp tokens/s ÷ transformers tokens/s,
+both measured in this run on the same threads (target ≥ 3).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _common import finish, machine_banner, ratio
 from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer import export, models
 
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    machine = machine_banner()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -110,18 +111,23 @@ def main() -> None:
         hf_tps = _transformers_tps(model_dir, prompt, args.tokens, args.repeats)
 
     print(f"{args.model}: llama.cpp q4_k_m {llama_tps:.1f} tok/s, transformers fp32 {hf_tps:.1f} tok/s")
-    figures: dict[str, Any] = {
-        "bench": "student_inference",
-        "ratio": round(llama_tps / hf_tps, 3),
-        "target": ">= 3",
-        "model": args.model,
-        "llama_cpp_q4_k_m_tokens_per_s": round(llama_tps, 2),
-        "transformers_fp32_tokens_per_s": round(hf_tps, 2),
-        "q4_k_m_bytes": size,
-        "new_tokens": args.tokens,
-        "threads": args.threads,
-    }
-    print(json.dumps(figures))
+    finish(
+        "student_inference",
+        [
+            ratio(
+                f"llama.cpp q4_k_m decode / transformers fp32 decode ({args.model})",
+                llama_tps / hf_tps,
+                ">= 3",
+            )
+        ],
+        machine,
+        model=args.model,
+        llama_cpp_q4_k_m_tokens_per_s=round(llama_tps, 2),
+        transformers_fp32_tokens_per_s=round(hf_tps, 2),
+        q4_k_m_bytes=size,
+        new_tokens=args.tokens,
+        threads=args.threads,
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - Every rendered manifest of the three tested value sets passes a server-side dry run.
 - `helm install` (namespaced) runs the operator as a Pod of the local kubelet, which maps the operator
-  image to the operator's own command and gives it the chart's ServiceAccount token, not admin; that
+  image to the operator's own command, starts it with the environment of operator/Dockerfile's ENV
+  lines, and gives it the chart's ServiceAccount token, not admin; that
   operator drives a DistillationJob with instant fake stages to Succeeded and promotes its alias, which
   proves the RBAC is enough. Its metrics and liveness endpoints answer while it runs.
 - SubjectAccessReviews against the chart's RBAC prove it is not more than that.
@@ -34,6 +35,7 @@ from kubedistill.domain.deletion import FINALIZER
 from kubedistill_testing import argocd, helm
 from kubedistill_testing.cluster import free_port
 from kubedistill_testing.helm import VALUE_SETS
+from kubedistill_testing.image_env import dockerfile_env, image_environment
 from kubedistill_testing.kubelet import LocalKubelet
 
 pytestmark = pytest.mark.cluster
@@ -391,7 +393,20 @@ def pod_commands(kubelet: LocalKubelet, tmp_path: Path) -> LocalKubelet:
     return kubelet
 
 
+@pytest.fixture
+def operator_image_env(kubelet: LocalKubelet) -> Iterator[None]:
+    """Pods start from the operator image's ENV lines (operator/Dockerfile), not this shell's environment."""
+    env = dockerfile_env(
+        (ROOT / "operator" / "Dockerfile").read_text(),
+        base={"PATH": os.environ["PATH"]},  # the base image's PATH
+        filesystem={"/opt/venv": sys.prefix},  # the image's virtualenv: this interpreter's
+    )
+    with image_environment(kubelet, env):
+        yield
+
+
 @pytest.mark.parametrize("cluster_wide", [False, True], ids=["namespaced", "cluster-wide"])
+@pytest.mark.usefixtures("operator_image_env")
 def test_helm_install_runs_a_job_to_succeeded_with_the_charts_rbac(
     cluster_wide: bool,
     control_plane: Path,

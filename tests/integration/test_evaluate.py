@@ -79,7 +79,14 @@ def test_gguf_student_scored_with_reference_judge(tmp_path: Path, student: Path,
     mean = sum(r["studentScore"] for r in rows) / 5
     assert result.metrics.eval_score == pytest.approx(mean, abs=1e-4)
     details = result.details
-    assert details["studentTokensPerSecond"] > 0
+    # llama.cpp's own timings, prompt processing and decoding apart, in the details and the metrics.
+    assert details["studentTimedRequests"] == 5
+    assert details["studentPromptTokensPerSecond"] > 0 and details["studentDecodeTokensPerSecond"] > 0
+    latencies = sorted(r["latencySec"] for r in rows)
+    assert details["studentLatencyP50Sec"] == pytest.approx(latencies[2], abs=1e-4)
+    assert details["studentLatencyP95Sec"] == pytest.approx(latencies[4], abs=1e-4)
+    assert result.metrics.student_decode_tokens_per_second == details["studentDecodeTokensPerSecond"]
+    assert result.metrics.student_latency_p95_sec == details["studentLatencyP95Sec"]
     assert details["studentTokensPerCall"] == pytest.approx(
         sum(r["completionTokens"] for r in rows) / 5, abs=0.01
     )

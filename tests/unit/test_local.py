@@ -173,14 +173,18 @@ def test_figures_of_the_summary() -> None:
                         "judge": "reference",
                         "agreementExact": 0.75,
                         "studentTokensPerCall": 3.0,
-                        "studentTokensPerSecond": 90.0,
+                        "studentLatencyP50Sec": 0.12,
+                        "studentLatencyP95Sec": 0.31,
+                        "studentPromptTokensPerSecond": 850.0,
+                        "studentDecodeTokensPerSecond": 95.5,
                     },
                 ),
             ),
         },
         baseline={"baselineScore": 0.0, "studentPromptTokensPerCall": 40.0},
     )
-    f = runner.compute_figures(state, {"costUSD": 0.0, "inputTokens": 250000}, 123.4)
+    machine = {"cpu": "Test CPU", "cores": 2, "loadAvg1m": 0.5}
+    f = runner.compute_figures(state, {"costUSD": 0.0, "inputTokens": 250000}, 123.4, machine)
     assert (f["teacherScore"], f["studentBefore"], f["studentAfter"], f["retention"]) == (0.5, 0.0, 0.4, 0.8)
     assert f["teacherPromptTokensPerCall"] == 800.0 and f["teacherAnswerTokensPerCall"] == 3.0
     assert f["studentPromptTokensPerCall"] == 40.0 and f["heldOutRows"] == 40
@@ -190,6 +194,13 @@ def test_figures_of_the_summary() -> None:
     assert rows["student after training"] == "40.0%" and rows["student before training"] == "0.0%"
     assert rows["student gives the teacher's answer"] == "75.0%"
     assert rows["teacher input from its cache / saved (sync)"] == "0 (estimated –) / $0.0000"
+    assert rows["latency per call p50 / p95, student"] == "0.12 s / 0.31 s"
+    assert rows["llama.cpp prompt / decode tokens/s, student"] == "850 / 95.5"
+    # A teacher whose server sends no llama.cpp timings (a paid provider): said, not shown as 0.
+    assert (
+        rows["llama.cpp prompt / decode tokens/s, teacher"] == "– (its server reports no llama.cpp timings)"
+    )
+    assert rows["measured on"] == "Test CPU, 2 cores, load average 0.5"
     assert dict(cli_local.artifact_paths(state)) == {
         "eval": "/w/evaluate/eval.jsonl",
         "gguf q8_0": "/w/m.gguf",

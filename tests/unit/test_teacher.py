@@ -18,6 +18,7 @@ import pytest
 from kubedistill.catalog import ResolvedTeacher
 from kubedistill_testing.fake_teacher import FakeTeacher, count_tokens, prompt_tokens
 from kubedistill_trainer import teacher as teacher_mod
+from kubedistill_trainer.speed import percentile, speed_figures
 from kubedistill_trainer.teacher import (
     TeacherAuthFailed,
     TeacherClient,
@@ -317,3 +318,31 @@ def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch, fast_sleep:
         assert env_proxy(server.base_url) is None
         ask({"teacher": resolved(server.base_url)}, ["q"])
         assert len(server.calls) == 1
+
+
+def test_latency_per_request_and_a_llama_cpp_servers_own_timings() -> None:
+    with FakeTeacher(report_timings=True, latency=0.02) as server:
+        _, client = ask({"teacher": resolved(server.base_url, supports_n=False)}, ["a", "b"], n=2)
+    assert len(client.latencies) == 4 and min(client.latencies) >= 0.02
+    ok = server.ok_calls()
+    assert client.engine.requests == 4
+    assert client.engine.prompt_tokens == sum(c.prompt_tokens for c in ok)
+    assert client.engine.decode_tokens == sum(c.completion_tokens for c in ok)
+    figures = speed_figures("teacher", client.latencies, client.engine)
+    assert (
+        figures["teacherPromptTokensPerSecond"] == 1000.0 and figures["teacherDecodeTokensPerSecond"] == 100.0
+    )
+    assert figures["teacherLatencyP50Sec"] <= figures["teacherLatencyP95Sec"]
+
+
+def test_a_server_without_timings_gives_no_rates() -> None:
+    with FakeTeacher() as server:
+        _, client = ask({"teacher": resolved(server.base_url)}, ["a"])
+    figures = speed_figures("teacher", client.latencies, client.engine)
+    assert figures["teacherPromptTokensPerSecond"] is None and figures["teacherDecodeTokensPerSecond"] is None
+    assert figures["teacherTimedRequests"] == 0 and figures["teacherLatencyP50Sec"] is not None
+
+
+@pytest.mark.parametrize(("q", "expected"), [(0.5, 2.0), (0.95, 4.0), (0.0, 1.0), (1.0, 4.0)])
+def test_nearest_rank_percentile(q: float, expected: float) -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], q) == expected

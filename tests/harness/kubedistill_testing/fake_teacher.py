@@ -26,6 +26,9 @@ Batch APIs: OpenAI's `/v1/files` + `/v1/batches` and Anthropic's `/v1/messages/b
 `batch_failures`, `expire_batches` and `stray_results`. Lines of a batch are answered by the same
 handler as synchronous requests, without the random faults above, and logged as calls of kind
 "batch".
+
+`report_timings=True` adds to each answer the `timings` object llama.cpp's server sends, with
+fixed rates: 1 ms per prompt token (1000 tokens/s) and 10 ms per answer token (100 tokens/s).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class FakeTeacher(ScriptedTeacher):
         batch_failures: Mapping[str, int] | None = None,
         expire_batches: int = 0,
         stray_results: int = 0,
+        report_timings: bool = False,
     ) -> None:
         super().__init__(
             answers, latency=latency, models=models, host=host, port=port, report_usage=report_usage
@@ -94,6 +98,7 @@ class FakeTeacher(ScriptedTeacher):
         self.api_key = api_key
         self.call_log_path = call_log
         self.fail_prompts = set(fail_prompts)
+        self.report_timings = report_timings
         self._random = random.Random(seed)
         self.cache_min_tokens = cache_min_tokens
         self.cached_tokens_total = 0
@@ -136,6 +141,14 @@ class FakeTeacher(ScriptedTeacher):
             cached = self._read_cache(json.loads(body)["messages"], self.cache_min_tokens)
             payload["usage"]["prompt_tokens_details"] = {"cached_tokens": cached}
             self.cached_tokens_total += cached
+        if self.report_timings and status == 200 and isinstance(payload, dict):
+            call = self.calls[-1]
+            payload["timings"] = {
+                "prompt_n": call.prompt_tokens,
+                "prompt_ms": float(call.prompt_tokens),
+                "predicted_n": call.completion_tokens,
+                "predicted_ms": 10.0 * call.completion_tokens,
+            }
         return status, payload, extra
 
     def _read_cache(self, messages: Sequence[Mapping[str, Any]], min_tokens: int) -> int:

@@ -41,6 +41,7 @@ from kubedistill.dataset import row_from_obj
 from kubedistill_trainer import models, shards
 from kubedistill_trainer.judges import JudgeItem, Score, judge_client, score, token_f1
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure
+from kubedistill_trainer.speed import EngineTimings, speed_figures
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class Answer:
     completion_tokens: int
     seconds: float
     error: str | None = None
+    # llama.cpp's own timings of this call (speed.py); None from transformers, which has none.
+    prompt_eval_tokens: int | None = None
+    prompt_eval_ms: float | None = None
+    decode_tokens: int | None = None
+    decode_ms: float | None = None
 
 
 class Student(Protocol):
@@ -88,6 +94,10 @@ class GgufStudent:
         self.chat = bool(self.llm.metadata.get("tokenizer.chat_template"))
 
     def answer(self, messages: list[dict[str, str]], max_tokens: int) -> Answer:
+        import llama_cpp
+
+        # Counters from here on are this call's alone.
+        llama_cpp.llama_perf_context_reset(self.llm.ctx)
         start = time.perf_counter()
         try:
             if self.chat:
@@ -100,8 +110,16 @@ class GgufStudent:
                 text = out["choices"][0]["text"]
         except ValueError as exc:  # llama-cpp-python's "prompt exceeds context window"
             return Answer("", 0, time.perf_counter() - start, str(exc))
+        seconds = time.perf_counter() - start
+        perf = llama_cpp.llama_perf_context(self.llm.ctx)
         return Answer(
-            visible_answer(text), int(out["usage"]["completion_tokens"]), time.perf_counter() - start
+            visible_answer(text),
+            int(out["usage"]["completion_tokens"]),
+            seconds,
+            prompt_eval_tokens=int(perf.n_p_eval),
+            prompt_eval_ms=round(float(perf.t_p_eval_ms), 3),
+            decode_tokens=int(perf.n_eval),
+            decode_ms=round(float(perf.t_eval_ms), 3),
         )
 
     def close(self) -> None:
@@ -271,14 +289,14 @@ def answer_all(
 
 
 def timing(answers: Sequence[Answer]) -> dict[str, Any]:
-    seconds = [a.seconds for a in answers]
+    """Latency p50/p95 per answer and llama.cpp's prompt and decode rates (speed.py), answer length."""
+    engine = EngineTimings()
+    for a in answers:
+        if a.prompt_eval_ms is not None and a.decode_ms is not None:
+            engine.add(a.prompt_eval_tokens or 0, a.prompt_eval_ms, a.decode_tokens or 0, a.decode_ms)
     tokens = sum(a.completion_tokens for a in answers)
-    ordered = sorted(seconds)
     return {
-        "studentLatencyMeanSec": round(statistics.fmean(seconds), 4),
-        "studentLatencyP50Sec": round(ordered[len(ordered) // 2], 4),
-        "studentLatencyP95Sec": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 4),
-        "studentTokensPerSecond": round(tokens / max(sum(seconds), 1e-9), 2),
+        **speed_figures("student", [a.seconds for a in answers], engine),
         "studentTokensPerCall": round(tokens / len(answers), 2),
     }
 
@@ -399,6 +417,10 @@ def run(inv: StageInvocation) -> StageResult:
             eval_score=round(eval_score, 4),
             teacher_eval_score=round(teacher_score, 4),
             retention=round(retention, 4) if retention is not None else None,
+            student_latency_p50_sec=details["studentLatencyP50Sec"],
+            student_latency_p95_sec=details["studentLatencyP95Sec"],
+            student_prompt_tokens_per_second=details["studentPromptTokensPerSecond"],
+            student_decode_tokens_per_second=details["studentDecodeTokensPerSecond"],
         ),
         artifacts=Artifacts(eval_uri=eval_uri),
         details=details,

@@ -50,6 +50,7 @@ from kubedistill_trainer.budget import BudgetGate, worst_case_cost
 from kubedistill_trainer.prompts import Prepared, prepare_dataset
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
 from kubedistill_trainer.shards import ShardWriter, Work, answered_so_far, candidate_row
+from kubedistill_trainer.speed import speed_figures
 from kubedistill_trainer.teacher import (
     Completion,
     TeacherAborted,
@@ -81,6 +82,8 @@ class Outcome:
     retries: dict[str, int] = field(default_factory=dict)
     responses_without_usage: int = 0
     batch_details: dict[str, Any] = field(default_factory=dict)
+    # Latency p50/p95 and llama.cpp's timings of this attempt's requests (speed.speed_figures).
+    speed: dict[str, Any] = field(default_factory=dict)
 
 
 async def generate_candidates(
@@ -183,6 +186,7 @@ async def generate_candidates(
     outcome.seconds = time.perf_counter() - start
     outcome.retries = dict(client.retries)
     outcome.responses_without_usage = client.responses_without_usage
+    outcome.speed = speed_figures("teacher", client.latencies, client.engine)
     return outcome
 
 
@@ -354,6 +358,10 @@ def _generate(
         teacher_cached_input_tokens=usage.cached_input_tokens or None,
         teacher_saving_usd=saving or None,
         candidates=answered * spec.generation.n_samples,
+        teacher_latency_p50_sec=outcome.speed.get("teacherLatencyP50Sec"),
+        teacher_latency_p95_sec=outcome.speed.get("teacherLatencyP95Sec"),
+        teacher_prompt_tokens_per_second=outcome.speed.get("teacherPromptTokensPerSecond"),
+        teacher_decode_tokens_per_second=outcome.speed.get("teacherDecodeTokensPerSecond"),
     )
     artifacts = Artifacts(dataset_uri=f"{stage_uri}/dataset/", candidates_uri=f"{stage_uri}/candidates/")
     details = {
@@ -372,6 +380,7 @@ def _generate(
         "responsesWithoutUsage": outcome.responses_without_usage,
         "generationSeconds": round(outcome.seconds, 3),
         "requestsPerSecond": round(outcome.usage.calls / outcome.seconds, 2) if outcome.seconds else None,
+        **outcome.speed,
     }
     rejected_note = f"; {prepared.rejected} invalid dataset rows skipped" if prepared.rejected else ""
     result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)

@@ -16,6 +16,8 @@
 - Usage is taken from each successful response; cost = uncached input × input price + cached input
   (`prompt_tokens_details.cached_tokens`) × cached price + output × output price. Failed calls
   cost nothing and are not counted. `client.usage` holds the totals.
+- Each successful request's latency (sent → answer read, queueing in the server included) is kept in
+  `client.latencies`; a llama.cpp server's own per-response `timings` are summed in `client.engine`.
 
 The API key is sent only in the Authorization header; error messages never contain it.
 """
@@ -38,6 +40,7 @@ from urllib.parse import urlparse
 import httpx
 
 from kubedistill.catalog import ResolvedTeacher
+from kubedistill_trainer.speed import EngineTimings
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +219,8 @@ class TeacherClient:
         self.retries: Counter[str] = Counter()
         # Responses without a usage block (some self-hosted servers): their cost is unknown, not 0.
         self.responses_without_usage = 0
+        self.latencies: list[float] = []
+        self.engine = EngineTimings()
         self._aborted = False
         self._rpm = TokenBucket(requests_per_minute) if requests_per_minute else None
         self._tpm = TokenBucket(tokens_per_minute) if tokens_per_minute else None
@@ -351,6 +356,7 @@ class TeacherClient:
         return response
 
     async def _send(self, transport: httpx.AsyncHTTPTransport, content: bytes) -> Completion:
+        sent = time.perf_counter()
         try:
             response = await self._post(transport, content)
         except httpx.TimeoutException:
@@ -374,9 +380,12 @@ class TeacherClient:
                 )
             )
         try:
-            completion = parse_completion(response.json(), self.teacher)
+            payload = response.json()
+            completion = parse_completion(payload, self.teacher)
         except ValueError:  # not JSON, or not a chat completion
             raise _Retryable("malformed response") from None
+        self.latencies.append(time.perf_counter() - sent)
+        self.engine.add_server_timings(payload.get("timings"))
         if not completion.usage.calls:
             self.responses_without_usage += 1
             completion.usage.calls = 1

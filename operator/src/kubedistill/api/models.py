@@ -488,6 +488,33 @@ class Metrics(Model):
     eval_score: float | None = Field(default=None, description="Student's mean judge score, held-out rows.")
     teacher_eval_score: float | None = Field(default=None, description="Teacher's mean score, same rows.")
     retention: float | None = Field(default=None, description="evalScore / teacherEvalScore.")
+    # Speed, per request and taken apart: a whole-request tokens/s of short answers is mostly prompt
+    # processing and overhead. Prompt/decode rates are llama.cpp's own timings (the student's GGUF; a
+    # teacher only when its server reports them, as llama.cpp's does).
+    teacher_latency_p50_sec: float | None = Field(
+        default=None, ge=0.0, description="Teacher request latency, median."
+    )
+    teacher_latency_p95_sec: float | None = Field(
+        default=None, ge=0.0, description="Teacher request latency, p95."
+    )
+    teacher_prompt_tokens_per_second: float | None = Field(
+        default=None, ge=0.0, description="Teacher prompt processing, from its server's timings."
+    )
+    teacher_decode_tokens_per_second: float | None = Field(
+        default=None, ge=0.0, description="Teacher decoding, from its server's timings."
+    )
+    student_latency_p50_sec: float | None = Field(
+        default=None, ge=0.0, description="Student answer latency, median."
+    )
+    student_latency_p95_sec: float | None = Field(
+        default=None, ge=0.0, description="Student answer latency, p95."
+    )
+    student_prompt_tokens_per_second: float | None = Field(
+        default=None, ge=0.0, description="Student prompt processing, llama.cpp's timings."
+    )
+    student_decode_tokens_per_second: float | None = Field(
+        default=None, ge=0.0, description="Student decoding, llama.cpp's timings."
+    )
 
 
 class DistillationJobStatus(Model):

@@ -22,6 +22,7 @@ from kubedistill.api.stage import StageProgress
 from kubedistill.cli.app import app
 from kubedistill.cli.options import err_console, print_invalid
 from kubedistill.local.runner import LocalRun, RunState
+from kubedistill.machine import line
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -102,6 +103,8 @@ def _fmt(value: Any, kind: str = "") -> str:
         return f"{100 * value:.1f}%"
     if kind == "s":
         return f"{value:.0f} s"
+    if kind == "sec":
+        return f"{value:.3g} s"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -130,9 +133,23 @@ def summary_rows(f: Mapping[str, Any]) -> list[tuple[str, str]]:
          f"{_fmt(f['teacherPromptTokensPerCall'])} / {_fmt(f['teacherAnswerTokensPerCall'])}"),
         ("tokens per call, student (prompt / answer)",
          f"{_fmt(f['studentPromptTokensPerCall'])} / {_fmt(f['studentAnswerTokensPerCall'])}"),
-        ("student speed", f"{_fmt(f['studentTokensPerSecond'])} tokens/s"),
+        ("latency per call p50 / p95, teacher",
+         f"{_fmt(f['teacherLatencyP50Sec'], 'sec')} / {_fmt(f['teacherLatencyP95Sec'], 'sec')}"),
+        ("latency per call p50 / p95, student",
+         f"{_fmt(f['studentLatencyP50Sec'], 'sec')} / {_fmt(f['studentLatencyP95Sec'], 'sec')}"),
+        ("llama.cpp prompt / decode tokens/s, teacher", _rates(f, "teacher")),
+        ("llama.cpp prompt / decode tokens/s, student", _rates(f, "student")),
         ("wall time (all runs of this job)", _fmt(f["wallTimeSec"], "s")),
+        ("measured on", line(f["machine"]) if f.get("machine") else "–"),
     ]  # fmt: skip
+
+
+def _rates(f: Mapping[str, Any], who: str) -> str:
+    prompt, decode = f.get(f"{who}PromptTokensPerSecond"), f.get(f"{who}DecodeTokensPerSecond")
+    if prompt is None and decode is None:
+        why = "its server reports no llama.cpp timings" if who == "teacher" else "not served by llama.cpp"
+        return f"– ({why})"
+    return f"{_fmt(prompt)} / {_fmt(decode)}"
 
 
 def _summary(console: Console, run: LocalRun, state: RunState) -> None:

@@ -82,7 +82,7 @@ def llama_server(gguf: Path, alias: str, log_path: Path, threads: int | None = N
     """llama-cpp-python's OpenAI-compatible server on loopback; yields its base URL (…/v1)."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-m", "kubedistill.local.llama_server",
         "--model", str(gguf),
         "--model_alias", alias,
         "--host", "127.0.0.1",

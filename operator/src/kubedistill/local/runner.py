@@ -36,6 +36,7 @@ from kubedistill.local.processes import (
     run_baseline_process,
     run_stage_process,
 )
+from kubedistill.machine import describe
 from kubedistill.settings import Settings, from_mapping
 
 TIMING_FILE = "timing.json"
@@ -82,7 +83,9 @@ def estimate_summary(result: StageResult | None) -> dict[str, Any]:
     }
 
 
-def compute_figures(state: RunState, estimate: Mapping[str, Any], wall_s: float) -> dict[str, Any]:
+def compute_figures(
+    state: RunState, estimate: Mapping[str, Any], wall_s: float, machine: Mapping[str, Any]
+) -> dict[str, Any]:
     """The numbers the summary table shows (and local/summary.json keeps)."""
     res = {s: o.result for s, o in state.outcomes.items() if o.result is not None}
     gen, ev, tr = res.get(Stage.GENERATE), res.get(Stage.EVALUATE), res.get(Stage.TRAIN)
@@ -117,9 +120,18 @@ def compute_figures(state: RunState, estimate: Mapping[str, Any], wall_s: float)
         "studentPromptTokensPerCall": base.get("studentPromptTokensPerCall"),
         "studentAnswerTokensPerCall": ed.get("studentTokensPerCall"),
         "studentAnswerTokensPerCallBefore": base.get("studentTokensPerCall"),
-        "studentTokensPerSecond": ed.get("studentTokensPerSecond"),
+        "teacherLatencyP50Sec": gm.teacher_latency_p50_sec if gm else None,
+        "teacherLatencyP95Sec": gm.teacher_latency_p95_sec if gm else None,
+        "teacherPromptTokensPerSecond": gm.teacher_prompt_tokens_per_second if gm else None,
+        "teacherDecodeTokensPerSecond": gm.teacher_decode_tokens_per_second if gm else None,
+        "studentLatencyP50Sec": ed.get("studentLatencyP50Sec"),
+        "studentLatencyP95Sec": ed.get("studentLatencyP95Sec"),
+        "studentPromptTokensPerSecond": ed.get("studentPromptTokensPerSecond"),
+        "studentDecodeTokensPerSecond": ed.get("studentDecodeTokensPerSecond"),
         "stageSeconds": {s.value: round(o.seconds, 1) for s, o in state.outcomes.items()},
         "wallTimeSec": round(wall_s, 1),
+        # Times mean little without the machine and its load: measured at the end of the run.
+        "machine": machine,
     }
 
 
@@ -254,7 +266,7 @@ class LocalRun:
         timing["wallTimeSec"] = round(timing["wallTimeSec"] + time.monotonic() - started, 1)
         (self.local_dir / TIMING_FILE).write_text(json.dumps(timing, indent=2), encoding="utf-8")
         self.estimate = estimate_summary(read_result(self.base, Stage.ESTIMATE))
-        self.figures = compute_figures(state, self.estimate, timing["wallTimeSec"])
+        self.figures = compute_figures(state, self.estimate, timing["wallTimeSec"], describe())
         if self.succeeded(state):
             (self.local_dir / "summary.json").write_text(json.dumps(self.figures, indent=2), encoding="utf-8")
         return state
