@@ -386,7 +386,9 @@ def test_deletion_mid_run_removes_the_children(
     deleting = conditions_until_deleted(custom, ns, "doomed-early", version, "Deleting")
     wait_until(lambda: gone(custom, ns, "doomed-early"), "the DistillationJob to be deleted")
     assert deleting and deleting[0]["status"] == "True" and deleting[0]["reason"] == "StagePodsTerminating"
-    assert "stage pod(s) still terminating (doomed-early-generate-1-" in deleting[0]["message"]
+    # The estimate's finished pod and the running generate pod go with their Jobs.
+    assert "stage pod(s) still terminating (" in deleting[0]["message"]
+    assert "doomed-early-generate-1-" in deleting[0]["message"]
     assert child_jobs(batch, ns, "doomed-early") == []
     core = client.CoreV1Api(k8s_api)
     selector = f"{LABEL_JOB}=doomed-early"

@@ -30,6 +30,7 @@ from kubernetes import client
 from sdk_cli_support import wait_until
 
 from kubedistill import store
+from kubedistill.api.models import GROUP, STAGES, VERSION
 from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
 from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_testing.fake_teacher import FakeTeacher
@@ -41,9 +42,7 @@ from kubedistill_trainer.export import converter_dir
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION = "kubedistill.io", "v1alpha1"
 TRAINER_IMAGE = "ghcr.io/kubedistill/trainer"
-STAGES = ("generate", "curate", "train", "export", "evaluate")
 # Every stage starts a Python with torch on a shared machine: minutes, not seconds.
 WAIT_S = 480.0
 LABELS = ("billing", "bug", "account", "shipping")
