@@ -39,7 +39,8 @@ def test_estimate_is_within_15_percent_of_the_teachers_usage(tmp_path: Path) -> 
     student = run.student_dir()
     with run.teacher() as url:
         effective = plan.effective_spec(spec, url, student)
-        estimate = run.estimate_once(effective)
+        ran = run.run_stage(Stage.ESTIMATE, effective, lambda *_: None, lambda _: None)
+        estimate = runner.estimate_summary(ran)
         result = processes.run_stage_process(
             plan.invocation(run.name, run.uid, effective, Stage.GENERATE, run.base),
             run.local_dir,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kubedistill_testing.image_env import instructions as dockerfile_instructions
 from kubedistill_trainer import export
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,20 +25,7 @@ Instruction = tuple[str, str]
 
 
 def instructions(path: Path) -> list[Instruction]:
-    """(KEYWORD, rest) per instruction, continuation lines joined and comments dropped."""
-    out: list[Instruction] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        keyword, _, rest = (pending + line).partition(" ")
-        out.append((keyword.upper(), rest.strip()))
-        pending = ""
-    return out
+    return dockerfile_instructions(path.read_text())
 
 
 def build_args(ins: list[Instruction]) -> dict[str, str]:

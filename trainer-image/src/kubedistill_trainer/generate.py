@@ -192,7 +192,6 @@ async def generate_candidates(
 
 async def generate_in_batches(
     inv: StageInvocation,
-    works: Sequence[Work],
     todo: Sequence[Work],
     client: TeacherClient,
     gate: BudgetGate,
@@ -217,7 +216,7 @@ async def generate_in_batches(
     try:
         run = BatchRun(
             stage_uri=inv.stage_uri(),
-            works=works,
+            works=todo,
             gen=inv.spec.generation,
             api=api,
             client=client,
@@ -323,9 +322,8 @@ def _generate(
                 loop.add_signal_handler(sig, stop.set)
         async with make_client(inv, teacher) as client:
             if mode == "batch":
-                todo = list(prepared.works())
                 return await generate_in_batches(
-                    inv, todo, todo, client, gate, writer, on_progress=report_batch, stop=stop
+                    inv, list(prepared.works()), client, gate, writer, on_progress=report_batch, stop=stop
                 )
             return await generate_candidates(
                 prepared.works(),

@@ -193,20 +193,6 @@ class LocalRun:
             return ensure_hf_student(model.removeprefix(LOCAL_PREFIX), self.local_dir, self.child_env())
         return None
 
-    def estimate_once(self, spec: DistillationJobSpec) -> dict[str, Any]:
-        """The estimate stage's figures for the summary, running the stage first if it has not run.
-
-        Tokens are counted with the student's tokenizer when `spec` names a local student directory
-        (for the quick start, teacher and student are one model, so the count is the teacher's own).
-        """
-        result = read_result(self.base, Stage.ESTIMATE)
-        if result is None or not result.ok:
-            inv = invocation(self.name, self.uid, spec, Stage.ESTIMATE, self.base)
-            result = run_stage_process(
-                inv, self.local_dir, self.child_env(), lambda *_: None, lambda: self.stop
-            )
-        return estimate_summary(result)
-
     def load_timing(self) -> dict[str, Any]:
         """Seconds spent so far: per stage (its last run) and in all runs of this job together."""
         path = self.local_dir / TIMING_FILE

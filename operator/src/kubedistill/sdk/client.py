@@ -30,14 +30,13 @@ from kubedistill.sdk.mapping import (
     job_id,
     summary,
 )
+from kubedistill.sdk.offline import Dicts
 
 if TYPE_CHECKING:
     from kubernetes import client as k8s
 
 JOBS = "distillationjobs"
 ALIASES = "modelaliases"
-# `Distiller.list` shadows the builtin inside the class body.
-Dicts = list[dict[str, Any]]
 
 
 class Distiller:

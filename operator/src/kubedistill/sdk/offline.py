@@ -11,6 +11,7 @@ from kubedistill.catalog import Catalog
 from kubedistill.domain.estimate import estimate as estimate_spec
 from kubedistill.sdk.mapping import estimate_body, estimate_dict
 
+# Named, because `Distiller.list` shadows the builtin inside the client's class body.
 Dicts = list[dict[str, Any]]
 
 
