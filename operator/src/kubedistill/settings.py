@@ -17,6 +17,8 @@ from kubedistill.api.models import GPU_STAGES, STAGES, ResourceRequirements, Sta
 
 PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
+# A per-stage image override receives the namespace's storage credentials: only these prefixes pass.
+DEFAULT_IMAGE_PREFIXES = ("ghcr.io/kubedistill/",)
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Measured by bench/dataset_scale.py (peak RSS of each stage process; docs/memory.md): the estimate
@@ -44,6 +46,32 @@ def _default_gpu_tolerations() -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class StorageScope:
+    """Where one namespace (or every namespace carrying one label) keeps its data, and with what Secret.
+
+    Its URIs must lie under `s3://<bucket>/<prefix>/`; its stage pods get `secret` (a Secret of that
+    name in their own namespace) and, for IRSA or Pod Identity, run as `service_account`.
+    """
+
+    bucket: str
+    prefix: str = ""
+    secret: str | None = None
+    endpoint: str | None = None
+    service_account: str | None = None
+    namespace: str | None = None
+    label: tuple[str, str] | None = None
+
+    @property
+    def root(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}/" if self.prefix else f"s3://{self.bucket}/"
+
+    def matches(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if self.namespace is not None:
+            return self.namespace == namespace
+        return self.label is not None and labels.get(self.label[0]) == self.label[1]
+
+
+@dataclass(frozen=True)
 class Settings:
     """What the operator needs besides the DistillationJob itself."""
 
@@ -64,6 +92,16 @@ class Settings:
     storage_endpoint: str | None = None
     storage_secret: str | None = None
     artifact_root: str | None = None
+    # Multi-team clusters (docs/multi-team.md): with scopes, every namespace's URIs are confined to its
+    # scope (or to a shared read-only prefix); a namespace without one gets `<bucket>/<prefix>/<ns>/`
+    # with the shared Secret only when the default scope is allowed.
+    storage_scopes: tuple[StorageScope, ...] = ()
+    allow_default_scope: bool = True
+    shared_read_uris: tuple[str, ...] = ()
+    allowed_image_prefixes: tuple[str, ...] = DEFAULT_IMAGE_PREFIXES
+    # file:// (and bare paths) name the pod's own filesystem: meaningful only where every pod shares one,
+    # which a file:// artifact root says (single-node clusters, tests). None: follow the artifact root.
+    allow_file_uris: bool | None = None
     # Plain (non-secret) env for every stage container, e.g. HTTPS_PROXY or HF_HUB_OFFLINE.
     stage_env: dict[str, str] = field(default_factory=dict)
     namespaces: tuple[str, ...] = ()
@@ -77,6 +115,16 @@ class Settings:
     @property
     def default_gpus(self) -> Mapping[Stage, int]:
         return {stage: (self.train_gpus if stage in GPU_STAGES else 0) for stage in STAGES}
+
+    @property
+    def file_uris_allowed(self) -> bool:
+        if self.allow_file_uris is not None:
+            return self.allow_file_uris
+        return bool(self.artifact_root and self.artifact_root.startswith("file:"))
+
+    @property
+    def uses_namespace_labels(self) -> bool:
+        return any(scope.label is not None for scope in self.storage_scopes)
 
     def backoff_s(self, failed_attempts: int) -> float:
         """Delay before the next attempt after `failed_attempts` failures: base, 2·base, 4·base…"""
@@ -94,6 +142,35 @@ def _json_object(name: str, value: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{PREFIX}{name} is not valid JSON: {exc.msg}") from None
+
+
+def _bool(name: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{PREFIX}{name}={value!r} is not a boolean")
+
+
+def _scope(entry: Any) -> StorageScope:
+    """One entry of KUBEDISTILL_STORAGE_SCOPES: {namespace | namespaceSelector: {matchLabels: {k: v}},
+    bucket, prefix?, secret?, endpoint?, serviceAccount?}."""
+    where = f"{PREFIX}STORAGE_SCOPES entry {entry!r}"
+    if not isinstance(entry, dict) or not entry.get("bucket"):
+        raise ValueError(f"{where} needs a bucket")
+    labels = ((entry.get("namespaceSelector") or {}).get("matchLabels")) or {}
+    if bool(entry.get("namespace")) == bool(labels) or len(labels) > 1:
+        # One label keeps the admission policy's bindings exact (docs/multi-team.md).
+        raise ValueError(f"{where} needs either namespace or namespaceSelector.matchLabels with one label")
+    return StorageScope(
+        bucket=str(entry["bucket"]),
+        prefix=str(entry.get("prefix") or "").strip("/"),
+        secret=entry.get("secret") or None,
+        endpoint=entry.get("endpoint") or None,
+        service_account=entry.get("serviceAccount") or None,
+        namespace=entry.get("namespace") or None,
+        label=next(((str(k), str(v)) for k, v in labels.items()), None),
+    )
 
 
 def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Settings:
@@ -125,6 +202,18 @@ def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Set
                 raise ValueError(f"{PREFIX}{key}={get[key]!r} is not a valid {convert.__name__}") from None
     if get.get("NAMESPACES"):
         updates["namespaces"] = _csv(get["NAMESPACES"])
+    if get.get("STORAGE_SCOPES"):
+        scopes = _json_object("STORAGE_SCOPES", get["STORAGE_SCOPES"])
+        if not isinstance(scopes, list):
+            raise ValueError(f"{PREFIX}STORAGE_SCOPES must be a JSON list")
+        updates["storage_scopes"] = tuple(_scope(entry) for entry in scopes)
+    for key, attr in (("ALLOW_DEFAULT_SCOPE", "allow_default_scope"), ("ALLOW_FILE_URIS", "allow_file_uris")):
+        if get.get(key):
+            updates[attr] = _bool(key, get[key])
+    if get.get("SHARED_READ_URIS"):
+        updates["shared_read_uris"] = _csv(get["SHARED_READ_URIS"])
+    if "ALLOWED_IMAGE_PREFIXES" in get:
+        updates["allowed_image_prefixes"] = _csv(get["ALLOWED_IMAGE_PREFIXES"])
     if get.get("GPU_TOLERATIONS"):
         updates["gpu_tolerations"] = _json_object("GPU_TOLERATIONS", get["GPU_TOLERATIONS"])
     if get.get("GPU_NODE_SELECTOR"):

@@ -6,12 +6,18 @@ from datetime import datetime
 from typing import Any
 
 from kubedistill.api.models import AliasTarget, DistillationJob, ModelAlias, ModelAliasStatus
+from kubedistill.domain import conditions as cond
 from kubedistill.domain.alias import RESOLVED_TARGET_ANNOTATION, remember, resolve, target_annotation
+from kubedistill.domain.uri_policy import alias_violations, summary
+from kubedistill.handlers.policy import POLICY_VIOLATION, namespace_policy
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
+from kubedistill.settings import Settings
 
 
-async def reconcile_alias(kube: Kube, body: dict[str, Any], now: datetime) -> ModelAliasStatus:
+async def reconcile_alias(
+    kube: Kube, body: dict[str, Any], now: datetime, settings: Settings
+) -> ModelAliasStatus:
     """Resolve the target; when it changed since the last resolution, remember the previous one.
 
     The last resolved target is kept in an annotation, so a change is noticed even if the operator
@@ -19,6 +25,10 @@ async def reconcile_alias(kube: Kube, body: dict[str, Any], now: datetime) -> Mo
     """
     alias = ModelAlias.model_validate(body)
     namespace = alias.metadata.namespace or "default"
+    _, policy = await namespace_policy(kube, settings, namespace)
+    violations = alias_violations(alias.spec, policy)
+    if violations:
+        return await _refuse(kube, alias, summary(violations), now)
     job = None
     if alias.spec.target.distillation_job is not None:
         found = await resources.get_distillation_job(kube, namespace, alias.spec.target.distillation_job)
@@ -36,4 +46,23 @@ async def reconcile_alias(kube: Kube, body: dict[str, Any], now: datetime) -> Mo
         await resources.annotate_alias(
             kube, namespace, alias.metadata.name, {RESOLVED_TARGET_ANNOTATION: current}
         )
+    return status
+
+
+async def _refuse(kube: Kube, alias: ModelAlias, message: str, now: datetime) -> ModelAliasStatus:
+    """A target outside the namespace's scope resolves to nothing; the Ready condition names the field."""
+    status = (alias.status or ModelAliasStatus()).model_copy(update={"gguf_uri": None, "adapter_uri": None})
+    status.model = None
+    status.conditions = cond.set_condition(
+        status.conditions,
+        cond.READY,
+        "False",
+        POLICY_VIOLATION,
+        message,
+        now=now,
+        generation=alias.metadata.generation,
+    )
+    namespace = alias.metadata.namespace or "default"
+    if status.to_k8s() != (alias.status or ModelAliasStatus()).to_k8s():
+        await resources.patch_alias_status(kube, namespace, alias.metadata.name, status.to_k8s())
     return status

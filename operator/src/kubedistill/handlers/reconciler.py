@@ -35,7 +35,9 @@ from kubedistill.domain.deletion import is_deleting, terminating_message
 from kubedistill.domain.naming import artifact_base
 from kubedistill.domain.observation import Observed
 from kubedistill.domain.phases import decide
+from kubedistill.domain.uri_policy import summary
 from kubedistill.handlers.alias import reconcile_alias
+from kubedistill.handlers.policy import POLICY_VIOLATION, job_problems, namespace_policy
 from kubedistill.k8s import observe, resources
 from kubedistill.k8s.client import ApiError, Kube
 from kubedistill.metrics import OperatorMetrics, failure_reason
@@ -64,6 +66,12 @@ class EventPoster(Protocol):
 
 class Stopped(Protocol):
     def __bool__(self) -> bool: ...
+
+
+def _problems(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)[:5]
+    )
 
 
 def _utcnow() -> datetime:
@@ -173,28 +181,33 @@ class Reconciler:
         try:
             job = DistillationJob.model_validate(body)
         except ValidationError as err:
-            await self._report_invalid(body, err)
+            await self._report_refused(body, "InvalidSpec", _problems(err))
             return None
-        observed = await self.observe(job)
-        decision = decide(job, observed, self.clock(), self.settings)
-        await self.apply(job, decision)
+        settings, policy = await namespace_policy(self.kube, self.settings, namespace)
+        violations = job_problems(job, settings, policy)
+        if violations:
+            await self._report_refused(body, POLICY_VIOLATION, summary(violations))
+            return None
+        observed = await self.observe(job, settings)
+        decision = decide(job, observed, self.clock(), settings)
+        await self.apply(job, decision, settings)
         await self._publish(body, job, decision, observed)
         return decision.requeue_after
 
-    async def observe(self, job: DistillationJob) -> Observed:
+    async def observe(self, job: DistillationJob, settings: Settings) -> Observed:
         status = job.status or DistillationJobStatus()
         terminal = cond.is_true(status.conditions, cond.COMPLETE) or cond.is_true(
             status.conditions, cond.FAILED
         )
-        children = await observe.observe_children(self.kube, job, self.settings)
+        children = await observe.observe_children(self.kube, job, settings)
         if terminal:
             return Observed(children=children)
-        missing = await observe.missing_secrets(self.kube, job, self.settings)
+        missing = await observe.missing_secrets(self.kube, job, settings)
         running = [c for c in children if not c.finished and c.pod is not None and c.pod.phase == "Running"]
         progress = None
         if running:
             latest = max(running, key=lambda c: (c.stage, c.attempt))
-            progress = await observe.read_progress(job, latest.stage, latest.attempt, self.settings)
+            progress = await observe.read_progress(job, latest.stage, latest.attempt, settings)
         alias_job = None
         if status.phase == Phase.PROMOTING and job.spec.promotion.alias:
             alias = await resources.get_alias(
@@ -209,11 +222,11 @@ class Reconciler:
             alias_target_job=alias_job,
         )
 
-    async def apply(self, job: DistillationJob, decision: Decision) -> None:
+    async def apply(self, job: DistillationJob, decision: Decision, settings: Settings) -> None:
         namespace = job.metadata.namespace or "default"
         for action in decision.actions:
             if isinstance(action, CreateJob):
-                await self._create_stage_job(job, action)
+                await self._create_stage_job(job, action, settings)
             elif isinstance(action, SetSuspend):
                 await resources.set_job_suspend(self.kube, namespace, action.job_name, action.suspend)
             elif isinstance(action, DeleteJobs):
@@ -222,12 +235,12 @@ class Reconciler:
             elif isinstance(action, Promote):
                 await self._promote(job, action)
 
-    async def _create_stage_job(self, job: DistillationJob, action: CreateJob) -> None:
+    async def _create_stage_job(self, job: DistillationJob, action: CreateJob, settings: Settings) -> None:
         manifests = build_stage_manifests(
             job,
             action.stage,
             action.attempt,
-            self.settings,
+            settings,
             active_deadline_seconds=action.active_deadline_seconds,
         )
         created = False
@@ -313,13 +326,11 @@ class Reconciler:
         """Aliases naming this job resolve now that its artifacts are final (no alias timer needed)."""
         for alias in await resources.list_aliases(self.kube, namespace):
             if ((alias.get("spec") or {}).get("target") or {}).get("distillationJob") == name:
-                await reconcile_alias(self.kube, alias, self.clock())
+                await reconcile_alias(self.kube, alias, self.clock(), self.settings)
 
-    async def _report_invalid(self, body: dict[str, Any], err: ValidationError) -> None:
-        """A spec the models refuse (the CRD schema should have): say so in the status, do nothing else."""
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False)[:5]
-        )
+    async def _report_refused(self, body: dict[str, Any], reason: str, problems: str) -> None:
+        """A spec the models or the namespace's policy refuse (admission should have): say so in the
+        status, read and start nothing."""
         meta = body["metadata"]
         status = DistillationJobStatus.model_validate(body.get("status") or {})
         status.phase = Phase.FAILED
@@ -327,7 +338,7 @@ class Reconciler:
             status.conditions,
             cond.READY,
             "False",
-            "InvalidSpec",
+            reason,
             problems,
             now=self.clock(),
             generation=meta.get("generation"),
@@ -356,8 +367,16 @@ class Reconciler:
             )
             await self._report_deleting(body, cond.Reason.PODS_TERMINATING, message)
             return FINALIZE_POLL_S
+        settings, policy = await namespace_policy(self.kube, self.settings, namespace)
+        violations = job_problems(job, settings, policy)
+        if violations:
+            # Its artifact location is not this namespace's to delete: let the job go, delete nothing.
+            log.warning(
+                "artifacts not deleted: %s", summary(violations), extra={"job": name, "namespace": namespace}
+            )
+            return None
         try:
-            base = artifact_base(artifact_root(job, self.settings), namespace, name, job.metadata.uid or "")
+            base = artifact_base(artifact_root(job, settings), namespace, name, job.metadata.uid or "")
             deleted = await asyncio.to_thread(store.delete_prefix, base + "/")
         except (store.StoreError, ValueError) as err:  # ValueError: no artifact storage is configured at all
             await self._report_deleting(

@@ -131,4 +131,4 @@ async def distillation_job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -
 async def alias_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     """Every alias event resolves it again (idempotent): no kopf state is kept on aliases at all."""
     if type != "DELETED":
-        await reconcile_alias(memo.service.kube, dict(body), datetime.now(UTC))
+        await reconcile_alias(memo.service.kube, dict(body), datetime.now(UTC), memo.service.settings)

@@ -126,6 +126,12 @@ async def secret_exists(kube: Kube, namespace: str, name: str) -> bool:
     return found is not None
 
 
+async def namespace_labels(kube: Kube, namespace: str) -> dict[str, str]:
+    found = await get_or_none(kube, f"/api/v1/namespaces/{namespace}")
+    labels: dict[str, str] = ((found or {}).get("metadata") or {}).get("labels") or {}
+    return labels
+
+
 async def get_configmap(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
     return await get_or_none(kube, f"/api/v1/namespaces/{namespace}/configmaps/{name}")
 
