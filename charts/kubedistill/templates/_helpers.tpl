@@ -145,3 +145,8 @@ env:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
+
+{{/* Non-empty when a storage scope selects its namespaces by label. */}}
+{{- define "kubedistill.labelScopes" -}}
+{{- range .Values.storage.scopes }}{{ if .namespaceSelector }}yes{{ end }}{{ end }}
+{{- end }}

@@ -96,7 +96,7 @@ class Settings:
     # scope (or to a shared read-only prefix); a namespace without one gets `<bucket>/<prefix>/<ns>/`
     # with the shared Secret only when the default scope is allowed.
     storage_scopes: tuple[StorageScope, ...] = ()
-    allow_default_scope: bool = True
+    allow_default_scope: bool = False
     shared_read_uris: tuple[str, ...] = ()
     allowed_image_prefixes: tuple[str, ...] = DEFAULT_IMAGE_PREFIXES
     # file:// (and bare paths) name the pod's own filesystem: meaningful only where every pod shares one,
