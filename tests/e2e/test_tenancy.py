@@ -268,11 +268,12 @@ def test_without_the_policy_the_operator_refuses_and_reads_nothing(tenancy: Tena
         _delete(tenancy.dyn, doc)
     _wait_enforced(tenancy, False)
     try:
-        for namespace, body, field in ESCAPES:
-            tenancy.create(namespace, body())
-        for namespace, body, field in ESCAPES:
+        created = [(namespace, body(), field) for namespace, body, field in ESCAPES]
+        for namespace, obj, _ in created:
+            tenancy.create(namespace, obj)
+        for namespace, obj, field in created:
             ready = wait_for(
-                lambda n=namespace, b=body(): (
+                lambda n=namespace, b=obj: (
                     (r := _ready(tenancy, n, b)) and r["reason"] == "PolicyViolation" and r
                 ),
                 what=f"{namespace}: PolicyViolation naming {field}",

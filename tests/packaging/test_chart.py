@@ -166,7 +166,7 @@ def test_gpu_values_reach_the_operator_settings(render: Callable[..., list[dict[
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "kubedistill"
     crds = {d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
-    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(one(docs, "ClusterRole"))
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(one(docs, "ClusterRole", "kd-kubedistill"))
     rule = one(docs, "PrometheusRule")
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
     assert alerts["KubedistillJobStuckPending"]["expr"].endswith("> 1800")
@@ -241,7 +241,7 @@ def test_cluster_wide_rbac_has_no_secret_node_or_rbac_access(
     render: Callable[..., list[dict[str, Any]]],
 ) -> None:
     docs = render({})
-    cluster = rules_of(one(docs, "ClusterRole"))
+    cluster = rules_of(one(docs, "ClusterRole", "kd-kubedistill"))
     assert cluster == JOB_RULES | {
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
@@ -258,7 +258,7 @@ def test_namespaced_rbac_is_roles_in_the_watched_namespaces(
     render: Callable[..., list[dict[str, Any]]],
 ) -> None:
     docs = render(VALUE_SETS["namespaced-minio"])
-    cluster = rules_of(one(docs, "ClusterRole"))
+    cluster = rules_of(one(docs, "ClusterRole", "kd-kubedistill"))
     # Cluster-wide only what kopf needs to notice CRDs and namespaces come and go: nothing about jobs.
     assert cluster == {
         (group, resource, verb)
@@ -279,7 +279,7 @@ def test_secret_reads_only_where_listed(render: Callable[..., list[dict[str, Any
     docs = render({"rbac": {"secretNamespaces": ["ml"]}})
     (role,) = by_kind(docs, "Role")
     assert (role["metadata"]["namespace"], rules_of(role)) == ("ml", {("", "secrets", "get")})
-    assert not rules_of(one(docs, "ClusterRole")) & FORBIDDEN
+    assert not rules_of(one(docs, "ClusterRole", "kd-kubedistill")) & FORBIDDEN
     assert not [d for d in render({"rbac": {"create": False}}) if d["kind"].endswith(("Role", "RoleBinding"))]
 
 

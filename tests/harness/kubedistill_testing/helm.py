@@ -31,7 +31,8 @@ HELM_VERSION = "v3.21.4"
 
 
 # The value sets the chart is tested with (tests/unit/test_chart.py renders them, tests/e2e/test_helm.py
-# sends them to the API server): the defaults; namespaced with MinIO; GPU placement, peering and alerts.
+# sends them to the API server): the defaults; namespaced with MinIO; GPU placement, peering and alerts;
+# two teams with their own storage scopes.
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "namespaced-minio": {
@@ -64,6 +65,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "replicaCount": 2,
         "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    },
+    "multi-team": {
+        "storage": {
+            "bucket": "shared",
+            "existingSecret": "s3-shared",
+            "sharedReadURIs": ["s3://models-cache/"],
+            "scopes": [
+                {"namespace": "team-a", "bucket": "teams", "prefix": "a", "secret": "s3-team-a"},
+                {
+                    "namespaceSelector": {"matchLabels": {"kubedistill.io/team": "b"}},
+                    "bucket": "teams",
+                    "prefix": "b",
+                    "secret": "s3-team-b",
+                    "serviceAccount": "team-b-s3",
+                },
+            ],
+        },
+        "policy": {"allowedImagePrefixes": ["ghcr.io/kubedistill/", "registry.example.com/ml/"]},
     },
 }
 
