@@ -21,6 +21,7 @@ from kubedistill.builders import artifact_root
 from kubedistill.domain.conditions import parse_time, rfc3339
 from kubedistill.domain.deletion import FINALIZER, deletes_artifacts, has_finalizer
 from kubedistill.domain.naming import artifact_base
+from kubedistill.domain.uri_policy import job_violations, resolve
 from kubedistill.settings import Settings
 
 PLURAL = "distillationjobs"
@@ -70,10 +71,18 @@ def held_jobs(bodies: Iterable[Mapping[str, Any]], settings: Settings) -> list[H
 
 
 def artifact_location(body: Mapping[str, Any], settings: Settings) -> str | None:
+    """Where the job's artifacts are, if inside its namespace's storage scope (None: nothing to delete).
+
+    Scopes chosen by namespace label are not resolved here (no namespace read): such jobs' artifacts are
+    left behind, with the event saying where, rather than deleted with the wrong scope.
+    """
     try:
         job = DistillationJob.model_validate(body)
-        root = artifact_root(job, settings)
+        scoped, policy = resolve(settings, job.metadata.namespace or "default", {})
+        root = artifact_root(job, scoped)
     except (ValidationError, ValueError):
+        return None
+    if job_violations(job, policy, root):
         return None
     meta = job.metadata
     return artifact_base(root, meta.namespace or "default", meta.name, meta.uid or "")
