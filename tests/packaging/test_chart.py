@@ -166,11 +166,47 @@ def test_gpu_values_reach_the_operator_settings(render: Callable[..., list[dict[
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "kubedistill"
     crds = {d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition")}
     assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
-    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(one(docs, "ClusterRole", "kd-kubedistill"))
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in rules_of(
+        one(docs, "ClusterRole", "kd-kubedistill")
+    )
     rule = one(docs, "PrometheusRule")
     alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
     assert alerts["KubedistillJobStuckPending"]["expr"].endswith("> 1800")
     assert one(docs, "ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_multi_team_scopes_reach_the_operator_and_the_admission_policy(
+    render: Callable[..., list[dict[str, Any]]],
+) -> None:
+    docs = render(VALUE_SETS["multi-team"])
+    settings = from_mapping(settings_of(docs))
+    a, b = settings.storage_scopes
+    assert (a.namespace, a.root, a.secret) == ("team-a", "s3://teams/a/", "s3-team-a")
+    assert (b.label, b.root, b.service_account) == (
+        ("kubedistill.io/team", "b"),
+        "s3://teams/b/",
+        "team-b-s3",
+    )
+    assert not settings.allow_default_scope and settings.shared_read_uris == ("s3://models-cache/",)
+    assert settings.allowed_image_prefixes == ("ghcr.io/kubedistill/", "registry.example.com/ml/")
+    bindings = {d["metadata"]["name"]: d["spec"] for d in by_kind(docs, "ValidatingAdmissionPolicyBinding")}
+    assert set(bindings) == {
+        "kd-kubedistill-scope-0",
+        "kd-kubedistill-scope-1",
+        "kd-kubedistill-scope-default",
+    }
+    # The parameters live in the release namespace, out of the teams' reach.
+    assert {spec["paramRef"]["namespace"] for spec in bindings.values()} == {NAMESPACE}
+    assert bindings["kd-kubedistill-scope-default"]["matchResources"]["namespaceSelector"][
+        "matchExpressions"
+    ] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["team-a"]},
+        {"key": "kubedistill.io/team", "operator": "NotIn", "values": ["b"]},
+    ]
+    assert one(docs, "ConfigMap", "-scope-default")["data"]["refuse"] == "true"
+    # A label scope: the operator reads namespaces' labels.
+    assert ("", "namespaces", "get") in rules_of(one(docs, "ClusterRole", "kd-kubedistill"))
+    assert ("", "namespaces", "get") not in rules_of(one(render({}), "ClusterRole", "kd-kubedistill"))
 
 
 def test_namespaced_install_with_minio(render: Callable[..., list[dict[str, Any]]]) -> None:
