@@ -88,13 +88,14 @@ def resolve(settings: Settings, namespace: str, labels: Mapping[str, str]) -> tu
 
 
 def job_uris(job: DistillationJob, artifact_root: str) -> list[tuple[str, str, Access]]:
-    """Every URI a DistillationJob names, with its field path; the artifact root only when the spec moves it."""
+    """Every URI a DistillationJob names, with its field path; the artifact root only when the spec moves it
+    (an empty root: no storage configured at all, nothing is written)."""
     spec = job.spec
     found: list[tuple[str, str, Access]] = []
     if spec.dataset.uri is not None:
         found.append(("spec.dataset.uri", spec.dataset.uri, Access.READ))
     found.append(("spec.student.model", spec.student.model, Access.MODEL))
-    if spec.storage.bucket is not None or spec.storage.prefix is not None:
+    if artifact_root and (spec.storage.bucket is not None or spec.storage.prefix is not None):
         field = "spec.storage.bucket" if spec.storage.bucket is not None else "spec.storage.prefix"
         namespace = job.metadata.namespace or "default"
         found.append((field, f"{artifact_root.rstrip('/')}/{namespace}/", Access.WRITE))
