@@ -197,6 +197,15 @@ def test_helm_install_dry_run_with_minio_tells_how_to_share_the_s3_secret(
         f"kubectl -n {namespace} get secret {secret} -o jsonpath='{{.data.AWS_SECRET_ACCESS_KEY}}'" in notes
     )
     assert "WARNING" not in notes
+    # With a storage scope per namespace, no namespace gets a copy of the operator's Secret.
+    scoped = {
+        **values,
+        "storage": {"scopes": [{"namespace": extra_namespaces[0], "bucket": "teams", "secret": "s3"}]},
+    }
+    values_file.write_text(yaml.safe_dump(scoped))
+    notes = helm.run([*install, "--values", str(values_file)]).stdout.split("NOTES:", 1)[1]
+    assert f"create secret generic {secret}" not in notes and "docs/multi-team.md" in notes
+    assert f"--clusterrole={release}-kubedistill-team" in notes
 
 
 def served(dyn: DynamicClient, crd: dict[str, Any]) -> bool:
