@@ -100,9 +100,11 @@ async def set_job_suspend(kube: Kube, namespace: str, name: str, suspend: bool) 
 async def list_workloads(kube: Kube, namespace: str, job_uids: list[str]) -> list[dict[str, Any]]:
     """Kueue's Workloads of these Jobs (Kueue labels each with its Job's uid)."""
     selector = f"{JOB_UID_LABEL} in ({','.join(job_uids)})"
-    found = await kube.request(
-        "GET", f"{WORKLOADS}/namespaces/{namespace}/workloads", params={"labelSelector": selector}
+    found = await get_or_none(
+        kube, f"{WORKLOADS}/namespaces/{namespace}/workloads", params={"labelSelector": selector}
     )
+    if found is None:  # Kueue is not installed: the Queued condition says the Workload is missing
+        return []
     items: list[dict[str, Any]] = found.get("items", [])
     return items
 
