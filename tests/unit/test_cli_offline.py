@@ -175,13 +175,18 @@ def test_get_rows_follow_the_printer_columns() -> None:
             "phase": "Training",
             "progress": {"stage": "train", "percent": 62.5},
             "metrics": {"teacherCostTotal": 1.23456, "evalScore": None},
-            "conditions": [{"type": "Ready", "status": "False", "message": "stage train running"}],
+            "conditions": [
+                {"type": "Ready", "status": "False", "message": "stage train running"},
+                {"type": "Queued", "status": "True", "reason": "Pending"},
+            ],
         },
     }
     header, rows = render.job_rows([obj], wide=True)
-    assert header == ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "COST", "EVAL", "AGE", "MESSAGE"]
-    assert rows[0][:7] == ["triage", "Training", "62%", "openai/gpt-4o", "qwen3-0.6b", "1.2346", ""]
-    assert rows[0][8] == "stage train running"
+    assert header == [
+        "NAME", "PHASE", "PROGRESS", "QUEUED", "TEACHER", "STUDENT", "COST", "EVAL", "AGE", "MESSAGE"
+    ]  # fmt: skip
+    assert rows[0][:8] == ["triage", "Training", "62%", "True", "openai/gpt-4o", "qwen3-0.6b", "1.2346", ""]
+    assert rows[0][9] == "stage train running"
 
 
 def test_age_like_kubectl() -> None:
