@@ -74,6 +74,14 @@ def test_a_queued_stage_job_carries_the_label_and_starts_suspended() -> None:
     assert requests["cpu"] and requests["memory"]  # Kueue counts requests against the ClusterQueue
 
 
+def test_an_empty_resources_override_keeps_the_default_requests() -> None:
+    job = build_stage_manifests(make_job(resources={"train": {"resources": {}}}), Stage.TRAIN, 1, SETTINGS)[
+        -1
+    ]
+    requests = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    assert requests == SETTINGS.stage_resources[Stage.TRAIN].requests
+
+
 def test_the_operators_default_queue_applies_unless_the_job_names_its_own() -> None:
     settings = from_mapping({"KUBEDISTILL_QUEUE_NAME": "team-a"}, SETTINGS)
     default = build_stage_manifests(make_job(), Stage.TRAIN, 1, settings)[-1]

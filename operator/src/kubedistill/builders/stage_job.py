@@ -134,6 +134,9 @@ def _env(
 def _resources(job: DistillationJob, stage: Stage, settings: Settings) -> tuple[dict[str, Any], int]:
     overrides = job.spec.resources.for_stage(stage)
     base = overrides.resources if overrides is not None and overrides.resources is not None else None
+    # An override that sets nothing keeps the defaults: every pod has requests (a queue counts them).
+    if base is not None and not (base.requests or base.limits):
+        base = None
     resources = (base or settings.stage_resources.get(stage) or ResourceRequirements()).to_k8s()
     gpus = (
         overrides.gpus
