@@ -119,7 +119,7 @@ class JobHistory:
         for event in self._watch.stream(
             batch.list_namespaced_job, namespace, timeout_seconds=int(WAIT_S) * 3
         ):
-            self.versions.append(client.ApiClient().sanitize_for_serialization(event["object"]))
+            self.versions.append(batch.api_client.sanitize_for_serialization(event["object"]))
 
     def stop(self) -> None:
         self._watch.stop()
