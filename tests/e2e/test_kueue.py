@@ -9,6 +9,7 @@ admission webhooks registered, so the operator's own create-suspended path is wh
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import threading
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from kubedistill_testing.kubelet import LocalKubelet
 pytestmark = pytest.mark.cluster
 
 KUEUE = ("kueue.x-k8s.io", "v1beta2")
+KUEUE_API = "/".join(KUEUE)
 GPU = "nvidia.com/gpu"
 WAIT_S = 120.0
 
@@ -63,7 +65,9 @@ def queue(k8s_api: client.ApiClient, namespace: str, kueue: kueue_harness.Kueue)
     custom = client.CustomObjectsApi(k8s_api)
     name = f"kd-{namespace}"
     custom.create_cluster_custom_object(
-        *KUEUE, "resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": name}}
+        *KUEUE,
+        "resourceflavors",
+        {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": name}},
     )
     quota = [
         {"name": "cpu", "nominalQuota": "64"},
@@ -74,6 +78,7 @@ def queue(k8s_api: client.ApiClient, namespace: str, kueue: kueue_harness.Kueue)
         *KUEUE,
         "clusterqueues",
         {
+            "apiVersion": KUEUE_API,
             "kind": "ClusterQueue",
             "metadata": {"name": name},
             "spec": {
@@ -88,7 +93,7 @@ def queue(k8s_api: client.ApiClient, namespace: str, kueue: kueue_harness.Kueue)
         },
     )
     custom.create_namespaced_custom_object(
-        *KUEUE, namespace, "localqueues", {"kind": "LocalQueue", "metadata": {"name": "gpu"}, "spec": {"clusterQueue": name}}
+        *KUEUE, namespace, "localqueues", {"apiVersion": KUEUE_API, "kind": "LocalQueue", "metadata": {"name": "gpu"}, "spec": {"clusterQueue": name}}
     )  # fmt: skip
     yield "gpu"
     custom.delete_cluster_custom_object(*KUEUE, "clusterqueues", name)
@@ -111,17 +116,27 @@ class JobHistory:
 
     def __init__(self, batch: client.BatchV1Api, namespace: str) -> None:
         self.versions: list[dict[str, Any]] = []
+        self._stopped = threading.Event()
         self._watch = watch.Watch()
-        self._thread = threading.Thread(target=self._run, args=(batch, namespace), daemon=True)
+        version = batch.list_namespaced_job(namespace).metadata.resource_version
+        self._thread = threading.Thread(target=self._run, args=(batch, namespace, version), daemon=True)
         self._thread.start()
 
-    def _run(self, batch: client.BatchV1Api, namespace: str) -> None:
-        for event in self._watch.stream(
-            batch.list_namespaced_job, namespace, timeout_seconds=int(WAIT_S) * 3
-        ):
-            self.versions.append(batch.api_client.sanitize_for_serialization(event["object"]))
+    def _run(self, batch: client.BatchV1Api, namespace: str, version: str) -> None:
+        while not self._stopped.is_set():
+            try:
+                for event in self._watch.stream(
+                    batch.list_namespaced_job, namespace, resource_version=version, timeout_seconds=30
+                ):
+                    obj = batch.api_client.sanitize_for_serialization(event["object"])
+                    version = obj["metadata"]["resourceVersion"]
+                    self.versions.append(obj)
+            except Exception:  # a dropped stream resumes from the last version seen
+                if self._stopped.wait(1.0):
+                    return
 
     def stop(self) -> None:
+        self._stopped.set()
         self._watch.stop()
 
     def of(self, name: str) -> list[dict[str, Any]]:
@@ -151,11 +166,17 @@ def creator(versions: list[dict[str, Any]]) -> str:
 
 
 def test_the_second_train_stage_waits_in_kueue_until_the_first_frees_the_gpu(
-    operator: Operator, queue: str, one_gpu: None, k8s_api: client.ApiClient, tmp_path: Path
+    operator: Operator,
+    queue: str,
+    one_gpu: None,
+    k8s_api: client.ApiClient,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     ns = operator.namespace
     custom, batch = client.CustomObjectsApi(k8s_api), client.BatchV1Api(k8s_api)
     history = JobHistory(batch, ns)
+    request.addfinalizer(history.stop)
     release = tmp_path / "release-train"
     # The second job names no queue: the operator's default sends it to the same LocalQueue.
     operator.env.update({"KUBEDISTILL_DEFAULT_TRAIN_GPUS": "1", "KUBEDISTILL_QUEUE_NAME": queue})
@@ -173,7 +194,8 @@ def test_the_second_train_stage_waits_in_kueue_until_the_first_frees_the_gpu(
     def queued(name: str) -> dict[str, Any] | None:
         obj = get_job(custom, ns, name)
         found = condition(obj, "Queued")
-        return obj if found and found["status"] == "True" and found["reason"] == "Pending" else None
+        held = found is not None and found["status"] == "True" and f"{name}-train-1" in found["message"]
+        return obj if held and found["reason"] == "Pending" else None
 
     held = wait_until(lambda: queued("second"), "second's train Job to be queued by Kueue", WAIT_S)
     message = condition(held, "Queued")["message"]  # type: ignore[index]
@@ -183,13 +205,15 @@ def test_the_second_train_stage_waits_in_kueue_until_the_first_frees_the_gpu(
     second_train = batch.read_namespaced_job("second-train-1", ns)
     assert second_train.spec.suspend is True and second_train.metadata.labels[QUEUE_LABEL] == queue
     # The printer column `kubectl get dj` shows.
-    table = k8s_api.call_api(
+    response = k8s_api.call_api(
         f"/apis/kubedistill.io/v1alpha1/namespaces/{ns}/distillationjobs/second",
         "GET",
         header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
-        response_type="object",
+        auth_settings=["BearerToken"],
+        _preload_content=False,
         _return_http_data_only=True,
     )
+    table = json.loads(response.data)
     columns = [c["name"] for c in table["columnDefinitions"]]
     assert table["rows"][0]["cells"][columns.index("Queued")] == "True"
 

@@ -22,6 +22,8 @@ JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 DEACTIVATED_ANNOTATION = "kubedistill.io/deactivated-for-suspend"
 # Our reasons where Kueue has not spoken yet; otherwise the Workload's condition reason is passed on.
 NO_WORKLOAD = "WorkloadPending"
+# A Workload Kueue has not judged yet (no QuotaReserved condition).
+NOT_YET_CONSIDERED = "AwaitingAdmission"
 ADMITTED = "Admitted"
 
 
@@ -75,7 +77,7 @@ def held(child: ChildJob) -> tuple[str, str] | None:
         return None
     detail = workload.message or "waiting for quota"
     return (
-        workload.reason or "Pending",
+        workload.reason or NOT_YET_CONSIDERED,
         f"Job {child.name} queued in LocalQueue {child.queue} (Workload {workload.name}): {detail}",
     )
 
