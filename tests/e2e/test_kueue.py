@@ -1,6 +1,7 @@
 """Real Kueue admits the stage Jobs: a ClusterQueue with one `nvidia.com/gpu`, two DistillationJobs whose
 train stage needs one GPU each. The second one's train Job waits `Queued` (Kueue's reason) while the
-first trains, then runs; both succeed; and the operator never changed a stage Job's `suspend`.
+first trains — suspended and resumed meanwhile through its Workload — then runs; both succeed; and the
+operator never changed a stage Job's `suspend`.
 
 Kueue's manager is built from the Go module proxy (kubedistill_testing.kueue) and runs without its
 admission webhooks registered, so the operator's own create-suspended path is what is exercised.
@@ -28,7 +29,7 @@ from test_operator import (
     wait_until,
 )
 
-from kubedistill.domain.queueing import QUEUE_LABEL
+from kubedistill.domain.queueing import DEACTIVATED_ANNOTATION, QUEUE_LABEL
 from kubedistill_testing import cluster
 from kubedistill_testing import kueue as kueue_harness
 from kubedistill_testing.kubelet import LocalKubelet
@@ -216,6 +217,26 @@ def test_the_second_train_stage_waits_in_kueue_until_the_first_frees_the_gpu(
     table = json.loads(response.data)
     columns = [c["name"] for c in table["columnDefinitions"]]
     assert table["rows"][0]["cells"][columns.index("Queued")] == "True"
+
+    # spec.suspend of a queued job goes through Kueue: the Workload is deactivated, then reactivated.
+    def workload_active(active: bool) -> dict[str, Any] | None:
+        found = custom.list_namespaced_custom_object(*KUEUE, ns, "workloads")["items"]
+        mine = [w for w in found if w["metadata"]["name"].startswith("job-second-train-1-")]
+        return mine[0] if mine and mine[0]["spec"].get("active", True) is active else None
+
+    def patch_suspend(value: bool) -> None:
+        custom.patch_namespaced_custom_object(
+            "kubedistill.io", "v1alpha1", ns, "distillationjobs", "second", {"spec": {"suspend": value}}
+        )
+
+    patch_suspend(True)
+    stopped = wait_until(lambda: workload_active(False), "second's Workload to be deactivated", WAIT_S)
+    assert stopped["metadata"]["annotations"][DEACTIVATED_ANNOTATION] == "true"
+    wait_phase(custom, operator, "second", {"Suspended"}, timeout=WAIT_S)
+    patch_suspend(False)
+    resumed = wait_until(lambda: workload_active(True), "second's Workload to be reactivated", WAIT_S)
+    assert DEACTIVATED_ANNOTATION not in (resumed["metadata"].get("annotations") or {})
+    wait_until(lambda: queued("second"), "second's train Job to be queued again", WAIT_S)
 
     release.touch()
     for name in ("first", "second"):
