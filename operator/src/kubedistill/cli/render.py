@@ -122,6 +122,8 @@ def describe_job(d: sdk.Distiller, name: str) -> None:
     console.print(f"[bold]Phase:[/bold]      {status.get('phase') or 'Pending'}")
     console.print(f"[bold]Teacher:[/bold]    {spec.get('teacher', {}).get('model')}")
     console.print(f"[bold]Student:[/bold]    {spec.get('student', {}).get('model')}")
+    if spec.get("queueName"):
+        console.print(f"[bold]Queue:[/bold]      {spec['queueName']} (Kueue LocalQueue)")
     prog = status.get("progress") or {}
     if prog:
         console.print(
