@@ -11,6 +11,7 @@ venv:
 
 controlplane: venv
 	@$(PY) -m kubedistill_testing.cluster build
+	@$(PY) -m kubedistill_testing.kueue build >/dev/null
 	@$(PY) -m kubedistill_testing.helm build >/dev/null
 
 demo: venv
@@ -21,7 +22,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Each phase announces itself: a cold first run builds for ~20 minutes before any test starts.
+# Each phase announces itself: a cold first run builds for ~27 minutes before any test starts.
 test:
 	@echo "== make test 1/4: python environment (.venv)"; scripts/bootstrap.sh
 	@echo "== make test 2/4: test control plane and helm (built once per machine)"; $(MAKE) --no-print-directory controlplane

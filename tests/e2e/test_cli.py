@@ -72,8 +72,8 @@ def test_apply_get_wait_describe_artifacts_logs_alias(cluster_args: list[str], t
         "modelalias.kubedistill.io/smart created",
     ]
     listed = kd("get", *cluster_args)
-    assert listed.exit_code == 0 and listed.output.split()[:8] == [
-        "NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "COST", "EVAL", "AGE",
+    assert listed.exit_code == 0 and listed.output.split()[:9] == [
+        "NAME", "PHASE", "PROGRESS", "QUEUED", "TEACHER", "STUDENT", "COST", "EVAL", "AGE",
     ]  # fmt: skip
     assert "triage" in listed.output and "openai/gpt-4o-mini" in listed.output
 

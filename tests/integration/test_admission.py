@@ -118,6 +118,8 @@ CASES = [
     _job("gpus-too-many", "spec.resources.train.gpus", {"resources.train": {"gpus": 17}}),
     _job("retries-too-many", "spec.retries", {"retries": 11}),
     _job("deadline-zero", "spec.activeDeadlineSeconds", {"activeDeadlineSeconds": 0}),
+    _job("queue-name-not-a-label-value", "spec.queueName", {"queueName": "gpu queue/a"}),
+    _job("queue-name-too-long", "spec.queueName", {"queueName": "q" * 64}),
     _alias("alias-target-missing", "spec.target", {"target": DELETE}),
     _alias("alias-target-empty", "spec.target", {"target": {}}),
     _alias("alias-target-both", "spec.target", {"target.ggufURI": "s3://models/student.gguf"}),

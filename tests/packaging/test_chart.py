@@ -209,6 +209,11 @@ def test_multi_team_scopes_reach_the_operator_and_the_admission_policy(
     assert ("", "namespaces", "get") not in rules_of(one(render({}), "ClusterRole", "kd-kubedistill"))
 
 
+def test_the_default_queue_reaches_the_operator_settings(render: Callable[..., list[dict[str, Any]]]) -> None:
+    assert from_mapping(settings_of(render({}))).queue_name is None
+    assert from_mapping(settings_of(render({"kueue": {"queueName": "gpu"}}))).queue_name == "gpu"
+
+
 def test_namespaced_install_with_minio(render: Callable[..., list[dict[str, Any]]]) -> None:
     docs = render(VALUE_SETS["namespaced-minio"])
     settings = from_mapping(settings_of(docs))
@@ -261,6 +266,8 @@ JOB_RULES = {
     ("", "configmaps", "get"),
     ("", "configmaps", "create"),
     ("", "events", "create"),
+    ("kueue.x-k8s.io", "workloads", "list"),
+    ("kueue.x-k8s.io", "workloads", "patch"),
 }
 FORBIDDEN = {
     (group, resource, verb)
@@ -442,6 +449,7 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
         "at '/trainer/env': additional properties 'HF-HOME' not allowed",
     ),
     ({"watchNamespace": ["ml"]}, "additional properties 'watchNamespace' not allowed"),
+    ({"kueue": {"queueName": "gpu queue"}}, "at '/kueue/queueName'"),
     # Rules a JSON schema cannot say, enforced by the templates with a message of their own.
     ({"metrics": {"port": 8080}}, "metrics.port and healthPort must differ"),
     (

@@ -175,13 +175,18 @@ def test_get_rows_follow_the_printer_columns() -> None:
             "phase": "Training",
             "progress": {"stage": "train", "percent": 62.5},
             "metrics": {"teacherCostTotal": 1.23456, "evalScore": None},
-            "conditions": [{"type": "Ready", "status": "False", "message": "stage train running"}],
+            "conditions": [
+                {"type": "Ready", "status": "False", "message": "stage train running"},
+                {"type": "Queued", "status": "True", "reason": "Pending"},
+            ],
         },
     }
     header, rows = render.job_rows([obj], wide=True)
-    assert header == ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "COST", "EVAL", "AGE", "MESSAGE"]
-    assert rows[0][:7] == ["triage", "Training", "62%", "openai/gpt-4o", "qwen3-0.6b", "1.2346", ""]
-    assert rows[0][8] == "stage train running"
+    assert header == [
+        "NAME", "PHASE", "PROGRESS", "QUEUED", "TEACHER", "STUDENT", "COST", "EVAL", "AGE", "MESSAGE"
+    ]  # fmt: skip
+    assert rows[0][:8] == ["triage", "Training", "62%", "True", "openai/gpt-4o", "qwen3-0.6b", "1.2346", ""]
+    assert rows[0][9] == "stage train running"
 
 
 def test_age_like_kubectl() -> None:
@@ -215,3 +220,37 @@ def test_only_stages_that_call_the_teacher_start_a_local_teacher() -> None:
         {**spec.to_k8s(), "curation": {"judge": {"llm": {}}, "topK": 1}, "evaluation": {}}
     )
     assert [s for s in STAGES if needs_teacher(s, llm)] == [Stage.GENERATE, Stage.CURATE, Stage.EVALUATE]
+
+
+class _OneJob:
+    """What `describe_job` reads from the SDK: the object and its events."""
+
+    def __init__(self, obj: dict[str, object]) -> None:
+        self.obj = obj
+
+    def raw(self, name: str) -> dict[str, object]:
+        return self.obj
+
+    def events(self, name: str) -> list[dict[str, str]]:
+        return []
+
+
+def test_describe_names_the_queue_and_kueues_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    obj = {
+        "metadata": {"name": "triage", "namespace": "ml", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {
+            "teacher": {"model": "openai/gpt-4o"},
+            "student": {"model": "qwen3-0.6b"},
+            "queueName": "gpu",
+        },
+        "status": {
+            "phase": "Training",
+            "conditions": [
+                {"type": "Queued", "status": "True", "reason": "Pending", "message": "insufficient quota"}
+            ],
+        },
+    }
+    render.describe_job(_OneJob(obj), "triage")  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "Queue:      gpu (Kueue LocalQueue)" in out
+    assert "Queued" in out and "Pending" in out and "insufficient quota" in out

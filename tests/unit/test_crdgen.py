@@ -258,7 +258,10 @@ def test_printer_columns() -> None:
     dj_columns = {
         c["name"]: c for c in _crd("DistillationJob")["spec"]["versions"][0]["additionalPrinterColumns"]
     }
-    assert list(dj_columns) == ["Phase", "Progress", "Teacher", "Student", "Cost", "Eval", "Age", "Message"]
+    assert list(dj_columns) == [
+        "Phase", "Progress", "Queued", "Teacher", "Student", "Cost", "Eval", "Age", "Message"
+    ]  # fmt: skip
+    assert dj_columns["Queued"]["jsonPath"] == '.status.conditions[?(@.type=="Queued")].status'
     assert dj_columns["Progress"]["jsonPath"] == ".status.progress.percent"
     assert dj_columns["Cost"]["jsonPath"] == ".status.metrics.teacherCostTotal"
     assert dj_columns["Eval"]["jsonPath"] == ".status.metrics.evalScore"

@@ -112,6 +112,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["kueue.x-k8s.io"]
+  # A queued stage's Workload says why Kueue holds it; spec.suspend of a job deactivates it (spec.active).
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 {{- end }}
 
 {{/* The operator's settings and storage access; the uninstall hook (kubedistill doctor) gets the same. */}}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from kubedistill.api.models import GPU_STAGES, STAGES, ResourceRequirements, Stage
+from kubedistill.api.models import GPU_STAGES, LABEL_VALUE_PATTERN, STAGES, ResourceRequirements, Stage
 
 PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
@@ -111,6 +112,8 @@ class Settings:
     # A ConfigMap holding the invocation above this size keeps the Pod spec small (env limit ~1 MiB total).
     max_env_invocation_bytes: int = 32 * 1024
     peering: str | None = None
+    # Kueue LocalQueue for jobs whose spec names none; None: stage Jobs bypass Kueue.
+    queue_name: str | None = None
 
     @property
     def default_gpus(self) -> Mapping[Stage, int]:
@@ -193,6 +196,7 @@ def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Set
         "RETRY_BACKOFF_MAX_S": ("retry_backoff_max_s", float),
         "MAX_ENV_INVOCATION_BYTES": ("max_env_invocation_bytes", int),
         "PEERING": ("peering", str),
+        "QUEUE_NAME": ("queue_name", str),
     }
     for key, (attr, convert) in simple.items():
         if get.get(key):
@@ -200,6 +204,9 @@ def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Set
                 updates[attr] = convert(get[key])
             except ValueError:
                 raise ValueError(f"{PREFIX}{key}={get[key]!r} is not a valid {convert.__name__}") from None
+    queue = updates.get("queue_name")
+    if queue is not None and (len(queue) > 63 or not re.match(LABEL_VALUE_PATTERN, queue)):
+        raise ValueError(f"{PREFIX}QUEUE_NAME={queue!r} is not a valid label value (a Kueue LocalQueue name)")
     if get.get("NAMESPACES"):
         updates["namespaces"] = _csv(get["NAMESPACES"])
     if get.get("STORAGE_SCOPES"):

@@ -286,6 +286,12 @@ DISTILLATIONJOB_COLUMNS = (
     Column(
         "Progress", ".status.progress.percent", "number", "Whole-pipeline completion, 0-100.", format="float"
     ),
+    Column(
+        "Queued",
+        '.status.conditions[?(@.type=="Queued")].status',
+        "string",
+        "True while Kueue holds the current stage's Job.",
+    ),
     Column("Teacher", ".spec.teacher.model", "string", "Teacher model."),
     Column("Student", ".spec.student.model", "string", "Student model."),
     Column("Cost", ".status.metrics.teacherCostTotal", "number", "Teacher dollars spent.", format="float"),

@@ -22,6 +22,9 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
 SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 ModelId = Annotated[str, Field(min_length=1, max_length=512)]
+# A Kueue LocalQueue name: it goes into the kueue.x-k8s.io/queue-name label, so it must be a label value.
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+QueueName = Annotated[str, Field(min_length=1, max_length=63, pattern=LABEL_VALUE_PATTERN)]
 Uri = Annotated[str, Field(min_length=1, max_length=2048)]
 
 
@@ -357,6 +360,13 @@ class DistillationJobSpec(Model):
         description="Delete the job's children this long after it ends.",
     )
     suspend: bool = Field(default=False, description="Stop the running stage and start nothing new.")
+    queue_name: QueueName | None = Field(
+        default=None,
+        description=(
+            "Kueue LocalQueue for every stage Job (label kueue.x-k8s.io/queue-name); defaults to the "
+            "operator's queue. Kueue then decides when each stage starts."
+        ),
+    )
 
     @model_validator(mode="after")
     def _top_k_within_samples(self) -> DistillationJobSpec:

@@ -24,6 +24,7 @@ from kubedistill.api.stage import (
 )
 from kubedistill.dataset import DATASET_FILE_ENV
 from kubedistill.domain.naming import artifact_base, child_job_name, child_labels, invocation_configmap_name
+from kubedistill.domain.queueing import QUEUE_LABEL, queue_name
 from kubedistill.settings import GPU_RESOURCE, Settings
 
 DATASET_DIR = "/var/run/kubedistill/dataset"
@@ -133,6 +134,9 @@ def _env(
 def _resources(job: DistillationJob, stage: Stage, settings: Settings) -> tuple[dict[str, Any], int]:
     overrides = job.spec.resources.for_stage(stage)
     base = overrides.resources if overrides is not None and overrides.resources is not None else None
+    # An override that sets nothing keeps the defaults: every pod has requests (a queue counts them).
+    if base is not None and not (base.requests or base.limits):
+        base = None
     resources = (base or settings.stage_resources.get(stage) or ResourceRequirements()).to_k8s()
     gpus = (
         overrides.gpus
@@ -256,11 +260,13 @@ def build_stage_manifests(
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
+    queue = queue_name(job.spec.queue_name, settings.queue_name)
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,
         "completions": 1,
         "parallelism": 1,
-        "suspend": bool(job.spec.suspend),
+        # A queued Job starts suspended (Kueue's documented path, webhook or not); only Kueue unsuspends it.
+        "suspend": queue is not None or bool(job.spec.suspend),
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
     if active_deadline_seconds is not None:
@@ -272,7 +278,7 @@ def build_stage_manifests(
             "metadata": {
                 "name": name,
                 "namespace": meta.namespace,
-                "labels": labels,
+                "labels": {**labels, QUEUE_LABEL: queue} if queue is not None else labels,
                 "ownerReferences": [owner],
             },
             "spec": job_spec,

@@ -35,7 +35,7 @@ def num(value: Any, digits: int = 2) -> str:
 
 def job_rows(objs: Sequence[Mapping[str, Any]], wide: bool = False) -> tuple[list[str], list[list[str]]]:
     """The printer columns of the DistillationJob CRD (kubectl get dj)."""
-    header = ["NAME", "PHASE", "PROGRESS", "TEACHER", "STUDENT", "COST", "EVAL", "AGE"]
+    header = ["NAME", "PHASE", "PROGRESS", "QUEUED", "TEACHER", "STUDENT", "COST", "EVAL", "AGE"]
     if wide:
         header.append("MESSAGE")
     rows = []
@@ -45,6 +45,7 @@ def job_rows(objs: Sequence[Mapping[str, Any]], wide: bool = False) -> tuple[lis
             s["id"],
             s["phase"] or "",
             f"{s['progress']:.0f}%" if s["phase"] else "",
+            _queued(obj),
             s["teacher_model"] or "",
             s["student_model"] or "",
             num(s["metrics"].get("teacherCostTotal"), 4),
@@ -55,6 +56,12 @@ def job_rows(objs: Sequence[Mapping[str, Any]], wide: bool = False) -> tuple[lis
             row.append(s["message"] or "")
         rows.append(row)
     return header, rows
+
+
+def _queued(obj: Mapping[str, Any]) -> str:
+    """The Queued condition's status (Kueue holds the current stage), blank without a queue."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c.get("status", "") for c in conditions if c.get("type") == "Queued"), "")
 
 
 def table(header: list[str], rows: list[list[str]], title: str | None = None) -> Table:
@@ -115,6 +122,8 @@ def describe_job(d: sdk.Distiller, name: str) -> None:
     console.print(f"[bold]Phase:[/bold]      {status.get('phase') or 'Pending'}")
     console.print(f"[bold]Teacher:[/bold]    {spec.get('teacher', {}).get('model')}")
     console.print(f"[bold]Student:[/bold]    {spec.get('student', {}).get('model')}")
+    if spec.get("queueName"):
+        console.print(f"[bold]Queue:[/bold]      {spec['queueName']} (Kueue LocalQueue)")
     prog = status.get("progress") or {}
     if prog:
         console.print(

@@ -23,6 +23,14 @@ class SetSuspend:
 
 
 @dataclass(frozen=True)
+class SetWorkloadActive:
+    """Kueue's own way to stop or resume a queued Job: its Workload's spec.active (the Job is Kueue's)."""
+
+    workload: str
+    active: bool
+
+
+@dataclass(frozen=True)
 class DeleteJobs:
     names: tuple[str, ...]
 
@@ -33,7 +41,7 @@ class Promote:
     quantization: str
 
 
-Action = CreateJob | SetSuspend | DeleteJobs | Promote
+Action = CreateJob | SetSuspend | SetWorkloadActive | DeleteJobs | Promote
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,19 @@ class PodSummary:
 
 
 @dataclass(frozen=True)
+class WorkloadSummary:
+    """The Kueue Workload of a queued stage Job: whether Kueue admitted it, and its own words if not."""
+
+    name: str
+    active: bool = True
+    # spec.active was set false by the operator (spec.suspend), not by Kueue itself.
+    deactivated_by_operator: bool = False
+    admitted: bool = False
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
 class ChildJob:
     """One batch/v1 Job of one stage attempt, reduced to what the decision needs."""
 
@@ -45,6 +58,9 @@ class ChildJob:
     suspended: bool = False
     pod: PodSummary | None = None
     result: StageResult | None = None
+    # The Kueue LocalQueue the Job was created for (its queue-name label), and Kueue's Workload of it.
+    queue: str | None = None
+    workload: WorkloadSummary | None = None
 
     @property
     def finished(self) -> bool:

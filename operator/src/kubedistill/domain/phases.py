@@ -27,7 +27,8 @@ from kubedistill.api.models import (
     StageStatus,
 )
 from kubedistill.domain import conditions as cond
-from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Promote, SetSuspend
+from kubedistill.domain import queueing
+from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Promote
 from kubedistill.domain.conditions import Reason, parse_time, rfc3339
 from kubedistill.domain.events import transition_events
 from kubedistill.domain.naming import child_job_name
@@ -122,8 +123,7 @@ def _finished(ctx: _Ctx) -> None:
     status.phase = Phase.SUCCEEDED if cond.is_true(status.conditions, cond.COMPLETE) else Phase.FAILED
     children = ctx.observed.children
     for child in children:
-        if not child.finished and not child.suspended:
-            ctx.decision.actions.append(SetSuspend(child.name, True))
+        ctx.decision.actions += queueing.stop_actions(child)
     ttl = ctx.job.spec.ttl_seconds_after_finished
     done_at = parse_time(status.completion_time)
     if ttl is None or done_at is None or not children:
@@ -279,16 +279,14 @@ def _suspension(ctx: _Ctx, grouped: dict[Stage, list[ChildJob]]) -> bool:
     active = [c for kids in grouped.values() for c in kids if not c.finished]
     if ctx.job.spec.suspend:
         for child in active:
-            if not child.suspended:
-                ctx.decision.actions.append(SetSuspend(child.name, True))
+            ctx.decision.actions += queueing.stop_actions(child)
         ctx.set(
             cond.SUSPENDED, "True", Reason.SUSPENDED, "spec.suspend is true: the running stage is stopped"
         )
         ctx.set(cond.READY, "False", Reason.SUSPENDED, "suspended")
         return True
     for child in active:
-        if child.suspended:
-            ctx.decision.actions.append(SetSuspend(child.name, False))
+        ctx.decision.actions += queueing.resume_actions(child)
     ctx.clear(cond.SUSPENDED, Reason.RESUMED, "spec.suspend is false")
     return False
 
@@ -375,6 +373,8 @@ def _start(ctx: _Ctx, entry: StageStatus, attempt: int, deadline_left: float | N
 
 def _observe_running(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> None:
     pod = child.pod
+    if child.queue is not None and _queued(ctx, entry, child):
+        return
     if child.suspended:
         entry.state, entry.message = StageState.PENDING, f"attempt {child.attempt} suspended"
         return
@@ -396,6 +396,24 @@ def _observe_running(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> None:
     ctx.set(cond.READY, "True", Reason.RUNNING, f"{entry.name.value} attempt {child.attempt} running")
 
 
+def _queued(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> bool:
+    """Report whether Kueue holds this stage's Job; the phase stays at the stage meanwhile."""
+    held = queueing.held(child)
+    if held is None:
+        if queueing.admitted(child):
+            ctx.set(
+                cond.QUEUED, "False", queueing.ADMITTED, f"admitted by Kueue from LocalQueue {child.queue}"
+            )
+        return False
+    reason, message = held
+    entry.state, entry.message = StageState.PENDING, message[:MAX_MESSAGE]
+    ctx.set(cond.QUEUED, "True", reason, message[:MAX_MESSAGE])
+    ctx.set(cond.READY, "False", Reason.QUEUED, f"{entry.name.value}: {message}"[:MAX_MESSAGE])
+    # Kueue's reason changes without the Job changing (no watch event): look again.
+    ctx.decision.requeue(BLOCKED_REQUEUE_S)
+    return True
+
+
 def _fail(
     ctx: _Ctx,
     stages: dict[Stage, StageStatus],
@@ -411,8 +429,7 @@ def _fail(
     ctx.set(cond.READY, "False", reason, message)
     for kids in grouped.values():
         for child in kids:
-            if not child.finished and not child.suspended:
-                ctx.decision.actions.append(SetSuspend(child.name, True))
+            ctx.decision.actions += queueing.stop_actions(child)
     ttl = ctx.job.spec.ttl_seconds_after_finished
     if ttl is not None:
         ctx.decision.requeue(float(ttl))

@@ -29,7 +29,15 @@ from kubedistill.api.models import (
 )
 from kubedistill.builders import artifact_root, build_stage_manifests
 from kubedistill.domain import conditions as cond
-from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Event, Promote, SetSuspend
+from kubedistill.domain.actions import (
+    CreateJob,
+    Decision,
+    DeleteJobs,
+    Event,
+    Promote,
+    SetSuspend,
+    SetWorkloadActive,
+)
 from kubedistill.domain.alias import RESOLVABLE
 from kubedistill.domain.deletion import is_deleting, terminating_message
 from kubedistill.domain.naming import artifact_base
@@ -229,6 +237,8 @@ class Reconciler:
                 await self._create_stage_job(job, action, settings)
             elif isinstance(action, SetSuspend):
                 await resources.set_job_suspend(self.kube, namespace, action.job_name, action.suspend)
+            elif isinstance(action, SetWorkloadActive):
+                await resources.set_workload_active(self.kube, namespace, action.workload, action.active)
             elif isinstance(action, DeleteJobs):
                 for child in action.names:
                     await resources.delete_job(self.kube, namespace, child)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from kubedistill import store
@@ -21,6 +22,7 @@ from kubedistill.domain.conditions import parse_time
 from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_STAGE
 from kubedistill.domain.observation import ChildJob, PodSummary, parse_termination_message
 from kubedistill.domain.plan import skipped_stages
+from kubedistill.domain.queueing import JOB_UID_LABEL, QUEUE_LABEL, summarise_workload
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
 from kubedistill.settings import Settings
@@ -89,6 +91,7 @@ def summarise_job(job: Obj, pods: Sequence[Obj]) -> ChildJob | None:
         suspended=bool((job.get("spec") or {}).get("suspend")),
         pod=pod,
         result=parse_termination_message(pod.termination_message) if pod is not None else None,
+        queue=labels.get(QUEUE_LABEL),
     )
 
 
@@ -101,6 +104,7 @@ async def observe_children(kube: Kube, job: DistillationJob, settings: Settings)
     # Pods only matter for Jobs that exist; a new job (the common first pass) skips the request.
     pods = await resources.list_child_pods(kube, namespace, name) if jobs else []
     children = [c for c in (summarise_job(j, pods) for j in jobs) if c is not None]
+    children = await _with_workloads(kube, namespace, jobs, children)
     recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded"}
     completed: list[ChildJob] = []
     for child in children:
@@ -111,6 +115,23 @@ async def observe_children(kube: Kube, job: DistillationJob, settings: Settings)
             child = ChildJob(**{**child.__dict__, "result": result})
         completed.append(child)
     return tuple(completed)
+
+
+async def _with_workloads(
+    kube: Kube, namespace: str, jobs: Sequence[Obj], children: list[ChildJob]
+) -> list[ChildJob]:
+    """Attach Kueue's Workload to each unfinished queued Job (one list call, none without a queue)."""
+    queued = {c.name for c in children if c.queue is not None and not c.finished}
+    uids = {j["metadata"]["uid"]: j["metadata"]["name"] for j in jobs if j["metadata"]["name"] in queued}
+    if not uids:
+        return children
+    workloads = await resources.list_workloads(kube, namespace, sorted(uids))
+    by_job = {
+        uids[uid]: summarise_workload(w)
+        for w in workloads
+        if (uid := ((w.get("metadata") or {}).get("labels") or {}).get(JOB_UID_LABEL)) in uids
+    }
+    return [replace(c, workload=by_job.get(c.name)) for c in children]
 
 
 async def missing_secrets(kube: Kube, job: DistillationJob, settings: Settings) -> tuple[str, ...]:

@@ -6,10 +6,12 @@ from typing import Any
 
 from kubedistill.api.models import GROUP, VERSION
 from kubedistill.domain.naming import child_selector
+from kubedistill.domain.queueing import DEACTIVATED_ANNOTATION, JOB_UID_LABEL
 from kubedistill.k8s.client import JSON_PATCH, MERGE_PATCH, METADATA_ONLY, ApiError, Kube
 
 DJ_PLURAL = "distillationjobs"
 ALIAS_PLURAL = "modelaliases"
+WORKLOADS = "/apis/kueue.x-k8s.io/v1beta2"
 
 
 def _custom(namespace: str, plural: str, name: str | None = None, sub: str | None = None) -> str:
@@ -91,6 +93,31 @@ async def set_job_suspend(kube: Kube, namespace: str, name: str, suspend: bool) 
         "PATCH",
         f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
         body={"spec": {"suspend": suspend}},
+        content_type=MERGE_PATCH,
+    )
+
+
+async def list_workloads(kube: Kube, namespace: str, job_uids: list[str]) -> list[dict[str, Any]]:
+    """Kueue's Workloads of these Jobs (Kueue labels each with its Job's uid)."""
+    selector = f"{JOB_UID_LABEL} in ({','.join(job_uids)})"
+    found = await get_or_none(
+        kube, f"{WORKLOADS}/namespaces/{namespace}/workloads", params={"labelSelector": selector}
+    )
+    if found is None:  # Kueue is not installed: the Queued condition says the Workload is missing
+        return []
+    items: list[dict[str, Any]] = found.get("items", [])
+    return items
+
+
+async def set_workload_active(kube: Kube, namespace: str, name: str, active: bool) -> None:
+    """Kueue's documented stop/resume of a queued Job; the annotation marks a stop as ours."""
+    await kube.request(
+        "PATCH",
+        f"{WORKLOADS}/namespaces/{namespace}/workloads/{name}",
+        body={
+            "metadata": {"annotations": {DEACTIVATED_ANNOTATION: None if active else "true"}},
+            "spec": {"active": active},
+        },
         content_type=MERGE_PATCH,
     )
 

@@ -154,6 +154,12 @@ class LocalKubelet:
 
     # -- node -----------------------------------------------------------------------------------------
 
+    def advertise(self, capacity: Mapping[str, str]) -> None:
+        """Change what the node offers (e.g. `nvidia.com/gpu` for a queueing test) and publish it."""
+        self.capacity = {**self.capacity, **capacity}
+        status = {"capacity": self.capacity, "allocatable": self.capacity}
+        self.core.patch_node_status(self.node_name, {"status": status}, _content_type=STRATEGIC_MERGE)
+
     def allocatable(self) -> dict[str, Decimal]:
         return {name: parse_quantity(value) for name, value in self.capacity.items()}
 
