@@ -224,6 +224,8 @@ JOB_RULES = {
     ("", "pods", "list"),
     ("", "configmaps", "get"),
     ("", "configmaps", "create"),
+    ("", "services", "get"),
+    ("", "services", "create"),
     ("", "events", "create"),
 }
 FORBIDDEN = {

@@ -258,7 +258,7 @@ class DistributedSpec(Model):
     @model_validator(mode="after")
     def _gpus_or_procs(self) -> DistributedSpec:
         if self.gpus_per_node is not None and self.procs_per_node is not None:
-            raise ValueError("spec.training.distributed: set gpusPerNode or procsPerNode, not both")
+            raise ValueError("set gpusPerNode or procsPerNode, not both")
         return self
 
     def explicit_processes(self) -> int:
@@ -285,15 +285,6 @@ class TrainingSpec(Model):
         description="Data-parallel training over nodes × GPUs (torchrun, DDP); the global batch stays "
         "batchSize × gradientAccumulation, which must be at least the number of processes.",
     )
-
-    @model_validator(mode="after")
-    def _micro_batches_for_every_process(self) -> TrainingSpec:
-        d = self.distributed
-        if d is not None and d.nodes * d.explicit_processes() > self.gradient_accumulation:
-            raise ValueError(
-                "spec.training.gradientAccumulation must be at least distributed.nodes × processes per node"
-            )
-        return self
 
 
 def _default_quantizations() -> list[Quantization]:
@@ -412,13 +403,19 @@ class DistillationJobSpec(Model):
     suspend: bool = Field(default=False, description="Stop the running stage and start nothing new.")
 
     @model_validator(mode="after")
-    def _top_k_within_samples(self) -> DistillationJobSpec:
+    def _cross_field_rules(self) -> DistillationJobSpec:
         if self.curation.top_k > self.generation.n_samples:
             raise ValueError("curation.topK must not exceed generation.nSamples")
         prompts = self.dataset.num_prompts or (len(self.dataset.prompts) if self.dataset.prompts else None)
         if prompts is not None and self.generation.shards > prompts:
             raise ValueError(
                 f"spec.generation.shards ({self.generation.shards}) exceeds the {prompts} prompts"
+            )
+        d, accumulation = self.training.distributed, self.training.gradient_accumulation
+        if d is not None and d.nodes * d.explicit_processes() > accumulation:
+            raise ValueError(
+                f"spec.training.gradientAccumulation ({accumulation}) must be at least distributed.nodes × "
+                "processes per node: each process takes whole micro-batches of the global batch"
             )
         return self
 

@@ -46,7 +46,10 @@ def merge_results(parts: Sequence[StageResult | None], stage: Stage = Stage.GENE
     details["shards"] = len(parts)
     artifacts = found[0].artifacts if found else None
     if not failed:
-        ok_message = f"{len(parts)} shards: " + "; ".join(p.message for p in found)
+        cost = metrics.teacher_cost_total or 0.0
+        ok_message = (
+            f"{len(parts)} shards: {details['answered']}/{details['prompts']} prompts answered, ${cost:.4f}"
+        )
         return StageResult(
             stage=stage,
             ok=True,
