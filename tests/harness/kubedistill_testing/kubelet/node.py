@@ -243,7 +243,10 @@ class LocalKubelet:
             done = self._workers.pop(payload, None)
             if done is not None:
                 self.addresses.release(done.pod_ip)
-            self._finished.add(payload)
+            if payload in self._pods:
+                self._finished.add(payload)
+            else:  # deleted while its containers stopped
+                self._remove_pod_dir(payload)
         for pod in sorted(self._pods.values(), key=lambda p: p["metadata"].get("creationTimestamp", "")):
             self._reconcile(pod)
 
@@ -252,8 +255,14 @@ class LocalKubelet:
         worker = self._workers.get(uid)
         if worker:
             worker.kill(grace=0, report=False)
+        else:
+            self._remove_pod_dir(uid)
         self._finished.discard(uid)
         self._delete_sent.discard(uid)
+
+    def _remove_pod_dir(self, uid: str) -> None:
+        """A deleted Pod's volumes go with it (its logs stay, for the tests that read them afterwards)."""
+        shutil.rmtree(self.root / "pods" / uid, ignore_errors=True)
 
     def _reconcile(self, pod: Pod) -> None:
         meta, spec = pod["metadata"], pod["spec"]

@@ -31,6 +31,7 @@ from kubedistill_testing.kubelet.containers import (
     now,
     pod_phase,
     pod_status,
+    remap_path,
     remap_paths,
     resolve_argv,
     restart_delay,
@@ -166,7 +167,7 @@ class PodWorker(threading.Thread):
         # Inside the Pod its own address is the loopback one its processes can bind (see addresses.py).
         local_view = {**self.pod, "status": {**self.pod.get("status", {}), "podIP": self.local_ip}}
         account_dir = kubelet._service_account_dir(self.pod, self.dir / "serviceaccount")
-        volumes = self._configmap_volumes()
+        volumes = self._volumes()
         resolved = {}
         for container in [*(self.pod["spec"].get("initContainers") or []), *self.pod["spec"]["containers"]]:
             mounts = {
@@ -174,15 +175,18 @@ class PodWorker(threading.Thread):
                 for m in container.get("volumeMounts") or []
                 if m["name"] in volumes
             }
-            env = remap_paths(container_env(local_view, container, kubelet._lookup, base), mounts)
+            seen = container_env(local_view, container, kubelet._lookup, base)
+            if "/tmp" in mounts:  # the process's temporary files go where its /tmp is, as in the image
+                seen.setdefault("TMPDIR", "/tmp")
+            env = remap_paths(seen, mounts)
             if account_dir:
                 env["KUBEDISTILL_SERVICEACCOUNT_DIR"] = str(account_dir)
             termination_file = self.dir / container["name"] / "termination-log"
             env["KUBEDISTILL_TERMINATION_LOG"] = str(termination_file)
-            workdir = container.get("workingDir")
+            workdir = remap_path(container["workingDir"], mounts) if container.get("workingDir") else None
             pre_stop = (container.get("lifecycle") or {}).get("preStop")
             resolved[container["name"]] = Prepared(
-                argv=resolve_argv(container, env, kubelet.images, kubelet.commands),
+                argv=resolve_argv(container, seen, kubelet.images, kubelet.commands, mounts),
                 env=env,
                 cwd=workdir if workdir and Path(workdir).is_dir() else str(termination_file.parent),
                 termination_file=termination_file,
@@ -196,25 +200,32 @@ class PodWorker(threading.Thread):
             )
         return resolved
 
-    def _configmap_volumes(self) -> dict[str, Path]:
-        """Write the Pod's configMap volumes under its directory; volume name → local directory."""
+    def _volumes(self) -> dict[str, Path]:
+        """Make the Pod's volumes under its directory; volume name → local directory.
+
+        An emptyDir is one directory that the Pod's init containers and containers share, removed with the
+        Pod (:meth:`LocalKubelet._remove_pod_dir`); a configMap volume holds its keys as files."""
         namespace = self.pod["metadata"]["namespace"]
-        written = {}
+        made = {}
         for volume in self.pod["spec"].get("volumes") or []:
+            directory = self.dir / "volumes" / volume["name"]
+            if "emptyDir" in volume:
+                directory.mkdir(parents=True, exist_ok=True)
+                made[volume["name"]] = directory
+                continue
             source = volume.get("configMap")
             if source is None:
                 continue
             data = self.kubelet._lookup("configmap", namespace, source["name"])
             if data is None and not source.get("optional"):
                 raise ConfigError("CreateContainerConfigError", f'configmap "{source["name"]}" not found')
-            directory = self.dir / "volumes" / volume["name"]
             for relative, content in configmap_volume_files(source, data or {}).items():
                 path = directory / relative
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(content, encoding="utf-8")
             directory.mkdir(parents=True, exist_ok=True)
-            written[volume["name"]] = directory
-        return written
+            made[volume["name"]] = directory
+        return made
 
     def _run_group(self, states: Sequence[ContainerState], prepared: Mapping[str, Prepared]) -> bool:
         """Run containers together until all are done for good (or the Pod is deleted); True if all exit 0."""
