@@ -44,11 +44,18 @@ It does what the control plane needs from a kubelet and a scheduler:
   token (also the value of ``--name=value``) and ``workingDir`` at or under a container's ``mountPath``
   points at the volume's directory (the deepest mount wins); with a volume at /tmp, ``TMPDIR`` names it.
 
+- runs each container process in a private mount namespace (:mod:`.mounts`) that sees a per-pod hosts
+  file as /etc/hosts, rewritten in place as Pods and Services change, with the names cluster DNS would
+  answer (:mod:`.hosts`): the Pod's own hostname, ``<hostname>.<svc>[.<ns>[.svc[.cluster.local]]]`` for the
+  named Pods of headless Services, and ``<svc>[.<ns>[.svc[.cluster.local]]]`` → the loopback address of a
+  Service's ClusterIP (``service_loopback_address``: 10.0.0.c → 127.10.0.c). Where ``unshare`` cannot make
+  the namespace, containers run without it (``LocalKubelet.namespace_problem`` says why, logged once).
+
 Other volumes, hostNetwork, other security context fields, sidecar init containers and postStart hooks
 are ignored.
 """
 
-from kubedistill_testing.kubelet.addresses import loopback_address
+from kubedistill_testing.kubelet.addresses import loopback_address, service_loopback_address
 from kubedistill_testing.kubelet.containers import (
     ConfigError,
     ContainerState,
@@ -86,6 +93,7 @@ __all__ = [
     "remap_paths",
     "resolve_argv",
     "selector_matches",
+    "service_loopback_address",
     "termination_message",
     "unschedulable_message",
 ]

@@ -4,8 +4,10 @@ restarts, then a graceful stop when the Pod is deleted."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -38,7 +40,8 @@ from kubedistill_testing.kubelet.containers import (
     should_restart,
     termination_message,
 )
-from kubedistill_testing.kubelet.logs import previous_path
+from kubedistill_testing.kubelet.logs import previous_path, read_head, read_tail
+from kubedistill_testing.kubelet.mounts import in_namespace
 from kubedistill_testing.kubelet.probes import Action, Probe, Prober, Target, handler_action, run_action
 
 if TYPE_CHECKING:
@@ -88,6 +91,9 @@ class PodWorker(threading.Thread):
         self.pod_ip = pod_ip
         self.local_ip = loopback_address(pod_ip)
         self.dir = kubelet.root / "pods" / meta["uid"]
+        # Written by the kubelet's loop thread before the worker starts and whenever names change.
+        self.hosts_file = self.dir / "etc-hosts"
+        self.hosts_content: str | None = None
         self.restart_policy = pod["spec"].get("restartPolicy", "Always")
         init_specs = pod["spec"].get("initContainers") or []
         self.init = [ContainerState(c["name"], c.get("image", "")) for c in init_specs]
@@ -309,9 +315,10 @@ class PodWorker(threading.Thread):
         prepared.termination_file.write_text("")
         started = now()
         try:
+            argv = self._process_argv(prepared)
             with log_file.open("wb") as out:
                 proc = subprocess.Popen(
-                    prepared.argv, env=prepared.env, cwd=prepared.cwd, stdout=out, stderr=subprocess.STDOUT,
+                    argv, env=prepared.env, cwd=prepared.cwd, stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
         except OSError as err:
@@ -343,6 +350,16 @@ class PodWorker(threading.Thread):
         self._follow_probes(run)
         return run
 
+    def _process_argv(self, prepared: Prepared) -> list[str]:
+        """The container's argv, in the Pod's mount namespace where the node can make one."""
+        unshare = self.kubelet.unshare
+        if unshare is None:
+            return prepared.argv
+        # Found first, so that a missing entrypoint is a StartError here too, not the shell's exit 127.
+        if shutil.which(prepared.argv[0], path=prepared.env.get("PATH", os.defpath)) is None:
+            raise FileNotFoundError(errno.ENOENT, "executable file not found in $PATH", prepared.argv[0])
+        return in_namespace(unshare, prepared.argv, self.hosts_file)
+
     def _record_exit(self, run: _Running) -> int:
         for prober in run.probers.values():
             prober.stop()
@@ -350,8 +367,8 @@ class PodWorker(threading.Thread):
         if run.proc is None:  # StartError: recorded when it happened
             return int(run.state.state["terminated"]["exitCode"])
         code = exit_code(run.proc.wait())
-        written = _read(run.prepared.termination_file, MAX_TERMINATION_MESSAGE)
-        log_tail = _read_tail(run.log_file, FALLBACK_LOG_BYTES * 4) if not written and code else ""
+        written = read_head(run.prepared.termination_file, MAX_TERMINATION_MESSAGE)
+        log_tail = read_tail(run.log_file, FALLBACK_LOG_BYTES * 4) if not written and code else ""
         terminated: dict[str, Any] = {
             "exitCode": code,
             "reason": "Completed" if code == 0 else "Error",
@@ -421,21 +438,3 @@ class PodWorker(threading.Thread):
             return
         self._last_status = comparable
         self.kubelet._patch_status(self.pod, status)
-
-
-def _read(path: Path, limit: int) -> str:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(limit).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def _read_tail(path: Path, limit: int) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - limit))
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
