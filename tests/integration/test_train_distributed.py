@@ -96,6 +96,14 @@ def _descendants(pid: int) -> list[int]:
     return [d for c in children for d in (c, *_descendants(c))]
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (dead) parent to be reaped by init."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _assert_same_curve(got: list[dict[str, float]], want: list[dict[str, float]]) -> None:
     assert [h["step"] for h in got] == [h["step"] for h in want]
     for g, w in zip(got, want, strict=True):
@@ -134,11 +142,13 @@ def test_a_killed_rank_fails_the_group_and_a_smaller_world_resumes(tmp_path: Pat
     while not store.exists(latest_uri) and all(p.poll() is None for p in procs):
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
-    # Rank 1's pod dies: its torchrun agent and its worker (torchrun starts workers in sessions of
-    # their own, so the agent's process group alone would leave the worker running).
-    for pid in [procs[1].pid, *_descendants(procs[1].pid)]:
-        os.kill(pid, signal.SIGKILL)
+    # Rank 1's pod dies the way the kubelet kills a pod: SIGKILL to its process group. torchrun put
+    # the worker in a session of its own; it must die with its agent all the same.
+    worker = _descendants(procs[1].pid)
+    os.killpg(procs[1].pid, signal.SIGKILL)
     procs[1].communicate()
+    time.sleep(1.0)
+    assert worker and not [pid for pid in worker if _alive(pid)]
     out0, _ = procs[0].communicate(timeout=300)
     assert procs[0].returncode != 0, "rank 0 must fail when its peer dies: " + out0[-3000:]
     killed_at = store.read_json(latest_uri)["step"]

@@ -12,7 +12,7 @@ import os
 import sys
 
 from kubedistill.api.models import Stage
-from kubedistill_trainer.distributed import torchrun_argv
+from kubedistill_trainer.distributed import die_with_agent, torchrun_argv
 from kubedistill_trainer.runtime import run_stage
 
 USAGE = f"usage: python -m kubedistill_trainer {{{','.join(s.value for s in Stage)}}}"
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     if launcher is not None:
         # A distributed stage pod: become torchrun (configured by the PET_* env), which starts the workers.
         os.execv(launcher[0], launcher)
+    die_with_agent()
     module = importlib.import_module(f"kubedistill_trainer.{stage.value}")
     run_stage(module.run, stage)
 

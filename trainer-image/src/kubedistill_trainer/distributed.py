@@ -16,6 +16,7 @@ order). Every rank therefore needs at least one micro-batch a step: `gradientAcc
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubedistill_trainer.runtime import StageFailure
+
+log = logging.getLogger(__name__)
 
 # Set by torchrun for each worker it starts; its absence means "not launched yet".
 WORKER_ENV = "LOCAL_RANK"
@@ -63,6 +66,28 @@ def torchrun_argv(stage: str, environ: Mapping[str, str] | None = None) -> list[
     return [sys.executable, "-m", "torch.distributed.run", "--module", "kubedistill_trainer", stage]
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_agent(environ: Mapping[str, str] | None = None) -> None:
+    """In a torchrun worker: be killed when the agent that started it dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL to the pod's process group (or
+    the agent alone) would leave the worker training as an orphan that still holds its rank, writes
+    checkpoints and races the retry's group. In a container the runtime kills the whole PID
+    namespace; this keeps the same guarantee wherever it does not.
+    """
+    env = os.environ if environ is None else environ
+    if WORKER_ENV not in env or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the line above
+        os._exit(1)
+
+
 def micro_batches_of(rank: int, size: int, gradient_accumulation: int) -> range:
     """This rank's share of a step's micro-batches (indices 0..GA-1), round-robin."""
     return range(rank, gradient_accumulation, size)
@@ -89,6 +114,14 @@ def start(w: World) -> str:
     if backend == "nccl":
         torch.cuda.set_device(w.local_rank)
     dist.init_process_group(backend)
+    log.info(
+        "rank %d of %d (%s), rendezvous at %s:%s",
+        w.rank,
+        w.size,
+        backend,
+        os.environ.get("MASTER_ADDR"),
+        os.environ.get("MASTER_PORT"),
+    )
     return backend
 
 

@@ -500,6 +500,13 @@ class Estimate(Model):
     )
     judge_cost_usd: float = Field(default=0.0, ge=0.0, alias="judgeCostUSD", description="LLM judge dollars.")
     gpu_minutes: float = Field(default=0.0, ge=0.0, description="Expected training GPU minutes.")
+    train_nodes: int = Field(default=1, ge=1, description="Train pods (spec.training.distributed.nodes).")
+    train_processes_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPUs (or CPU processes) per train pod as the spec states them; unset: the operator's default.",
+    )
+    generation_shards: int = Field(default=1, ge=1, description="Generation pods (spec.generation.shards).")
     fits_budget: bool = Field(default=True, description="Whether the cost fits budget.maxTeacherCostUSD.")
     teacher_mode: Literal["sync", "batch"] | None = Field(
         default=None, description="How the teacher is assumed to be called (teacher.mode resolved)."
