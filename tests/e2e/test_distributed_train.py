@@ -141,7 +141,7 @@ def test_two_train_pods_rendezvous_by_name_survive_a_killed_rank_and_match_one_p
     answers = {p: f"The answer is {2 * int(p.split()[2])}." for p in PROMPTS}
     with (
         FakeTeacher(answers, models=("fake-teacher",)) as teacher,
-        image_environment(kubelet, trainer_image_env(tmp_path / "image-tmp")),
+        image_environment(kubelet, trainer_image_env()),
     ):
         spec["teacher"]["baseURL"] = teacher.base_url
         operator = start_operator(control_plane, namespace, tmp_path, s3_env)
