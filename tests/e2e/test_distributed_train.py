@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,9 @@ def test_two_train_pods_rendezvous_by_name_survive_a_killed_rank_and_match_one_p
     stages = {s["name"]: s for s in status["stages"]}
     # Generation: three shards, each prompt asked once, the cost and calls summed over them.
     assert stages["generate"]["attempts"] == 1 and "3 shards" in stages["generate"]["message"], shown
-    assert status["metrics"]["teacherCalls"] == len(teacher.ok_calls()) == len(PROMPTS), shown
+    # (this teacher takes no `n`: one call per sample)
+    assert Counter(c.prompt for c in teacher.ok_calls()) == dict.fromkeys(PROMPTS, 2)
+    assert status["metrics"]["teacherCalls"] == len(teacher.ok_calls()) == 2 * len(PROMPTS), shown
     # Training: the killed attempt failed as a whole, the second one resumed and finished.
     assert stages["train"]["attempts"] == 2, shown
     assert set(train_jobs) == {f"{name}-train-1", f"{name}-train-2"}
