@@ -55,16 +55,8 @@ from _common import finish, machine_banner, ratio
 from kubedistill.api.models import TrainingSpec
 from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer.bond import token_logps
-from kubedistill_trainer.train import (
-    Batch,
-    Encoded,
-    Example,
-    _logits_from,
-    bond_step_loss,
-    collate,
-    encode_example,
-    first_response_label,
-)
+from kubedistill_trainer.train import _logits_from, bond_step_loss, first_response_label
+from kubedistill_trainer.train_data import Batch, Encoded, Example, collate, encode_example
 
 WARMUP = 3
 # TRL steps run under cProfile after the timed ones (profiling slows what it watches).

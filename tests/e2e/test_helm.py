@@ -276,6 +276,7 @@ NEEDED = [
     ("delete", "batch", "jobs"),
     ("list", "", "pods"),
     ("create", "", "configmaps"),
+    ("create", "", "services"),
     ("create", "", "events"),
 ]
 

@@ -117,6 +117,31 @@ CASES = [
     _job("bucket-too-long", "spec.storage.bucket", {"storage.bucket": "b" * 64}),
     _job("gpus-too-many", "spec.resources.train.gpus", {"resources.train": {"gpus": 17}}),
     _job("retries-too-many", "spec.retries", {"retries": 11}),
+    _job("nodes-zero", "spec.training.distributed.nodes", {"training.distributed": {"nodes": 0}}),
+    _job(
+        "nodes-too-many",
+        "spec.training.distributed.nodes",
+        {"training.distributed": {"nodes": 65}, "training.gradientAccumulation": 128},
+    ),
+    _job(
+        "gpus-and-procs-per-node",
+        "spec.training.distributed",
+        {"training.distributed": {"gpusPerNode": 1, "procsPerNode": 2}},
+    ),
+    _job(
+        "accumulation-below-processes",
+        "spec.training.gradientAccumulation",
+        {"training.distributed": {"nodes": 2, "procsPerNode": 2}, "training.gradientAccumulation": 3},
+    ),
+    _job("shards-zero", "spec.generation.shards", {"generation.shards": 0}),
+    _job(
+        "shards-over-prompts",
+        "spec.generation.shards",
+        {"dataset": {"prompts": ["a", "b"]}, "generation.shards": 3},
+    ),
+    _job(
+        "shards-over-num-prompts", "spec.generation.shards", {"dataset.numPrompts": 2, "generation.shards": 3}
+    ),
     _job("deadline-zero", "spec.activeDeadlineSeconds", {"activeDeadlineSeconds": 0}),
     _job("queue-name-not-a-label-value", "spec.queueName", {"queueName": "gpu queue/a"}),
     _job("queue-name-too-long", "spec.queueName", {"queueName": "q" * 64}),

@@ -265,6 +265,8 @@ JOB_RULES = {
     ("", "pods", "list"),
     ("", "configmaps", "get"),
     ("", "configmaps", "create"),
+    ("", "services", "get"),
+    ("", "services", "create"),
     ("", "events", "create"),
     ("kueue.x-k8s.io", "workloads", "list"),
     ("kueue.x-k8s.io", "workloads", "patch"),

@@ -14,12 +14,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kubedistill.api.models import TrainingSpec
 from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_trainer.bond import bond_loss
-from kubedistill_trainer.train import (
+from kubedistill_trainer.train import bond_step_loss, first_response_label
+from kubedistill_trainer.train_data import (
     Encoded,
-    bond_step_loss,
     collate,
     encode_pair,
-    first_response_label,
     micro_batch_members,
     parse_curated,
 )

@@ -110,6 +110,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["configmaps"]
   verbs: ["get", "create"]
 - apiGroups: [""]
+  # The headless Service a distributed train Job's pods rendezvous through (owned by the job).
+  resources: ["services"]
+  verbs: ["get", "create"]
+- apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 - apiGroups: ["kueue.x-k8s.io"]

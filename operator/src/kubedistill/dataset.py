@@ -272,6 +272,13 @@ def is_test(row_id: str, test_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
+def shard_of(row_id: str, shards: int) -> int:
+    """Which generation shard asks the teacher for this row: a stable hash of its id, independent of
+    `is_test` (other bytes of the digest), so every shard gets its share of both splits."""
+    digest = hashlib.sha256(row_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[8:16], "big") % shards
+
+
 def inline_lines(prompts: Iterable[str]) -> list[str]:
     return [json.dumps({"id": text_id(p), "prompt": p}) for p in prompts]
 

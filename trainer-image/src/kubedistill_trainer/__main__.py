@@ -1,15 +1,18 @@
 """`python -m kubedistill_trainer STAGE`: run one pipeline stage under the stage contract.
 
 Each stage lives in `kubedistill_trainer.<stage>` and exposes `run(inv) -> StageResult`. The module
-is imported only once the stage is known, so `generate` never pays for importing torch.
+is imported only once the stage is known, so `generate` never pays for importing torch. In a pod of a
+distributed train stage (`PET_NNODES` set) the process becomes torchrun first (distributed.py).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from kubedistill.api.models import Stage
+from kubedistill_trainer.distributed import die_with_agent, torchrun_argv
 from kubedistill_trainer.runtime import run_stage
 
 USAGE = f"usage: python -m kubedistill_trainer {{{','.join(s.value for s in Stage)}}}"
@@ -20,6 +23,11 @@ def main(argv: list[str]) -> None:
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     stage = Stage(argv[0])
+    launcher = torchrun_argv(stage.value)
+    if launcher is not None:
+        # A distributed stage pod: become torchrun (configured by the PET_* env), which starts the workers.
+        os.execv(launcher[0], launcher)
+    die_with_agent()
     module = importlib.import_module(f"kubedistill_trainer.{stage.value}")
     run_stage(module.run, stage)
 

@@ -168,7 +168,7 @@ def _split_lines(uris: Sequence[str], paths: Sequence[Path], buckets: int) -> It
 
 
 def partition(inv: StageInvocation, directory: Path, *, with_scores: bool) -> Partition:
-    candidate_uris = shards.shard_uris(inv.stage_uri(Stage.GENERATE), shards.SHARD_PREFIX)
+    candidate_uris = shards.candidate_uris(inv.stage_uri(Stage.GENERATE))
     # Shards hold at most SHARD_ROWS prompts: enough buckets for BUCKET_ROWS each at the most.
     buckets = max(1, min(MAX_BUCKETS, math.ceil(len(candidate_uris) * shards.SHARD_ROWS / BUCKET_ROWS)))
     part = Partition(directory, buckets)

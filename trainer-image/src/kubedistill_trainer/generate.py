@@ -21,6 +21,13 @@ BudgetExceeded. A prompt whose retries are exhausted is left for the next attemp
 fails with TeacherUnavailable and keeps the rest. SIGTERM or SIGINT stops it the same way: the
 requests in flight finish and are written, then it fails with Interrupted.
 
+`generation.shards` > 1 runs the stage as an Indexed Job: pod k (`JOB_COMPLETION_INDEX`) asks only
+for the prompts with `shard_of(id) == k`, with 1/shards of the rate limits, of the concurrency and
+of the budget (its share minus what its prompts cost before: the shares never add up to more than
+the budget, though one pod's unspent share is not lent to another). It writes its candidate shards
+below `candidates/part-KKKK/` and its progress.json and result.json below `parts/KKKK/`; the
+dataset files are written whole by every pod (the same bytes). The operator sums the parts.
+
 `teacher.mode` batch (or auto, resolved by `kubedistill.domain.pricing`) sends the same requests
 through the provider's Batch API instead (`kubedistill_trainer.batch`), into the same shards. The
 batch runner keeps the prompts still to ask in memory (a batch file holds them all anyway).
@@ -36,20 +43,21 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
-from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
+from kubedistill import dataset
+from kubedistill.api.models import GenerationSpec
+from kubedistill.api.stage import COMPLETION_INDEX_ENV, TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.domain import pricing
 from kubedistill_trainer.batch import BatchRun
 from kubedistill_trainer.batch_api import open_batch_api
 from kubedistill_trainer.budget import BudgetGate, worst_case_cost
+from kubedistill_trainer.generate_result import Outcome, stage_result
 from kubedistill_trainer.prompts import Prepared, prepare_dataset
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure, run_async
-from kubedistill_trainer.shards import ShardWriter, Work, answered_so_far, candidate_row
+from kubedistill_trainer.shards import ShardWriter, Work, answered_so_far, candidate_row, part_prefix
 from kubedistill_trainer.speed import speed_figures
 from kubedistill_trainer.teacher import (
     Completion,
@@ -68,22 +76,6 @@ log = logging.getLogger(__name__)
 WORKERS_PER_SLOT = 2
 # Consecutive failed prompts (after their own retries) that mean the teacher is down, not flaky.
 MAX_CONSECUTIVE_FAILURES = 16
-
-
-@dataclass
-class Outcome:
-    usage: Usage = field(default_factory=Usage)
-    answered: int = 0
-    failed: list[str] = field(default_factory=list)
-    budget_stopped: bool = False
-    fatal: TeacherError | None = None
-    interrupted: bool = False
-    seconds: float = 0.0
-    retries: dict[str, int] = field(default_factory=dict)
-    responses_without_usage: int = 0
-    batch_details: dict[str, Any] = field(default_factory=dict)
-    # Latency p50/p95 and llama.cpp's timings of this attempt's requests (speed.speed_figures).
-    speed: dict[str, Any] = field(default_factory=dict)
 
 
 async def generate_candidates(
@@ -215,7 +207,7 @@ async def generate_in_batches(
     )
     try:
         run = BatchRun(
-            stage_uri=inv.stage_uri(),
+            stage_uri=inv.report_uri(),
             works=todo,
             gen=inv.spec.generation,
             api=api,
@@ -240,16 +232,34 @@ async def generate_in_batches(
     return outcome
 
 
+def _share(limit: int | None, shards: int) -> int | None:
+    return None if limit is None else max(1, limit // shards)
+
+
 def make_client(inv: StageInvocation, teacher: ResolvedTeacher) -> TeacherClient:
-    t = inv.spec.teacher
+    t, shards = inv.spec.teacher, inv.parts()
     return TeacherClient(
         teacher,
         api_key=os.environ.get(TEACHER_API_KEY_ENV) or None,
-        max_concurrency=t.max_concurrency,
-        requests_per_minute=t.requests_per_minute,
-        tokens_per_minute=t.tokens_per_minute,
+        max_concurrency=max(1, t.max_concurrency // shards),
+        requests_per_minute=_share(t.requests_per_minute, shards),
+        tokens_per_minute=_share(t.tokens_per_minute, shards),
         timeout=t.timeout_seconds,
     )
+
+
+def shard_index(inv: StageInvocation) -> int | None:
+    """This pod's index among the generation pods; None when the stage is not sharded."""
+    shards = inv.parts()
+    if shards == 1:
+        return None
+    raw = os.environ.get(COMPLETION_INDEX_ENV, "")
+    if not raw.isdigit() or int(raw) >= shards:
+        raise StageFailure(
+            "InvalidInvocation",
+            f"generation.shards is {shards} but {COMPLETION_INDEX_ENV} is {raw!r}: run it as an Indexed Job",
+        )
+    return int(raw)
 
 
 def run(inv: StageInvocation) -> StageResult:
@@ -260,10 +270,21 @@ def run(inv: StageInvocation) -> StageResult:
         raise StageFailure(
             "TeacherUnavailable", f"teacher {spec.teacher.model} is not in the catalog: set teacher.baseURL"
         )
-    done_ids, previous, next_shard = answered_so_far(stage_uri)
+    index, shards = shard_index(inv), inv.parts()
+
+    def owns(row_id: str) -> bool:
+        return dataset.shard_of(row_id, shards) == index
+
+    mine = None if index is None else owns
+    done_ids, previous, next_shard = answered_so_far(stage_uri, part_prefix(index), mine)
     with tempfile.TemporaryDirectory(prefix="generate-") as tmp:
-        prepared = prepare_dataset(inv, stage_uri, Path(tmp), done_ids, teacher)
-        return _generate(inv, stage_uri, teacher, prepared, previous, next_shard)
+        prepared = prepare_dataset(inv, stage_uri, Path(tmp), done_ids, teacher, mine)
+        if prepared.prompts < shards:
+            raise StageFailure(
+                "TooManyShards",
+                f"spec.generation.shards ({shards}) exceeds the {prepared.prompts} prompts of the dataset",
+            )
+        return _generate(inv, stage_uri, teacher, prepared, previous, next_shard, index)
 
 
 def _generate(
@@ -273,8 +294,10 @@ def _generate(
     prepared: Prepared,
     previous: Usage,
     next_shard: int,
+    index: int | None,
 ) -> StageResult:
     spec = inv.spec
+    shards = inv.parts()
     total = prepared.total
     requests_per_prompt = 1 if teacher.supports_n else spec.generation.n_samples
     try:
@@ -290,15 +313,16 @@ def _generate(
         mode,
     )
 
+    limit = spec.budget.max_teacher_cost_usd
     gate = BudgetGate(
-        spec.budget.max_teacher_cost_usd,
+        None if limit is None else limit / shards,
         previous.cost_usd,
         worst_case_cost(teacher, prepared.longest_request_tokens, spec.generation)
         if prepared.to_ask
         else 0.0,
     )
-    writer = ShardWriter(stage_uri, next_shard)
-    progress = ProgressReporter(stage_uri, inv.stage)
+    writer = ShardWriter(stage_uri, next_shard, prefix=part_prefix(index))
+    progress = ProgressReporter(inv.report_uri(), inv.stage)
     base_done = prepared.done
 
     def report(outcome: Outcome, force: bool = False) -> None:
@@ -331,7 +355,7 @@ def _generate(
                 spec.generation,
                 gate,
                 writer,
-                workers=WORKERS_PER_SLOT * spec.teacher.max_concurrency,
+                workers=WORKERS_PER_SLOT * max(1, spec.teacher.max_concurrency // shards),
                 on_answer=report,
                 stop=stop,
             )
@@ -342,97 +366,4 @@ def _generate(
     outcome = run_async(go()) if runs else Outcome(budget_stopped=bool(todo))
     report(outcome, force=True)
 
-    usage = Usage()
-    usage.add(previous)
-    usage.add(outcome.usage)
-    answered = base_done + outcome.answered
-    saving = max(0.0, pricing.sync_price(teacher, usage.input_tokens, usage.output_tokens) - usage.cost_usd)
-    metrics = Metrics(
-        teacher_calls=usage.calls,
-        teacher_input_tokens=usage.input_tokens,
-        teacher_output_tokens=usage.output_tokens,
-        teacher_cost_total=usage.cost_usd,
-        # Left out when nothing was cached or saved: most teachers offer neither.
-        teacher_cached_input_tokens=usage.cached_input_tokens or None,
-        teacher_saving_usd=saving or None,
-        candidates=answered * spec.generation.n_samples,
-        teacher_latency_p50_sec=outcome.speed.get("teacherLatencyP50Sec"),
-        teacher_latency_p95_sec=outcome.speed.get("teacherLatencyP95Sec"),
-        teacher_prompt_tokens_per_second=outcome.speed.get("teacherPromptTokensPerSecond"),
-        teacher_decode_tokens_per_second=outcome.speed.get("teacherDecodeTokensPerSecond"),
-    )
-    artifacts = Artifacts(dataset_uri=f"{stage_uri}/dataset/", candidates_uri=f"{stage_uri}/candidates/")
-    details = {
-        "teacher": teacher.id,
-        "teacherMode": mode,
-        **outcome.batch_details,
-        "priceNote": teacher.note,
-        "prompts": total,
-        "answered": answered,
-        "answeredThisAttempt": outcome.answered,
-        "trainRows": prepared.train,
-        "testRows": prepared.test,
-        "rejectedRows": prepared.rejected,
-        "failedPrompts": outcome.failed[:20],
-        "retries": outcome.retries,
-        "responsesWithoutUsage": outcome.responses_without_usage,
-        "generationSeconds": round(outcome.seconds, 3),
-        "requestsPerSecond": round(outcome.usage.calls / outcome.seconds, 2) if outcome.seconds else None,
-        **outcome.speed,
-    }
-    rejected_note = f"; {prepared.rejected} invalid dataset rows skipped" if prepared.rejected else ""
-    result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)
-    if outcome.fatal is not None:
-        return result.model_copy(
-            update={
-                "ok": False,
-                "reason": outcome.fatal.reason,
-                "message": f"{outcome.fatal}; {answered}/{total} prompts answered and kept",
-            }
-        )
-    if outcome.interrupted:
-        return result.model_copy(
-            update={
-                "ok": False,
-                "reason": "Interrupted",
-                "message": f"stopped by a signal: {answered}/{total} prompts answered and kept; "
-                + (
-                    "a rerun polls the batches already submitted"
-                    if mode == "batch"
-                    else "a rerun asks only the missing ones"
-                ),
-            }
-        )
-    if outcome.budget_stopped:
-        limit = spec.budget.max_teacher_cost_usd
-        return result.model_copy(
-            update={
-                "ok": False,
-                "reason": "BudgetExceeded",
-                "message": f"teacher budget ${limit:.4f} reached (${usage.cost_usd:.4f} spent): {answered}/{total} "
-                "prompts answered and kept; raise budget.maxTeacherCostUSD and rerun to continue",
-            }
-        )
-    if outcome.failed:
-        return result.model_copy(
-            update={
-                "ok": False,
-                "reason": "TeacherUnavailable",
-                "message": f"{len(outcome.failed)} prompts failed after retries; {answered}/{total} answered and "
-                "kept; a rerun asks only the missing ones",
-            }
-        )
-    if outcome.responses_without_usage:
-        rejected_note += (
-            f"; {outcome.responses_without_usage} responses had no usage: their cost is not counted"
-        )
-    if outcome.batch_details.get("unknownResults"):
-        rejected_note += (
-            f"; {outcome.batch_details['unknownResults']} batch results for unknown requests ignored"
-        )
-    saved = f", ${saving:.4f} saved against sync prices" if saving > 0 else ""
-    message = (
-        f"{answered} prompts × {spec.generation.n_samples} samples, ${usage.cost_usd:.4f} "
-        f"({mode}{saved}){rejected_note}"
-    )
-    return result.model_copy(update={"message": message})
+    return stage_result(inv, teacher, prepared, previous, outcome, mode, index)

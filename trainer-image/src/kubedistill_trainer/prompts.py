@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,13 @@ class Prepared:
     train: int = 0
     test: int = 0
     rejected: int = 0
+    # The prompts this pod asks for (all of them unless the stage is sharded), and of those the answered.
+    total: int = 0
     done: int = 0
     longest_request_tokens: int = 0
 
     @property
-    def total(self) -> int:
+    def prompts(self) -> int:
         return self.train + self.test
 
     @property
@@ -49,10 +51,16 @@ def _jsonl(f: Any, obj: Any) -> None:
 
 
 def prepare_dataset(
-    inv: StageInvocation, stage_uri: str, directory: Path, done: dataset.SeenIds, teacher: ResolvedTeacher
+    inv: StageInvocation,
+    stage_uri: str,
+    directory: Path,
+    done: dataset.SeenIds,
+    teacher: ResolvedTeacher,
+    owns: Callable[[str], bool] | None = None,
 ) -> Prepared:
     """One streaming pass over the dataset: validate (DatasetInvalid past the invalid share), split
-    by id, write `dataset/{train,test,rejected}.jsonl`, and list the prompts not answered yet."""
+    by id, write `dataset/{train,test,rejected}.jsonl` (whole, in every shard), and list the prompts
+    this pod `owns` (all by default) that are not answered yet."""
     spec = inv.spec
     gen = spec.generation
     examples = gen.few_shot_turns()
@@ -78,6 +86,9 @@ def prepare_dataset(
             split = "test" if dataset.is_test(item.id, spec.dataset.test_fraction) else "train"
             _jsonl(files[split], item.to_json())
             setattr(prepared, split, getattr(prepared, split) + 1)
+            if owns is not None and not owns(item.id):
+                continue
+            prepared.total += 1
             if item.id in done:
                 prepared.done += 1
                 continue

@@ -160,7 +160,10 @@ def run_stage(fn: Callable[[StageInvocation], StageResult], stage: Stage | None 
         publish(result, None)
         sys.exit(1)
     log.info("stage %s of %s/%s attempt %d", inv.stage.value, inv.job.namespace, inv.job.name, inv.attempt)
-    result = publish(execute(fn, inv), inv.stage_uri())
+    # Of a distributed stage's ranks (torchrun's RANK) only rank 0 writes result.json; the others'
+    # outcome is their exit status and termination log.
+    writes_result = os.environ.get("RANK", "0") == "0"
+    result = publish(execute(fn, inv), inv.report_uri() if writes_result else None)
     log.info(
         "stage %s %s: %s %s", inv.stage.value, "ok" if result.ok else "failed", result.reason, result.message
     )

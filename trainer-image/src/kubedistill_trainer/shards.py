@@ -3,13 +3,17 @@ arrive, and read back by a rerun (what it need not ask again), curate and evalua
 
 A shard is written whole (`store` writes are atomic), every `SHARD_ROWS` rows or `SHARD_SECONDS`
 seconds, so a SIGKILL loses at most that much answered-but-unwritten work and never half a shard.
+
+With `generation.shards` > 1, generation pod k writes its shards below `candidates/part-KKKK/`, so
+the pods never write the same file and a rerun of one pod finds what it answered before; readers
+take every `shard-*.jsonl` below `candidates/`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +62,20 @@ def usage_of(row: dict[str, Any]) -> Usage:
     )
 
 
+def part_prefix(index: int | None) -> str:
+    """The candidate shard prefix of generation pod `index` (None: the stage is not sharded)."""
+    return SHARD_PREFIX if index is None else f"candidates/part-{index:04d}/shard-"
+
+
+def candidate_uris(stage_uri: str) -> list[str]:
+    """Every candidate shard of every generation pod, in a stable order."""
+    return [
+        u
+        for u in store.list_uris(f"{stage_uri}/candidates/")
+        if u.rsplit("/", 1)[1].startswith("shard-") and u.endswith(".jsonl")
+    ]
+
+
 def shard_index(uri: str, prefix: str = SHARD_PREFIX) -> int:
     return int(uri.rsplit(prefix, 1)[1].split(".", 1)[0])
 
@@ -77,17 +95,19 @@ def read_shards(stage_uri: str, prefix: str) -> tuple[list[dict[str, Any]], int]
     return [row for uri in uris for row in store.read_jsonl(uri)], next_shard_index(uris, prefix)
 
 
-def answered_so_far(stage_uri: str) -> tuple[dataset.SeenIds, Usage, int]:
-    """Ids already answered, what they cost and the next shard index — one line in memory at a
-    time and no answer texts kept, so resuming a large job stays small."""
-    uris = shard_uris(stage_uri, SHARD_PREFIX)
+def answered_so_far(
+    stage_uri: str, prefix: str = SHARD_PREFIX, owns: Callable[[str], bool] | None = None
+) -> tuple[dataset.SeenIds, Usage, int]:
+    """Ids already answered that this pod `owns` (all by default), what they cost and the next index
+    of `prefix`'s shards — one line in memory at a time and no answer texts kept, so resuming a
+    large job stays small. Every pod's shards are read: what counts is who owns a row now."""
     ids = dataset.SeenIds()
     usage = Usage()
-    for uri in uris:
+    for uri in candidate_uris(stage_uri):
         for row in store.iter_jsonl(uri):
-            if ids.add(row["id"]):
+            if (owns is None or owns(row["id"])) and ids.add(row["id"]):
                 usage.add(usage_of(row))
-    return ids, usage, next_shard_index(uris, SHARD_PREFIX)
+    return ids, usage, next_shard_index(shard_uris(stage_uri, prefix), prefix)
 
 
 class ShardWriter:

@@ -10,7 +10,10 @@ A micro-batch holds `batchSize` prompts with their chosen answers and as many re
 per epoch), all in one padded batch; pairs are chosen × rejected of the same prompt. The reference
 policy is the same model with its adapters disabled, under no_grad. Which prompts form which
 micro-batch is a pure function of the micro-batch index, so a resumed run sees exactly the data the
-killed one would have seen next.
+killed one would have seen next (the data side lives in train_data.py).
+
+Across processes and nodes (distributed.py) the step stays the same `gradientAccumulation`
+micro-batches, dealt out to the ranks; only rank 0 writes.
 
 The curated file is downloaded once and indexed by line offset (8 bytes a prompt); a micro-batch
 reads and tokenises only its own prompts, so memory does not grow with the number of prompts
@@ -19,220 +22,61 @@ reads and tokenises only its own prompts, so memory does not grow with the numbe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import tempfile
 import time
-from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubedistill import store
 from kubedistill.api.models import Artifacts, Metrics, Stage, TrainingSpec
 from kubedistill.api.stage import StageInvocation, StageResult
-from kubedistill.dataset import row_from_obj
-from kubedistill_trainer import models
+from kubedistill_trainer import distributed, models
 from kubedistill_trainer.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from kubedistill_trainer.runtime import ProgressReporter, StageFailure
+from kubedistill_trainer.train_data import (
+    SEED,
+    Batch,
+    CuratedFile,
+    Example,
+    collate,
+    encode_example,
+    micro_batch_members,
+)
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-SEED = 17
 CURATED_FILE = "curated/train.jsonl"
 MAX_GRAD_NORM = 1.0
 # Unsloth needs explicit module names where PEFT accepts "all-linear".
 _DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-# ------------------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    messages: list[dict[str, str]]
-    chosen: tuple[str, ...]
-    rejected: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of each candidate sequence (prompt + answer) and how many leading ids are prompt."""
-
-    chosen: tuple[tuple[list[int], int], ...]
-    rejected: tuple[tuple[list[int], int], ...]
-
-
-def _texts(value: Any) -> tuple[str, ...]:
-    items = value if isinstance(value, list) else []
-    texts = (item.get("text") if isinstance(item, dict) else item for item in items)
-    return tuple(t for t in texts if isinstance(t, str) and t.strip())
-
-
-def example_of(obj: Any) -> Example | None:
-    """A curated row as an example; None for a row without a chosen answer, which teaches nothing."""
-    chosen = _texts(obj.get("chosen"))
-    if not chosen:
-        return None
-    row = row_from_obj(obj)
-    return Example(row.id, row.student_messages(), chosen, _texts(obj.get("rejected")))
-
-
-def parse_curated(objs: Sequence[Any]) -> list[Example]:
-    """Curated rows → examples; rows without a chosen answer are left out."""
-    return [e for e in (example_of(o) for o in objs) if e is not None]
-
-
-class CuratedFile:
-    """The examples of a local curated JSONL file, read by index: only their line offsets are held."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offsets = array("Q")
-        self.with_rejected = 0
-        with path.open("rb") as f:
-            offset = 0
-            for line in f:
-                if line.strip():
-                    example = example_of(json.loads(line))
-                    if example is not None:
-                        self._offsets.append(offset)
-                        self.with_rejected += bool(example.rejected)
-                offset += len(line)
-        self._file = path.open("rb")
-
-    def __len__(self) -> int:
-        return len(self._offsets)
-
-    def __getitem__(self, index: int) -> Example:
-        self._file.seek(self._offsets[index])
-        example = example_of(json.loads(self._file.readline()))
-        assert example is not None
-        return example
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def encode_pair(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], answer: str, max_len: int
-) -> tuple[list[int], int]:
-    """(ids, prompt length) of prompt + answer, the prompt cut from the left so half the room stays for the answer."""
-    prompt_ids = tokenizer(models.render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(models.render_conversation(tokenizer, messages, answer), add_special_tokens=False)[
-        "input_ids"
-    ]
-    # A template may tokenise the boundary differently once the answer follows; mask what is shared.
-    n_prompt = _common_prefix(prompt_ids, full_ids)
-    answer_ids = full_ids[n_prompt:]
-    keep_prompt = max(1, max_len - min(len(answer_ids), max_len // 2))
-    prompt_part = full_ids[:n_prompt][-keep_prompt:]
-    return (prompt_part + answer_ids)[:max_len], len(prompt_part)
-
-
-def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, max_len: int) -> Encoded:
-    def enc(answers: tuple[str, ...]) -> tuple[tuple[list[int], int], ...]:
-        return tuple(encode_pair(tokenizer, example.messages, a, max_len) for a in answers)
-
-    return Encoded(chosen=enc(example.chosen), rejected=enc(example.rejected))
-
-
-@lru_cache(maxsize=2)
-def epoch_order(epoch: int, n_examples: int) -> array[int]:
-    """The seeded shuffle of one epoch, 4 bytes a prompt (made once, not once per example)."""
-    return array("L", random.Random(SEED + epoch).sample(range(n_examples), n_examples))
-
-
-def micro_batch_members(index: int, batch_size: int, n_examples: int) -> list[tuple[int, int]]:
-    """(example, epoch) of micro-batch `index`: consecutive slices of a per-epoch seeded shuffle."""
-    members = []
-    for flat in range(index * batch_size, (index + 1) * batch_size):
-        epoch, pos = divmod(flat, n_examples)
-        members.append((epoch_order(epoch, n_examples)[pos], epoch))
-    return members
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T]
-    response_mask: torch.Tensor  # [B, T-1], aligned with labels = input_ids[:, 1:]
-    is_chosen: torch.Tensor  # [B]
-    pairs: torch.Tensor  # [P, 2]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-
-def collate(encoded: Sequence[tuple[Encoded, int]], pad_id: int) -> Batch:
-    """One padded batch of every prompt's chosen sequences and `len(chosen)` rejected ones (rotated by epoch)."""
-    import torch
-
-    seqs: list[tuple[list[int], int]] = []
-    chosen_flags: list[bool] = []
-    pairs: list[tuple[int, int]] = []
-    for enc, epoch in encoded:
-        chosen_rows = list(range(len(seqs), len(seqs) + len(enc.chosen)))
-        seqs.extend(enc.chosen)
-        chosen_flags.extend([True] * len(enc.chosen))
-        if enc.rejected:
-            take = min(len(enc.chosen), len(enc.rejected))
-            start = epoch * take
-            picked = [enc.rejected[(start + i) % len(enc.rejected)] for i in range(take)]
-            rejected_rows = list(range(len(seqs), len(seqs) + take))
-            seqs.extend(picked)
-            chosen_flags.extend([False] * take)
-            pairs.extend((c, r) for c in chosen_rows for r in rejected_rows)
-    width = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    response = torch.zeros((len(seqs), width - 1), dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(seqs):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[row, : len(ids)] = 1
-        # Label position t predicts token t+1: answer tokens are labels n_prompt-1 .. len-2.
-        response[row, max(n_prompt - 1, 0) : len(ids) - 1] = 1
-    return Batch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        response_mask=response,
-        is_chosen=torch.tensor(chosen_flags, dtype=torch.bool),
-        pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
-    )
-
-
 # ---------------------------------------------------------------------------------------- model
 
 
-def load_trainable(inv: StageInvocation) -> tuple[Any, PreTrainedTokenizerBase, str]:
-    """The student with fresh LoRA adapters: Unsloth on CUDA when installed, else transformers + PEFT."""
+def use_unsloth(distributed_run: bool) -> bool:
+    """Unsloth on one CUDA device when installed; its open-source build does not run under DDP."""
+    return models.unsloth_available() and not distributed_run
+
+
+def load_trainable(
+    inv: StageInvocation, *, distributed_run: bool = False
+) -> tuple[Any, PreTrainedTokenizerBase, str]:
+    """The student with fresh LoRA adapters: Unsloth (see `use_unsloth`), else transformers + PEFT."""
     import torch
 
     spec = inv.spec.training
     source = models.resolve_student(inv.spec.student.model)
     targets = models.lora_targets(inv.spec.student.model, spec.lora.target_modules)
     torch.manual_seed(SEED)
-    if models.unsloth_available() and not source.gguf_file:  # Unsloth loads no GGUF
+    if use_unsloth(distributed_run) and not source.gguf_file:  # Unsloth loads no GGUF
         os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
         from unsloth import FastLanguageModel
 
@@ -284,8 +128,13 @@ def _logits_from(model: Any, ids: Any, attention: Any, start: int) -> Any:
     return model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits[:, -keep:][:, :-1]
 
 
-def bond_step_loss(model: Any, batch: Batch, spec: TrainingSpec) -> Any:
-    """Forward the policy (with grad) and the reference (adapters off, no grad); return the BondLoss."""
+def bond_step_loss(model: Any, batch: Batch, spec: TrainingSpec, policy: Any = None) -> Any:
+    """Forward the policy (with grad) and the reference (adapters off, no grad); return the BondLoss.
+
+    `policy` is what the policy forward runs through (the DDP wrapper of `model` across ranks, so
+    its backward is the one that synchronises gradients); the reference needs no gradient, so it
+    runs on `model` itself.
+    """
     import torch
 
     from kubedistill_trainer.bond import bond_loss
@@ -293,7 +142,7 @@ def bond_step_loss(model: Any, batch: Batch, spec: TrainingSpec) -> Any:
     dev = next(model.parameters()).device
     ids, attention = batch.input_ids.to(dev), batch.attention_mask.to(dev)
     start = first_response_label(batch)
-    policy_logits = _logits_from(model, ids, attention, start)
+    policy_logits = _logits_from(model if policy is None else policy, ids, attention, start)
     with torch.no_grad(), model.disable_adapter():
         ref_logits = _logits_from(model, ids, attention, start)
     return bond_loss(
@@ -312,22 +161,31 @@ def bond_step_loss(model: Any, batch: Batch, spec: TrainingSpec) -> Any:
 # -------------------------------------------------------------------------------------------- run
 
 
-def _mean_parts(parts: list[dict[str, float]]) -> dict[str, float]:
-    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+_PARTS = ("loss", "sft", "pref", "kl")
 
 
 def _steps(
     model: Any,
+    policy: Any,
     examples: Sequence[Example] | CuratedFile,
     tokenizer: PreTrainedTokenizerBase,
     spec: TrainingSpec,
     state: TrainState,
+    world: distributed.World,
 ) -> Iterator[tuple[dict[str, float], int]]:
-    """Per optimiser step: backpropagate each accumulated micro-batch; yield mean loss parts and tokens."""
+    """Per optimiser step: backpropagate this rank's share of the step's micro-batches; yield the
+    step's mean loss parts and its tokens, over all ranks.
+
+    Gradients are synchronised once a step, on this rank's last backward (`no_sync` before it).
+    """
+    import contextlib
+
     pad_id = int(tokenizer.pad_token_id)
+    mine = distributed.micro_batches_of(world.rank, world.size, spec.gradient_accumulation)
+    scale = world.size / spec.gradient_accumulation
     for step in range(state.step, spec.steps):
-        parts, tokens = [], 0
-        for micro in range(spec.gradient_accumulation):
+        sums, tokens = [0.0] * len(_PARTS), 0
+        for n, micro in enumerate(mine):
             members = micro_batch_members(
                 step * spec.gradient_accumulation + micro, spec.batch_size, len(examples)
             )
@@ -335,15 +193,24 @@ def _steps(
                 (encode_example(tokenizer, examples[i], spec.max_seq_length), epoch) for i, epoch in members
             ]
             batch = collate(encoded, pad_id)
-            loss = bond_step_loss(model, batch, spec)
-            (loss.total / spec.gradient_accumulation).backward()
-            parts.append(loss.as_floats())
+            last = n == len(mine) - 1
+            sync = contextlib.nullcontext() if last or not world.distributed else policy.no_sync()
+            with sync:
+                loss = bond_step_loss(model, batch, spec, policy)
+                (loss.total * scale).backward()
+            parts = loss.as_floats()
+            sums = [acc + parts[k] for acc, k in zip(sums, _PARTS, strict=True)]
             tokens += batch.tokens
-        yield _mean_parts(parts), tokens
+        *totals, all_tokens = distributed.sum_across([*sums, tokens], world)
+        yield (
+            {k: v / spec.gradient_accumulation for k, v in zip(_PARTS, totals, strict=True)},
+            int(all_tokens),
+        )
 
 
 def run(inv: StageInvocation) -> StageResult:
-    if models.unsloth_available():
+    world = distributed.world()
+    if use_unsloth(world.distributed):
         import unsloth  # noqa: F401  # it patches transformers, so it must be imported first
 
     curated_uri = f"{inv.stage_uri(Stage.CURATE)}/{CURATED_FILE}"
@@ -357,27 +224,39 @@ def run(inv: StageInvocation) -> StageResult:
         try:
             if not len(examples):
                 raise StageFailure("NoTrainingData", f"{curated_uri} has no prompt with a chosen answer")
-            return _train(inv, examples)
+            distributed.check_world(world, inv.spec.training.gradient_accumulation)
+            distributed.start(world)
+            try:
+                return _train(inv, examples, world)
+            finally:
+                distributed.stop(world)
         finally:
             examples.close()
 
 
-def _train(inv: StageInvocation, examples: CuratedFile) -> StageResult:
+def _train(inv: StageInvocation, examples: CuratedFile, world: distributed.World) -> StageResult:
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
     spec = inv.spec.training
     stage_uri = inv.stage_uri()
 
-    progress = ProgressReporter(stage_uri, Stage.TRAIN)
-    progress.update(0, spec.steps, detail="loading the student", force=True)
-    model, tokenizer, backend = load_trainable(inv)
+    progress = ProgressReporter(stage_uri, Stage.TRAIN) if world.primary else None
+    if progress is not None:
+        progress.update(0, spec.steps, detail="loading the student", force=True)
+    model, tokenizer, backend = load_trainable(inv, distributed_run=world.distributed)
 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate)
     warmup = math.ceil(spec.warmup_ratio * spec.steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, spec.steps)
+    # Every rank loads the same checkpoint (whatever world size wrote it: the optimiser state is the
+    # same on every rank, and the data order is a function of the step alone).
     state = load_checkpoint(stage_uri, model, optimizer, scheduler) or TrainState(history=[])
+    if world.rank:
+        # Dropout on the other ranks draws its own stream; rank 0's is the one checkpointed.
+        torch.manual_seed(SEED + 7919 * world.rank + state.step)
+    policy = distributed.wrap(model, world)
     resumed_from = state.step
     history = state.history if state.history is not None else []
     if resumed_from:
@@ -386,7 +265,7 @@ def _train(inv: StageInvocation, examples: CuratedFile) -> StageResult:
     started = time.monotonic()
     attempt_tokens = 0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for parts, tokens in _steps(model, examples, tokenizer, spec, state):
+    for parts, tokens in _steps(model, policy, examples, tokenizer, spec, state, world):
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
         scheduler.step()
@@ -396,26 +275,30 @@ def _train(inv: StageInvocation, examples: CuratedFile) -> StageResult:
         history.append({"step": state.step, **parts, "lr": scheduler.get_last_lr()[0]})
         done = state.step == spec.steps
         at_checkpoint = state.step % spec.checkpoint_every == 0 or done
-        detail = f"step {state.step}/{spec.steps} " + " ".join(f"{k}={v:.4f}" for k, v in parts.items())
-        progress.update(state.step, spec.steps, detail=detail, loss=parts["loss"], force=at_checkpoint)
+        if progress is not None:
+            detail = f"step {state.step}/{spec.steps} " + " ".join(f"{k}={v:.4f}" for k, v in parts.items())
+            progress.update(state.step, spec.steps, detail=detail, loss=parts["loss"], force=at_checkpoint)
         if at_checkpoint:
             state.elapsed += time.monotonic() - started
             state.tokens += attempt_tokens
             started, attempt_tokens = time.monotonic(), 0
             state.history = history
-            save_checkpoint(stage_uri, model, optimizer, scheduler, state)
-            store.write_jsonl(f"{stage_uri}/losses.jsonl", history)
+            if world.primary:
+                save_checkpoint(stage_uri, model, optimizer, scheduler, state)
+                store.write_jsonl(f"{stage_uri}/losses.jsonl", history)
 
     adapter_uri = f"{stage_uri}/adapter"
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        store.put_tree(tmp, adapter_uri)
+    if world.primary:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            store.put_tree(tmp, adapter_uri)
     final = history[-1] if history else {}
     return StageResult(
         stage=Stage.TRAIN,
         ok=True,
-        message=f"{spec.steps} steps on {len(examples)} prompts ({backend})",
+        message=f"{spec.steps} steps on {len(examples)} prompts ({backend}"
+        + (f", {world.size} processes)" if world.distributed else ")"),
         metrics=Metrics(student_loss_final=final.get("loss"), training_time_sec=round(state.elapsed, 3)),
         artifacts=Artifacts(adapter_uri=adapter_uri),
         details={
@@ -425,6 +308,7 @@ def _train(inv: StageInvocation, examples: CuratedFile) -> StageResult:
             "resumedFromStep": resumed_from,
             "backend": backend,
             "device": models.device(),
+            "worldSize": world.size,
             "prompts": len(examples),
             "promptsWithRejected": examples.with_rejected,
             "lossParts": {k: final[k] for k in ("loss", "sft", "pref", "kl") if k in final},

@@ -70,6 +70,13 @@ MODEL_RULES: Mapping[type[BaseModel], tuple[Rule, ...]] = {
             "spec.curation.topK must not exceed spec.generation.nSamples",
             field_path=".curation.topK",
         ),
+        Rule(
+            "!has(self.generation) || !has(self.generation.shards) || ("
+            "(!has(self.dataset.numPrompts) || self.generation.shards <= self.dataset.numPrompts) && "
+            "(!has(self.dataset.prompts) || self.generation.shards <= size(self.dataset.prompts)))",
+            "spec.generation.shards must not exceed the number of prompts (dataset.numPrompts or dataset.prompts)",
+            field_path=".generation.shards",
+        ),
     ),
     m.DatasetSpec: (
         _exactly_one(
@@ -88,6 +95,20 @@ MODEL_RULES: Mapping[type[BaseModel], tuple[Rule, ...]] = {
             "!has(self.bondBeta) || (self.bondBeta >= 0.0 && self.bondBeta <= 1.0)",
             "spec.training.bondBeta must be within [0, 1]",
             field_path=".bondBeta",
+        ),
+        Rule(
+            "!has(self.distributed) || self.gradientAccumulation >= self.distributed.nodes * "
+            "(has(self.distributed.gpusPerNode) ? self.distributed.gpusPerNode : "
+            "(has(self.distributed.procsPerNode) ? self.distributed.procsPerNode : 1))",
+            "spec.training.gradientAccumulation must be at least distributed.nodes × processes per node "
+            "(each process takes whole micro-batches of the global batch)",
+            field_path=".gradientAccumulation",
+        ),
+    ),
+    m.DistributedSpec: (
+        Rule(
+            "!(has(self.gpusPerNode) && has(self.procsPerNode))",
+            "spec.training.distributed: set gpusPerNode or procsPerNode, not both",
         ),
     ),
     m.ExportSpec: (

@@ -140,6 +140,10 @@ class FewShotExample(Model):
     )
 
 
+MAX_GENERATION_SHARDS = 256
+MAX_TRAINING_NODES = 64
+
+
 class GenerationSpec(Model):
     n_samples: int = Field(default=4, ge=1, le=32, description="Teacher candidates per prompt.")
     temperature: float = Field(default=0.8, gt=0.0, le=2.0, description="Sampling temperature (> 0).")
@@ -154,6 +158,13 @@ class GenerationSpec(Model):
         default=None,
         max_length=64,
         description="Worked examples sent to the teacher only, as chat turns ahead of each prompt.",
+    )
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_GENERATION_SHARDS,
+        description="Generation pods (an Indexed Job): each asks the teacher for the prompts with "
+        "hash(id) % shards == its index, with 1/shards of the rate limits and of the budget.",
     )
 
     def few_shot_turns(self) -> list[dict[str, str]]:
@@ -230,6 +241,34 @@ class LoraSpec(Model):
     )
 
 
+class DistributedSpec(Model):
+    nodes: int = Field(
+        default=1, ge=1, le=MAX_TRAINING_NODES, description="Train pods (an Indexed Job), one per node."
+    )
+    gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=16,
+        description="GPUs (and torchrun processes) per pod; defaults to the operator's train GPUs.",
+    )
+    procs_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="torchrun processes per pod on a CPU-only operator profile (no GPUs); default 1.",
+    )
+
+    @model_validator(mode="after")
+    def _gpus_or_procs(self) -> DistributedSpec:
+        if self.gpus_per_node is not None and self.procs_per_node is not None:
+            raise ValueError("set gpusPerNode or procsPerNode, not both")
+        return self
+
+    def explicit_processes(self) -> int:
+        """Processes per pod as the spec states them (gpusPerNode may instead come from the operator)."""
+        return self.gpus_per_node or self.procs_per_node or 1
+
+
 class TrainingSpec(Model):
     steps: int = Field(default=100, ge=1, le=1_000_000, description="Optimiser steps.")
     bond_beta: float = Field(default=0.5, ge=0.0, le=1.0, description="SFT (0) ↔ preference (1) blend.")
@@ -244,6 +283,11 @@ class TrainingSpec(Model):
     warmup_ratio: float = Field(default=0.1, ge=0.0, le=0.5, description="Share of steps spent warming up.")
     checkpoint_every: int = Field(default=25, ge=1, le=1_000_000, description="Steps between checkpoints.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter shape.")
+    distributed: DistributedSpec | None = Field(
+        default=None,
+        description="Data-parallel training over nodes × GPUs (torchrun, DDP); the global batch stays "
+        "batchSize × gradientAccumulation, which must be at least the number of processes.",
+    )
 
 
 def _default_quantizations() -> list[Quantization]:
@@ -369,9 +413,20 @@ class DistillationJobSpec(Model):
     )
 
     @model_validator(mode="after")
-    def _top_k_within_samples(self) -> DistillationJobSpec:
+    def _cross_field_rules(self) -> DistillationJobSpec:
         if self.curation.top_k > self.generation.n_samples:
             raise ValueError("curation.topK must not exceed generation.nSamples")
+        prompts = self.dataset.num_prompts or (len(self.dataset.prompts) if self.dataset.prompts else None)
+        if prompts is not None and self.generation.shards > prompts:
+            raise ValueError(
+                f"spec.generation.shards ({self.generation.shards}) exceeds the {prompts} prompts"
+            )
+        d, accumulation = self.training.distributed, self.training.gradient_accumulation
+        if d is not None and d.nodes * d.explicit_processes() > accumulation:
+            raise ValueError(
+                f"spec.training.gradientAccumulation ({accumulation}) must be at least distributed.nodes × "
+                "processes per node: each process takes whole micro-batches of the global batch"
+            )
         return self
 
 
@@ -455,6 +510,13 @@ class Estimate(Model):
     )
     judge_cost_usd: float = Field(default=0.0, ge=0.0, alias="judgeCostUSD", description="LLM judge dollars.")
     gpu_minutes: float = Field(default=0.0, ge=0.0, description="Expected training GPU minutes.")
+    train_nodes: int = Field(default=1, ge=1, description="Train pods (spec.training.distributed.nodes).")
+    train_processes_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPUs (or CPU processes) per train pod as the spec states them; unset: the operator's default.",
+    )
+    generation_shards: int = Field(default=1, ge=1, description="Generation pods (spec.generation.shards).")
     fits_budget: bool = Field(default=True, description="Whether the cost fits budget.maxTeacherCostUSD.")
     teacher_mode: Literal["sync", "batch"] | None = Field(
         default=None, description="How the teacher is assumed to be called (teacher.mode resolved)."

@@ -6,12 +6,16 @@ Out: `<artifactBase>/<stage>/result.json` (a full `StageResult`), the same resul
      < 4 KiB in the termination log, exit code 0 on success, non-zero with `reason` on failure.
      While running, `<artifactBase>/<stage>/progress.json` (a `StageProgress`), which the operator
      polls, so stage pods need no RBAC at all.
+     A stage run as several pods (generate with `generation.shards` > 1: an Indexed Job) writes
+     both files per part, below `<artifactBase>/<stage>/parts/NNNN/`, NNNN its completion index;
+     the operator sums them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import Field
@@ -31,6 +35,13 @@ MAX_TERMINATION_MESSAGE = 4096
 
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.json"
+# Set by the Job controller in every pod of an Indexed Job.
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+
+
+def part_uri(stage_uri: str, index: int) -> str:
+    """Where part `index` of a sharded stage writes its result.json and progress.json."""
+    return f"{stage_uri}/parts/{index:04d}"
 
 
 class JobRef(Model):
@@ -48,6 +59,17 @@ class StageInvocation(Model):
 
     def stage_uri(self, stage: Stage | None = None) -> str:
         return f"{self.artifact_base.rstrip('/')}/{(stage or self.stage).value}"
+
+    def parts(self) -> int:
+        """How many pods (Indexed Job completions) this stage's work is split into."""
+        return self.spec.generation.shards if self.stage == Stage.GENERATE else 1
+
+    def report_uri(self, environ: Mapping[str, str] | None = None) -> str:
+        """Where this process writes result.json and progress.json: its part's directory in a sharded stage."""
+        if self.parts() == 1:
+            return self.stage_uri()
+        env = os.environ if environ is None else environ
+        return part_uri(self.stage_uri(), int(env.get(COMPLETION_INDEX_ENV, "0")))
 
 
 class StageResult(Model):

@@ -22,9 +22,11 @@ from kubedistill.api.stage import (
     JobRef,
     StageInvocation,
 )
+from kubedistill.builders.scaling import scale_out
 from kubedistill.dataset import DATASET_FILE_ENV
 from kubedistill.domain.naming import artifact_base, child_job_name, child_labels, invocation_configmap_name
 from kubedistill.domain.queueing import QUEUE_LABEL, queue_name
+from kubedistill.domain.scaling import stage_completions
 from kubedistill.settings import GPU_RESOURCE, Settings
 
 DATASET_DIR = "/var/run/kubedistill/dataset"
@@ -177,9 +179,10 @@ def build_stage_manifests(
     *,
     active_deadline_seconds: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The manifests for one stage attempt: [ConfigMap (only for a large invocation)], Job — in creation order."""
+    """The manifests for one stage attempt: [ConfigMap (only for a large invocation)], [headless Service
+    (distributed training)], Job — in creation order."""
     meta = job.metadata
-    name = child_job_name(meta.name, stage, attempt)
+    name = child_job_name(meta.name, stage, attempt, stage_completions(job.spec, stage))
     labels = child_labels(meta.name, stage, attempt)
     owner = owner_reference(job)
     invocation = build_invocation(job, stage, attempt, settings).model_dump_json(
@@ -271,17 +274,15 @@ def build_stage_manifests(
     }
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = active_deadline_seconds
-    manifests.append(
-        {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {
-                "name": name,
-                "namespace": meta.namespace,
-                "labels": {**labels, QUEUE_LABEL: queue} if queue is not None else labels,
-                "ownerReferences": [owner],
-            },
-            "spec": job_spec,
-        }
-    )
-    return manifests
+    job_manifest = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": meta.namespace,
+            "labels": {**labels, QUEUE_LABEL: queue} if queue is not None else labels,
+            "ownerReferences": [owner],
+        },
+        "spec": job_spec,
+    }
+    return [*manifests, *scale_out(job, stage, settings, job_manifest), job_manifest]

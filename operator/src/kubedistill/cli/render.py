@@ -196,6 +196,8 @@ def estimate_table(result: Mapping[str, Any]) -> Table:
         ["judge cost", f"${result['judge_cost']:.4f} ({b['judge']})"],
         ["estimated cost", f"${result['estimated_cost']:.4f}"],
         ["GPU minutes", f"{result['gpu_minutes']:.2f} ({b['student']}, {b['studentParamsB']}B)"],
+        ["scale-out", f"training on {result['train_nodes']} node(s) × "
+         f"{result['train_processes_per_node'] or 'default'} GPUs/processes; generation in {result['generation_shards']} shard(s)"],
         ["fits budget", "yes" if result["sufficient"] else f"no (budget ${b['budgetUSD']})"],
     ]  # fmt: skip
     if b.get("priceNote"):

@@ -312,6 +312,11 @@ def estimate_from_tally(
         fits_budget=limit is None or teacher_cost <= limit,
         teacher_mode=mode,
         cached_input_tokens=cached_tokens,
+        train_nodes=tr.distributed.nodes if tr.distributed else 1,
+        train_processes_per_node=(tr.distributed.gpus_per_node or tr.distributed.procs_per_node)
+        if tr.distributed
+        else None,
+        generation_shards=gen.shards,
     )
     breakdown = {
         "teacher": teacher.id,

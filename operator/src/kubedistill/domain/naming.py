@@ -28,9 +28,20 @@ def _fit(name: str, limit: int = MAX_NAME) -> str:
     return f"{head}-{digest}"
 
 
-def child_job_name(job: str, stage: Stage, attempt: int) -> str:
-    """`<job>-<stage>-<attempt>`, shortened with a hash suffix when the job name is long."""
-    return _fit(f"{job}-{stage.value}-{attempt}")
+def child_job_name(job: str, stage: Stage, attempt: int, completions: int = 1) -> str:
+    """`<job>-<stage>-<attempt>`, shortened with a hash suffix when the job name is long.
+
+    The pods of an Indexed Job are named and get the hostname `<Job>-<index>`, so a Job of several
+    completions leaves room for its largest index within the 63 characters of a hostname.
+    """
+    reserve = len(f"-{completions - 1}") if completions > 1 else 0
+    return _fit(f"{job}-{stage.value}-{attempt}", MAX_NAME - reserve)
+
+
+def rendezvous_service_name(job_name: str) -> str:
+    """The headless Service of a distributed stage Job: a DNS-1035 label (a letter first, no dots)."""
+    name = job_name.replace(".", "-")
+    return _fit(name if name[0].isalpha() else f"r-{name}")
 
 
 def invocation_configmap_name(job: str, stage: Stage, attempt: int) -> str:

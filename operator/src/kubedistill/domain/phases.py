@@ -41,6 +41,7 @@ from kubedistill.domain.observation import (
 from kubedistill.domain.plan import retry_delay, skipped_stages
 from kubedistill.domain.progress import overall_progress
 from kubedistill.domain.results import failure_message, merge_artifacts, merge_metrics
+from kubedistill.domain.scaling import settings_problem, stage_completions
 from kubedistill.settings import Settings
 
 # Secrets and unscheduled pods change without an event the operator watches: look again this often.
@@ -142,6 +143,10 @@ def _reconcile(ctx: _Ctx) -> None:
     stages = _stage_statuses(status)
     status.start_time = status.start_time or _start_time(observed.children)
 
+    problem = settings_problem(spec, ctx.settings)
+    if problem is not None:
+        _fail(ctx, stages, grouped, "InvalidSpec", problem)
+        return
     may_start = _secrets_gate(ctx)
     deadline_left = _deadline_left(ctx)
     if deadline_left is not None and deadline_left <= 0:
@@ -362,7 +367,9 @@ def _start(ctx: _Ctx, entry: StageStatus, attempt: int, deadline_left: float | N
     )
     ctx.decision.actions.append(CreateJob(entry.name, attempt, deadline))
     entry.attempts = attempt
-    entry.job_name = child_job_name(ctx.job.metadata.name, entry.name, attempt)
+    entry.job_name = child_job_name(
+        ctx.job.metadata.name, entry.name, attempt, stage_completions(ctx.job.spec, entry.name)
+    )
     entry.state = StageState.PENDING
     entry.start_time = entry.start_time or rfc3339(ctx.now)
     entry.message = f"attempt {attempt} created"

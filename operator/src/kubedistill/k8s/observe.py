@@ -15,14 +15,16 @@ from typing import Any
 
 from kubedistill import store
 from kubedistill.api.models import DistillationJob, Stage
-from kubedistill.api.stage import PROGRESS_FILE, RESULT_FILE, StageProgress, StageResult
+from kubedistill.api.stage import PROGRESS_FILE, RESULT_FILE, StageProgress, StageResult, part_uri
 from kubedistill.builders import build_invocation, referenced_secrets
 from kubedistill.builders.stage_job import CONTAINER
 from kubedistill.domain.conditions import parse_time
 from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_STAGE
 from kubedistill.domain.observation import ChildJob, PodSummary, parse_termination_message
+from kubedistill.domain.parts import merge_progress, merge_results
 from kubedistill.domain.plan import skipped_stages
 from kubedistill.domain.queueing import JOB_UID_LABEL, QUEUE_LABEL, summarise_workload
+from kubedistill.domain.scaling import stage_completions
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube
 from kubedistill.settings import Settings
@@ -108,10 +110,16 @@ async def observe_children(kube: Kube, job: DistillationJob, settings: Settings)
     recorded = {s.name for s in (job.status.stages if job.status else []) if s.state == "Succeeded"}
     completed: list[ChildJob] = []
     for child in children:
+        parts = stage_completions(job.spec, child.stage) if child.stage == Stage.GENERATE else 1
         # A finished stage without a parsable termination message: its result.json says what it did.
-        if child.finished and child.result is None and child.stage not in recorded:
-            uri = f"{build_invocation(job, child.stage, child.attempt, settings).stage_uri()}/{RESULT_FILE}"
-            result = await asyncio.to_thread(store.read_model, uri, StageResult)
+        # A sharded one's pods each say what their part did: the sum is the stage's result.
+        if child.finished and (child.result is None or parts > 1) and child.stage not in recorded:
+            stage_uri = build_invocation(job, child.stage, child.attempt, settings).stage_uri()
+            result: StageResult | None
+            if parts > 1:
+                result = await asyncio.to_thread(_merged_result, stage_uri, parts)
+            else:
+                result = await asyncio.to_thread(store.read_model, f"{stage_uri}/{RESULT_FILE}", StageResult)
             child = ChildJob(**{**child.__dict__, "result": result})
         completed.append(child)
     return tuple(completed)
@@ -154,6 +162,24 @@ async def missing_secrets(kube: Kube, job: DistillationJob, settings: Settings) 
 async def read_progress(
     job: DistillationJob, stage: Stage, attempt: int, settings: Settings
 ) -> StageProgress | None:
-    uri = f"{build_invocation(job, stage, attempt, settings).stage_uri()}/{PROGRESS_FILE}"
-    progress: StageProgress | None = await asyncio.to_thread(store.read_model, uri, StageProgress)
+    stage_uri = build_invocation(job, stage, attempt, settings).stage_uri()
+    parts = stage_completions(job.spec, stage) if stage == Stage.GENERATE else 1
+    if parts > 1:
+        return await asyncio.to_thread(_merged_progress, stage_uri, parts)
+    progress: StageProgress | None = await asyncio.to_thread(
+        store.read_model, f"{stage_uri}/{PROGRESS_FILE}", StageProgress
+    )
     return progress
+
+
+def _merged_result(stage_uri: str, parts: int) -> StageResult:
+    return merge_results(
+        [store.read_model(f"{part_uri(stage_uri, i)}/{RESULT_FILE}", StageResult) for i in range(parts)]
+    )
+
+
+def _merged_progress(stage_uri: str, parts: int) -> StageProgress | None:
+    found = [
+        store.read_model(f"{part_uri(stage_uri, i)}/{PROGRESS_FILE}", StageProgress) for i in range(parts)
+    ]
+    return merge_progress([p for p in found if p is not None])

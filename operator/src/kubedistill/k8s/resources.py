@@ -29,6 +29,8 @@ def _path(manifest: dict[str, Any]) -> str:
         return f"/apis/batch/v1/namespaces/{namespace}/jobs"
     if kind == "ConfigMap":
         return f"/api/v1/namespaces/{namespace}/configmaps"
+    if kind == "Service":
+        return f"/api/v1/namespaces/{namespace}/services"
     if kind == "ModelAlias":
         return _custom(namespace, ALIAS_PLURAL)
     raise ValueError(f"no path known for kind {kind}")

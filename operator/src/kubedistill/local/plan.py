@@ -82,8 +82,14 @@ def needs_teacher(stage: Stage, spec: DistillationJobSpec) -> bool:
 
 
 def invocation(name: str, uid: str, spec: DistillationJobSpec, stage: Stage, base: str) -> StageInvocation:
+    # Local mode runs one process a stage: generation shards are pods of a cluster (training over
+    # several processes needs torchrun's PET_* env, which only the operator sets).
+    one_shard = spec.model_copy(update={"generation": spec.generation.model_copy(update={"shards": 1})})
     return StageInvocation(
-        job=JobRef(name=name, namespace=LOCAL_NAMESPACE, uid=uid), spec=spec, stage=stage, artifact_base=base
+        job=JobRef(name=name, namespace=LOCAL_NAMESPACE, uid=uid),
+        spec=one_shard,
+        stage=stage,
+        artifact_base=base,
     )
 
 
