@@ -4,6 +4,7 @@ operator really parses, CRDs equal to crds/, values.schema.json refusing bad val
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -212,6 +213,54 @@ def test_multi_team_scopes_reach_the_operator_and_the_admission_policy(
 def test_the_default_queue_reaches_the_operator_settings(render: Callable[..., list[dict[str, Any]]]) -> None:
     assert from_mapping(settings_of(render({}))).queue_name is None
     assert from_mapping(settings_of(render({"kueue": {"queueName": "gpu"}}))).queue_name == "gpu"
+
+
+def test_minio_gives_each_namespace_scope_its_own_user_confined_to_its_prefix(
+    render: Callable[..., list[dict[str, Any]]],
+) -> None:
+    values = {**VALUE_SETS["multi-team"], "minio": {"enabled": True}}
+    values["storage"] = {**values["storage"], "existingSecret": ""}
+    docs = render(values)
+    (team_a,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["namespace"] == "team-a"]
+    assert team_a["metadata"]["name"] == "s3-team-a"
+    keys = team_a["stringData"]
+    # The label-selected scope names no namespace at render time: no Secret is made for it.
+    assert not [d for d in by_kind(docs, "Secret") if d["metadata"]["name"] == "s3-team-b"]
+    users = one(docs, "Secret", "-minio-scope-users")["stringData"]
+    assert users == {"0.access": keys["AWS_ACCESS_KEY_ID"], "0.secret": keys["AWS_SECRET_ACCESS_KEY"]}
+    assert users["0.access"] != "kubedistill" and len(users["0.secret"]) == 40
+    policies = one(docs, "ConfigMap", "-minio-scope-policies")["data"]
+    assert set(policies) == {"0.json"} and keys["AWS_SECRET_ACCESS_KEY"] not in policies["0.json"]
+    statements = json.loads(policies["0.json"])["Statement"]
+    resources = {r for st in statements for r in st["Resource"]}
+    assert resources == {
+        "arn:aws:s3:::teams/a/*",
+        "arn:aws:s3:::teams",
+        "arn:aws:s3:::models-cache/*",
+        "arn:aws:s3:::models-cache",
+    }
+    writes = [st for st in statements if "s3:PutObject" in st["Action"]]
+    assert [st["Resource"] for st in writes] == [["arn:aws:s3:::teams/a/*"]]
+    listing = [
+        st["Condition"]["StringLike"]["s3:prefix"] for st in statements if st["Action"] == ["s3:ListBucket"]
+    ]
+    assert sorted(listing) == [["*"], ["a/*"]]
+    job = one(docs, "Job", "-minio-scope-users")
+    assert job["metadata"]["annotations"]["helm.sh/hook-weight"] == "1"
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    for command in (
+        'mb --ignore-existing "local/teams"',
+        'admin policy create local "kd-scope-0"',
+        "admin user add local",
+        'admin policy attach local "kd-scope-0"',
+    ):
+        assert command in script
+    assert keys["AWS_SECRET_ACCESS_KEY"] not in script
+    assert not [
+        d
+        for d in render({**values, "minio": {"enabled": True, "scopeUsers": False}})
+        if d["metadata"]["name"].endswith("-minio-scope-users")
+    ]
 
 
 def test_namespaced_install_with_minio(render: Callable[..., list[dict[str, Any]]]) -> None:

@@ -158,3 +158,24 @@ env:
 {{- define "kubedistill.labelScopes" -}}
 {{- range .Values.storage.scopes }}{{ if .namespaceSelector }}yes{{ end }}{{ end }}
 {{- end }}
+
+{{/*
+The MinIO (S3 IAM) policy of one storage scope: read, write and delete under s3://BUCKET/PREFIX/, list
+only that prefix, read the shared read-only prefixes. Takes (dict "scope" SCOPE "shared" URIS).
+*/}}
+{{- define "kubedistill.minioScopePolicy" -}}
+{{- $prefix := printf "%s/" (trimSuffix "/" (default "" .scope.prefix)) | trimPrefix "/" }}
+{{- $statements := list
+  (dict "Effect" "Allow" "Action" (list "s3:GetObject" "s3:PutObject" "s3:DeleteObject" "s3:AbortMultipartUpload" "s3:ListMultipartUploadParts") "Resource" (list (printf "arn:aws:s3:::%s/%s*" .scope.bucket $prefix)))
+  (dict "Effect" "Allow" "Action" (list "s3:ListBucket") "Resource" (list (printf "arn:aws:s3:::%s" .scope.bucket)) "Condition" (dict "StringLike" (dict "s3:prefix" (list (printf "%s*" $prefix)))))
+  (dict "Effect" "Allow" "Action" (list "s3:GetBucketLocation") "Resource" (list (printf "arn:aws:s3:::%s" .scope.bucket)))
+}}
+{{- range .shared }}
+{{- $path := trimPrefix "s3://" . }}
+{{- $bucket := index (splitList "/" $path) 0 }}
+{{- $rest := trimPrefix $bucket $path | trimPrefix "/" }}
+{{- $statements = append $statements (dict "Effect" "Allow" "Action" (list "s3:GetObject") "Resource" (list (printf "arn:aws:s3:::%s/%s*" $bucket $rest))) }}
+{{- $statements = append $statements (dict "Effect" "Allow" "Action" (list "s3:ListBucket") "Resource" (list (printf "arn:aws:s3:::%s" $bucket)) "Condition" (dict "StringLike" (dict "s3:prefix" (list (printf "%s*" $rest))))) }}
+{{- end }}
+{{- dict "Version" "2012-10-17" "Statement" $statements | toJson }}
+{{- end }}
