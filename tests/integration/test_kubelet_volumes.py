@@ -221,3 +221,24 @@ def test_where_the_root_cannot_be_made_read_only_a_write_outside_the_volumes_fai
     )
     assert terminated.message.split(": ")[1].split(" (")[0].endswith("/rootfs/main/in-cwd")
     assert "made impossible by this test" in terminated.message
+
+
+def test_an_exec_probe_runs_in_the_containers_mount_namespace(
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str
+) -> None:
+    if kubelet.namespace_problem:
+        pytest.skip(f"no private mount namespace for Pods here: {kubelet.namespace_problem}")
+    core = client.CoreV1Api(k8s_api)
+    # Only the Pod's own /etc/hosts names it: the probe passes only where the container's process is.
+    sees_own_name = "import sys; sys.exit('probed' not in open('/etc/hosts').read().split())"
+    container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", "import time; time.sleep(600)"],
+                 "readinessProbe": {"exec": {"command": ["python", "-c", sees_own_name]}, "periodSeconds": 1}}  # fmt: skip
+    core.create_namespaced_pod(
+        namespace, {"metadata": {"name": "probed"}, "spec": {"containers": [container]}}
+    )
+
+    def ready() -> bool:
+        statuses = core.read_namespaced_pod("probed", namespace).status.container_statuses or []
+        return bool(statuses and statuses[0].ready)
+
+    wait_for(ready, 30, what="the exec readiness probe to pass")

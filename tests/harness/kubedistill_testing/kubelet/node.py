@@ -106,6 +106,7 @@ class LocalKubelet(PodApiCalls):
         self.namespace_problem: str | None = "the kubelet is not started"
         self.read_only_problem: str | None = self.namespace_problem
         self.unshare: str | None = None
+        self.nsenter = shutil.which("nsenter")
         self.read_only_mounts: list[str] = []
         # Where a container with a read-only root would leave files if the root cannot be made read-only.
         self.watched_dirs: list[Path] = _repository()

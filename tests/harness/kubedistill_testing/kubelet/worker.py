@@ -333,7 +333,7 @@ class PodWorker(threading.Thread):
         state.state = {"running": {"startedAt": started}}
         run = _Running(state, proc, prepared, log_file, before=before)
         self._runs[state.name] = run
-        target = Target(self.local_ip, prepared.env, prepared.cwd, self.kubelet.commands)
+        target = self._action_target(run)
 
         def unhealthy(message: str) -> None:
             self._event(state.name, "Warning", "Unhealthy", message)
@@ -352,6 +352,17 @@ class PodWorker(threading.Thread):
             prober.start()
         self._follow_probes(run)
         return run
+
+    def _action_target(self, run: _Running) -> Target:
+        """Where the container's probes and hooks act; exec actions enter its mount namespace, as they run
+        inside the container on a node."""
+        nsenter, pid = self.kubelet.nsenter, run.state.pid
+        enter = (
+            (nsenter, "--target", str(pid), "--mount", "--wd", "--")
+            if nsenter and self.kubelet.unshare
+            else ()
+        )
+        return Target(self.local_ip, run.prepared.env, run.prepared.cwd, self.kubelet.commands, enter)
 
     def _process_argv(self, prepared: Prepared) -> list[str]:
         """The container's argv, in the Pod's mount namespace where the node can make one."""
@@ -411,8 +422,7 @@ class PodWorker(threading.Thread):
             return
         deadline = time.monotonic() + grace
         if grace > 0 and run.prepared.pre_stop is not None:
-            target = Target(self.local_ip, run.prepared.env, run.prepared.cwd, self.kubelet.commands)
-            ok, why = run_action(run.prepared.pre_stop, target, grace)
+            ok, why = run_action(run.prepared.pre_stop, self._action_target(run), grace)
             if not ok:
                 self._event(run.state.name, "Warning", "FailedPreStopHook", f"PreStopHook failed: {why}")
             deadline = max(deadline, time.monotonic() + MIN_GRACE_AFTER_HOOK_S)
