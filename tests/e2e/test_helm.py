@@ -48,9 +48,9 @@ NOT_SERVED = {"ServiceMonitor", "PrometheusRule"}
 
 # A real kubelet mounts the token at /var/run/secrets/kubernetes.io/serviceaccount; the local kubelet
 # cannot, and names its directory instead. This turns that directory into the kubeconfig an in-cluster
-# client would build.
+# client would build, written where the Pod may write (its /tmp emptyDir: the root filesystem is read-only).
 POD_KUBECONFIG = """
-import os, sys, pathlib, yaml
+import os, sys, pathlib, tempfile, yaml
 sa = pathlib.Path(os.environ["KUBEDISTILL_SERVICEACCOUNT_DIR"])
 server = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
 kubeconfig = {
@@ -59,8 +59,9 @@ kubeconfig = {
     "users": [{"name": "pod", "user": {"tokenFile": str(sa / "token")}}],
     "contexts": [{"name": "pod", "context": {"cluster": "pod", "user": "pod"}}],
 }
-(sa / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
-os.environ["KUBECONFIG"] = str(sa / "kubeconfig")
+written = pathlib.Path(tempfile.mkdtemp(prefix="kubeconfig-")) / "kubeconfig"
+written.write_text(yaml.safe_dump(kubeconfig))
+os.environ["KUBECONFIG"] = str(written)
 """
 # The operator, started exactly as the image's ENTRYPOINT does.
 IN_POD = (

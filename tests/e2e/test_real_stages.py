@@ -34,7 +34,7 @@ from kubedistill.api.models import GROUP, STAGES, VERSION
 from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
 from kubedistill.local.tiny_model import tiny_llama
 from kubedistill_testing.fake_teacher import FakeTeacher
-from kubedistill_testing.image_env import dockerfile_env, image_environment
+from kubedistill_testing.image_env import dockerfile_env, dockerfile_workdir, image_environment
 from kubedistill_testing.kubelet import LocalKubelet
 from kubedistill_testing.s3 import RcloneS3
 from kubedistill_trainer.export import converter_dir
@@ -122,6 +122,7 @@ def test_operator_runs_the_real_stages_with_the_images_env_and_secrets(
     s3: RcloneS3,
     s3_env: dict[str, str],
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     core, custom = client.CoreV1Api(k8s_api), client.CustomObjectsApi(k8s_api)
     teacher_key = "sk-e2e-" + secrets.token_urlsafe(18)
@@ -142,6 +143,9 @@ def test_operator_runs_the_real_stages_with_the_images_env_and_secrets(
     store.write_jsonl(dataset, ROWS)
     answers = {row["prompt"]: row["reference"] for row in ROWS}
     kubelet.images[TRAINER_IMAGE] = [sys.executable, "-m", "kubedistill_trainer"]
+    # The stage Pods start where the image's containers do (its WORKDIR, in their emptyDir /tmp).
+    dockerfile = (ROOT / "trainer-image" / "Dockerfile").read_text()
+    monkeypatch.setitem(kubelet.workdirs, TRAINER_IMAGE, dockerfile_workdir(dockerfile))
     name = "real-stages"
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",

@@ -150,3 +150,95 @@ def test_pods_resolve_a_headless_services_pod_and_service_names_as_cluster_dns_w
     api, late = service_loopback_address(api_ip), service_loopback_address(late_ip)
     assert log == f"{peer} hello from worker-0 {api} {api} {late}\n"
     assert "worker-0.ring" not in Path("/etc/hosts").read_text()  # the node's own file is untouched
+
+
+ATTEMPT_WRITES = """
+import errno, os, sys
+def attempt(path):
+    try:
+        with open(path, "w") as handle:
+            handle.write("x")
+        return "ok"
+    except OSError as err:
+        return errno.errorcode[err.errno]
+print(*[attempt(path) for path in sys.argv[1:]], attempt("in-cwd"), flush=True)
+with open(os.environ["KUBEDISTILL_TERMINATION_LOG"], "w") as handle:
+    handle.write("said")
+"""
+
+
+def writer_pod(name: str, outside: Path, read_only: bool) -> dict[str, Any]:
+    container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", ATTEMPT_WRITES],
+                 "args": [str(outside), "/scratch/f", "/config/f"],
+                 "securityContext": {"readOnlyRootFilesystem": read_only},
+                 "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"},
+                                  {"name": "config", "mountPath": "/config"}]}  # fmt: skip
+    volumes = [{"name": "scratch", "emptyDir": {}}, {"name": "config", "configMap": {"name": "settings"}}]
+    return {"metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}}  # fmt: skip
+
+
+def test_with_a_read_only_root_only_the_volumes_and_the_termination_log_are_writable(
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, tmp_path: Path
+) -> None:
+    if kubelet.read_only_problem:
+        pytest.skip(f"the root cannot be made read-only for Pods here: {kubelet.read_only_problem}")
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "settings"}, "data": {"a": "1"}})
+    for name, read_only in (("locked", True), ("open", False)):
+        core.create_namespaced_pod(namespace, writer_pod(name, tmp_path / name, read_only))
+    results = {}
+    for name in ("locked", "open"):
+        pod = wait_for(lambda n=name: finished_pod(core, n, namespace), 60, what=name)
+        results[name] = (kubelet.log_path(namespace, name, "main").read_text(), pod)
+    # The configMap volume is read-only as on a node; the emptyDir and the termination log are not.
+    assert results["locked"][0] == "EROFS ok EROFS EROFS\n"
+    assert results["open"][0] == "ok ok EROFS ok\n"
+    for _, pod in results.values():
+        terminated = pod.status.container_statuses[0].state.terminated
+        assert (pod.status.phase, terminated.message) == ("Succeeded", "said")
+    assert not (tmp_path / "locked").exists() and (tmp_path / "open").read_text() == "x"
+
+
+def test_where_the_root_cannot_be_made_read_only_a_write_outside_the_volumes_fails_the_container(
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = client.CoreV1Api(k8s_api)
+    monkeypatch.setattr(kubelet, "read_only_problem", "made impossible by this test")
+    monkeypatch.setattr(kubelet, "read_only_mounts", [])
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "settings"}, "data": {"a": "1"}})
+    # A file in the repository would be caught too; the Pod's own working directory stands for it here.
+    core.create_namespaced_pod(namespace, writer_pod("leaky", Path("/dev/null"), True))
+    pod = wait_for(lambda: finished_pod(core, "leaky", namespace), 60, what="leaky")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (pod.status.phase, terminated.reason, terminated.exit_code) == (
+        "Failed",
+        "ReadOnlyRootFilesystem",
+        1,
+    )
+    assert terminated.message.startswith(
+        "with readOnlyRootFilesystem the container wrote outside its volumes: "
+    )
+    assert terminated.message.split(": ")[1].split(" (")[0].endswith("/rootfs/main/in-cwd")
+    assert "made impossible by this test" in terminated.message
+
+
+def test_an_exec_probe_runs_in_the_containers_mount_namespace(
+    k8s_api: client.ApiClient, kubelet: LocalKubelet, namespace: str
+) -> None:
+    if kubelet.namespace_problem:
+        pytest.skip(f"no private mount namespace for Pods here: {kubelet.namespace_problem}")
+    core = client.CoreV1Api(k8s_api)
+    # Only the Pod's own /etc/hosts names it: the probe passes only where the container's process is.
+    sees_own_name = "import sys; sys.exit('probed' not in open('/etc/hosts').read().split())"
+    container = {"name": "main", "image": "python:3.11", "command": ["python", "-c", "import time; time.sleep(600)"],
+                 "readinessProbe": {"exec": {"command": ["python", "-c", sees_own_name]}, "periodSeconds": 1}}  # fmt: skip
+    core.create_namespaced_pod(
+        namespace, {"metadata": {"name": "probed"}, "spec": {"containers": [container]}}
+    )
+
+    def ready() -> bool:
+        statuses = core.read_namespaced_pod("probed", namespace).status.container_statuses or []
+        return bool(statuses and statuses[0].ready)
+
+    wait_for(ready, 30, what="the exec readiness probe to pass")

@@ -218,6 +218,16 @@ def test_artifact_root_choices() -> None:
         artifact_root(make_job(), Settings())
 
 
+def test_a_file_artifact_root_is_mounted_from_the_node_where_the_root_filesystem_is_read_only() -> None:
+    job = job_of(build_stage_manifests(make_job(), Stage.TRAIN, 1, Settings(artifact_root="file:///data/kd")))
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["artifacts"]["hostPath"] == {"path": "/data/kd", "type": "DirectoryOrCreate"}
+    mount = next(m for m in container(job)["volumeMounts"] if m["name"] == "artifacts")
+    assert mount == {"name": "artifacts", "mountPath": "/data/kd"}
+    on_s3 = job_of(build_stage_manifests(make_job(), Stage.TRAIN, 1, SETTINGS))
+    assert "artifacts" not in {v["name"] for v in on_s3["spec"]["template"]["spec"]["volumes"]}
+
+
 def test_stage_env_setting_is_passed_through() -> None:
     settings = Settings(storage_bucket="b", stage_env={"HTTPS_PROXY": "http://proxy:3128"})
     job = job_of(build_stage_manifests(make_job(), Stage.GENERATE, 1, settings))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kubedistill_testing.image_env import DockerfileError, dockerfile_env, translate_paths
+from kubedistill_testing.image_env import DockerfileError, dockerfile_env, dockerfile_workdir, translate_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,3 +67,9 @@ def test_the_images_of_this_repository_parse() -> None:
     assert trainer["KUBEDISTILL_LLAMA_CPP_DIR"] == "/opt/llama.cpp" and trainer["HOME"] == "/tmp"
     operator = dockerfile_env((ROOT / "operator" / "Dockerfile").read_text(), base={"PATH": "/usr/bin"})
     assert operator["PATH"] == "/opt/venv/bin:/usr/bin"
+
+
+def test_the_final_stages_workdir_is_where_its_containers_start() -> None:
+    assert dockerfile_workdir("FROM a\nWORKDIR /src\nFROM b\nWORKDIR /app\nWORKDIR data\n") == "/app/data"
+    assert dockerfile_workdir("FROM a\nWORKDIR /src\nFROM b\n") == "/"
+    assert dockerfile_workdir((ROOT / "trainer-image" / "Dockerfile").read_text()) == "/tmp"

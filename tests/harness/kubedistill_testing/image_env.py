@@ -102,6 +102,17 @@ def dockerfile_env(
     return env
 
 
+def dockerfile_workdir(text: str) -> str:
+    """The final stage's WORKDIR (where its containers start), `/` where it sets none."""
+    workdir = "/"
+    for word, arguments in instructions(text):
+        if word == "FROM":
+            workdir = "/"
+        elif word == "WORKDIR":
+            workdir = str(Path(workdir, arguments.strip()))
+    return workdir
+
+
 def translate_paths(value: str, filesystem: Mapping[str, str | Path]) -> str:
     """`value` with image paths replaced by where the same things are on this machine.
 

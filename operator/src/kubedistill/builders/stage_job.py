@@ -3,12 +3,14 @@
 The stage contract (api/stage.py): the whole job as JSON in KUBEDISTILL_JOB (or a mounted file),
 secrets only as `valueFrom.secretKeyRef` env vars, result in the termination message. Pods run
 hardened: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only
-root filesystem with a writable /tmp, and no service-account token (stages never call the API).
+root filesystem with a writable /tmp (and a file:// artifact root mounted from the node), and no
+service-account token (stages never call the API).
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from kubedistill.api.models import API_VERSION, DistillationJob, ResourceRequirements, SecretKeyRef, Stage
 from kubedistill.api.stage import (
@@ -225,6 +227,13 @@ def build_stage_manifests(
             }
         )
         mounts.append({"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True})
+
+    root = artifact_root(job, settings)
+    if root.startswith("file://"):
+        # A file:// root is a directory of the node's: mounted, or the read-only root filesystem refuses it.
+        path = unquote(urlparse(root).path)
+        volumes.append({"name": "artifacts", "hostPath": {"path": path, "type": "DirectoryOrCreate"}})
+        mounts.append({"name": "artifacts", "mountPath": path})
 
     resources, gpus = _resources(job, stage, settings)
     overrides = job.spec.resources.for_stage(stage)

@@ -38,7 +38,7 @@ It does what the control plane needs from a kubelet and a scheduler:
   (capped at ``max_grace_seconds``), SIGKILLs the process group, reports the Pod Failed and only then
   removes it, as a kubelet finishes a graceful delete.
 
-- makes each ``emptyDir`` volume a per-pod directory, shared by the Pod's init containers and containers
+- makes each ``emptyDir`` volume a per-pod directory (a ``hostPath`` is the node's directory), shared by the Pod's init containers and containers
   and removed when the Pod is deleted, and writes each ``configMap`` volume (its ``items``, else every
   key) into one. Local processes cannot see a mount path itself, so every env value, ``command``/``args``
   token (also the value of ``--name=value``) and ``workingDir`` at or under a container's ``mountPath``
@@ -50,6 +50,14 @@ It does what the control plane needs from a kubelet and a scheduler:
   named Pods of headless Services, and ``<svc>[.<ns>[.svc[.cluster.local]]]`` → the loopback address of a
   Service's ClusterIP (``service_loopback_address``: 10.0.0.c → 127.10.0.c). Where ``unshare`` cannot make
   the namespace, containers run without it (``LocalKubelet.namespace_problem`` says why, logged once).
+
+- with ``securityContext.readOnlyRootFilesystem`` makes the node's filesystems read-only in the
+  container's mount namespace, but for its emptyDir and hostPath volumes and its termination-log
+  directory (configMap volumes and ``readOnly`` mounts are read-only always): a write elsewhere fails
+  with EROFS, as in its image. A container without ``workingDir`` starts in the image's WORKDIR
+  (``LocalKubelet.workdirs``), else in a per-container directory standing for the image's root. Where the
+  root cannot be made read-only (``read_only_problem``), files the container wrote under the repository
+  or that directory fail it afterwards with reason ``ReadOnlyRootFilesystem``, naming them.
 
 Other volumes, hostNetwork, other security context fields, sidecar init containers and postStart hooks
 are ignored.

@@ -26,7 +26,7 @@ from kubedistill_testing.kubelet.api_calls import STRATEGIC_MERGE, PodApiCalls
 from kubedistill_testing.kubelet.containers import TERMINAL, inherited_env, now
 from kubedistill_testing.kubelet.hosts import Record, hosts_file, service_records
 from kubedistill_testing.kubelet.logs import LogError, LogServer, previous_path, self_signed_certificate
-from kubedistill_testing.kubelet.mounts import namespace_support, write_in_place
+from kubedistill_testing.kubelet.mounts import mount_support
 from kubedistill_testing.kubelet.scheduling import (
     insufficient,
     pod_requests,
@@ -35,6 +35,7 @@ from kubedistill_testing.kubelet.scheduling import (
     unschedulable_message,
 )
 from kubedistill_testing.kubelet.worker import PodWorker
+from kubedistill_testing.paths import RepoRootMissing, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class LocalKubelet(PodApiCalls):
             **(node_labels or {}),
         }
         self.images = dict(DEFAULT_IMAGES if images is None else images)
+        # Image prefix → its WORKDIR (an image path): where a container without workingDir starts.
+        self.workdirs: dict[str, str] = {}
         self.commands = dict(DEFAULT_COMMANDS if commands is None else commands)
         self.base_env = {**inherited_env(os.environ), **(extra_env or {})}
         self.max_grace_seconds = max_grace_seconds
@@ -98,9 +101,15 @@ class LocalKubelet(PodApiCalls):
         self._services: dict[str, dict[str, Any]] = {}
         self._hosts_stale = False
         self._node_hosts = _node_hosts()
-        # Why containers run without a private mount namespace (None: they run in one, through `unshare`).
+        # Why containers run without a private mount namespace (None: they run in one, through `unshare`),
+        # and why readOnlyRootFilesystem is only checked afterwards (None: the mounts are made read-only).
         self.namespace_problem: str | None = "the kubelet is not started"
+        self.read_only_problem: str | None = self.namespace_problem
         self.unshare: str | None = None
+        self.nsenter = shutil.which("nsenter")
+        self.read_only_mounts: list[str] = []
+        # Where a container with a read-only root would leave files if the root cannot be made read-only.
+        self.watched_dirs: list[Path] = _repository()
         self._workers: dict[str, PodWorker] = {}
         self._finished: set[str] = set()
         self._delete_sent: set[str] = set()
@@ -118,6 +127,10 @@ class LocalKubelet(PodApiCalls):
         """Pids of the container processes running now (tests use it to check that nothing leaks)."""
         return [pid for worker in list(self._workers.values()) for pid in worker.pids()]
 
+    def image_workdir(self, image: str) -> str | None:
+        matches = [prefix for prefix in self.workdirs if image.startswith(prefix)]
+        return self.workdirs[max(matches, key=len)] if matches else None
+
     @property
     def port(self) -> int:
         """The kubelet API's port (the Node's daemonEndpoints.kubeletEndpoint.Port)."""
@@ -134,14 +147,9 @@ class LocalKubelet(PodApiCalls):
             NODE_ADDRESS, self, self._authorize, client_ca=ca_file, certificate=certificate
         ).start()
         self._register_node()
-        self.namespace_problem = namespace_support()
-        self.unshare = None if self.namespace_problem else shutil.which("unshare")
-        if self.namespace_problem:
-            log.warning(
-                "local kubelet: containers run without a private mount namespace (%s): Pods resolve "
-                "names as this machine does",
-                self.namespace_problem,
-            )
+        support = mount_support()
+        self.unshare, self.namespace_problem = support.unshare, support.namespace_problem
+        self.read_only_mounts, self.read_only_problem = support.read_only_mounts, support.read_only_problem
         loops: list[tuple[Callable[..., None], tuple[Any, ...], str]] = [
             (self._watch_loop, (self.core.list_pod_for_all_namespaces, ""), "kubelet-watch"),
             (self._watch_loop, (self.core.list_service_for_all_namespaces, SERVICE), "kubelet-services"),
@@ -304,11 +312,7 @@ class LocalKubelet(PodApiCalls):
             self._write_hosts(worker, records)
 
     def _write_hosts(self, worker: PodWorker, records: list[Record]) -> None:
-        content = hosts_file(worker.pod, worker.local_ip, records, self._node_hosts)
-        if content != worker.hosts_content:
-            worker.hosts_file.parent.mkdir(parents=True, exist_ok=True)
-            write_in_place(worker.hosts_file, content)
-            worker.hosts_content = content
+        worker.write_hosts(hosts_file(worker.pod, worker.local_ip, records, self._node_hosts))
 
     def _forget(self, uid: str) -> None:
         self._pods.pop(uid, None)
@@ -432,6 +436,13 @@ class LocalKubelet(PodApiCalls):
             if (meta["namespace"], meta["name"]) == (namespace, pod):
                 return worker.is_running(container)
         return False
+
+
+def _repository() -> list[Path]:
+    try:
+        return [repo_root()]
+    except RepoRootMissing:
+        return []
 
 
 def _node_hosts() -> str:

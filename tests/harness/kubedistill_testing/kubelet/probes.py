@@ -144,6 +144,8 @@ class Target:
     env: Mapping[str, str]
     cwd: str
     commands: Mapping[str, str]
+    # The argv prefix that runs an exec action inside the container's mount namespace (nsenter), if any.
+    enter: tuple[str, ...] = ()
 
 
 def run_action(action: Action, target: Target, timeout: float) -> tuple[bool, str]:
@@ -186,7 +188,7 @@ def _http_get(action: HttpGet, host: str, timeout: float) -> tuple[bool, str]:
 def _exec(action: Exec, target: Target, timeout: float) -> tuple[bool, str]:
     if not action.command:
         return False, "exec: empty command"
-    argv = [target.commands.get(action.command[0], action.command[0]), *action.command[1:]]
+    argv = [*target.enter, target.commands.get(action.command[0], action.command[0]), *action.command[1:]]
     proc = subprocess.Popen(
         argv, env=dict(target.env), cwd=target.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True,

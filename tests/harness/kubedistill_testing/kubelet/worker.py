@@ -26,14 +26,12 @@ from kubedistill_testing.kubelet.containers import (
     TERMINAL,
     ConfigError,
     ContainerState,
-    configmap_volume_files,
     container_env,
     crash_loop_message,
     exit_code,
     now,
     pod_phase,
     pod_status,
-    remap_path,
     remap_paths,
     resolve_argv,
     restart_delay,
@@ -41,8 +39,16 @@ from kubedistill_testing.kubelet.containers import (
     termination_message,
 )
 from kubedistill_testing.kubelet.logs import previous_path, read_head, read_tail
-from kubedistill_testing.kubelet.mounts import in_namespace
+from kubedistill_testing.kubelet.mounts import in_namespace, snapshot, write_in_place
 from kubedistill_testing.kubelet.probes import Action, Probe, Prober, Target, handler_action, run_action
+from kubedistill_testing.kubelet.volumes import (
+    leak_message,
+    leaked_files,
+    make_volumes,
+    volume_binds,
+    watched_dirs,
+    working_dir,
+)
 
 if TYPE_CHECKING:
     from kubedistill_testing.kubelet.node import LocalKubelet
@@ -67,6 +73,9 @@ class Prepared:
     message_policy: str
     probes: Mapping[str, Probe]
     pre_stop: Action | None
+    # ("rw"|"ro", directory) per mounted volume, and the termination-log directory (rw)
+    binds: tuple[tuple[str, Path], ...] = ()
+    read_only_root: bool = False
 
 
 @dataclass
@@ -78,6 +87,8 @@ class _Running:
     started: float = field(default_factory=time.monotonic)
     probers: dict[str, Prober] = field(default_factory=dict)
     stopping: bool = False
+    # Files before the run, where a read-only root can only be checked afterwards (mounts.snapshot).
+    before: dict[str, int] | None = None
 
 
 class PodWorker(threading.Thread):
@@ -115,6 +126,13 @@ class PodWorker(threading.Thread):
         self._grace = grace
         self._report = self._report and report
         self._killed.set()
+
+    def write_hosts(self, content: str) -> None:
+        """The Pod's /etc/hosts, rewritten in place if it changed (called from the kubelet's loop thread)."""
+        if content != self.hosts_content:
+            self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+            write_in_place(self.hosts_file, content)
+            self.hosts_content = content
 
     def pids(self) -> list[int]:
         return [r.proc.pid for r in list(self._runs.values()) if r.proc is not None and r.proc.poll() is None]
@@ -173,14 +191,12 @@ class PodWorker(threading.Thread):
         # Inside the Pod its own address is the loopback one its processes can bind (see addresses.py).
         local_view = {**self.pod, "status": {**self.pod.get("status", {}), "podIP": self.local_ip}}
         account_dir = kubelet._service_account_dir(self.pod, self.dir / "serviceaccount")
-        volumes = self._volumes()
+        volumes = make_volumes(self.pod, self.dir / "volumes", kubelet._lookup)
         resolved = {}
         for container in [*(self.pod["spec"].get("initContainers") or []), *self.pod["spec"]["containers"]]:
-            mounts = {
-                m["mountPath"]: volumes[m["name"]]
-                for m in container.get("volumeMounts") or []
-                if m["name"] in volumes
-            }
+            used = [m for m in container.get("volumeMounts") or [] if m["name"] in volumes]
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in used}
+            binds = volume_binds(self.pod, used, volumes)
             seen = container_env(local_view, container, kubelet._lookup, base)
             if "/tmp" in mounts:  # the process's temporary files go where its /tmp is, as in the image
                 seen.setdefault("TMPDIR", "/tmp")
@@ -189,12 +205,18 @@ class PodWorker(threading.Thread):
                 env["KUBEDISTILL_SERVICEACCOUNT_DIR"] = str(account_dir)
             termination_file = self.dir / container["name"] / "termination-log"
             env["KUBEDISTILL_TERMINATION_LOG"] = str(termination_file)
-            workdir = remap_path(container["workingDir"], mounts) if container.get("workingDir") else None
+            binds.append(("rw", termination_file.parent))
+            security = container.get("securityContext") or {}
             pre_stop = (container.get("lifecycle") or {}).get("preStop")
             resolved[container["name"]] = Prepared(
                 argv=resolve_argv(container, seen, kubelet.images, kubelet.commands, mounts),
                 env=env,
-                cwd=workdir if workdir and Path(workdir).is_dir() else str(termination_file.parent),
+                cwd=working_dir(
+                    container.get("workingDir") or kubelet.image_workdir(container.get("image", "")),
+                    mounts,
+                    self.dir,
+                    self.dir / "rootfs" / container["name"],
+                ),
                 termination_file=termination_file,
                 message_policy=container.get("terminationMessagePolicy", "File"),
                 probes={
@@ -203,35 +225,10 @@ class PodWorker(threading.Thread):
                     if container.get(f"{kind}Probe")
                 },
                 pre_stop=handler_action(pre_stop, container) if pre_stop else None,
+                binds=tuple(binds),
+                read_only_root=bool(security.get("readOnlyRootFilesystem")),
             )
         return resolved
-
-    def _volumes(self) -> dict[str, Path]:
-        """Make the Pod's volumes under its directory; volume name → local directory.
-
-        An emptyDir is one directory that the Pod's init containers and containers share, removed with the
-        Pod (:meth:`LocalKubelet._remove_pod_dir`); a configMap volume holds its keys as files."""
-        namespace = self.pod["metadata"]["namespace"]
-        made = {}
-        for volume in self.pod["spec"].get("volumes") or []:
-            directory = self.dir / "volumes" / volume["name"]
-            if "emptyDir" in volume:
-                directory.mkdir(parents=True, exist_ok=True)
-                made[volume["name"]] = directory
-                continue
-            source = volume.get("configMap")
-            if source is None:
-                continue
-            data = self.kubelet._lookup("configmap", namespace, source["name"])
-            if data is None and not source.get("optional"):
-                raise ConfigError("CreateContainerConfigError", f'configmap "{source["name"]}" not found')
-            for relative, content in configmap_volume_files(source, data or {}).items():
-                path = directory / relative
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(content, encoding="utf-8")
-            directory.mkdir(parents=True, exist_ok=True)
-            made[volume["name"]] = directory
-        return made
 
     def _run_group(self, states: Sequence[ContainerState], prepared: Mapping[str, Prepared]) -> bool:
         """Run containers together until all are done for good (or the Pod is deleted); True if all exit 0."""
@@ -314,6 +311,12 @@ class PodWorker(threading.Thread):
         prepared.termination_file.parent.mkdir(parents=True, exist_ok=True)
         prepared.termination_file.write_text("")
         started = now()
+        checked = prepared.read_only_root and self.kubelet.read_only_problem is not None
+        before = (
+            snapshot(watched_dirs(prepared.cwd, prepared.binds, self.kubelet.watched_dirs))
+            if checked
+            else None
+        )
         try:
             argv = self._process_argv(prepared)
             with log_file.open("wb") as out:
@@ -328,9 +331,9 @@ class PodWorker(threading.Thread):
             return _Running(state, None, prepared, log_file)
         state.pid = proc.pid
         state.state = {"running": {"startedAt": started}}
-        run = _Running(state, proc, prepared, log_file)
+        run = _Running(state, proc, prepared, log_file, before=before)
         self._runs[state.name] = run
-        target = Target(self.local_ip, prepared.env, prepared.cwd, self.kubelet.commands)
+        target = self._action_target(run)
 
         def unhealthy(message: str) -> None:
             self._event(state.name, "Warning", "Unhealthy", message)
@@ -350,6 +353,17 @@ class PodWorker(threading.Thread):
         self._follow_probes(run)
         return run
 
+    def _action_target(self, run: _Running) -> Target:
+        """Where the container's probes and hooks act; exec actions enter its mount namespace, as they run
+        inside the container on a node."""
+        nsenter, pid = self.kubelet.nsenter, run.state.pid
+        enter = (
+            (nsenter, "--target", str(pid), "--mount", "--wd", "--")
+            if nsenter and self.kubelet.unshare
+            else ()
+        )
+        return Target(self.local_ip, run.prepared.env, run.prepared.cwd, self.kubelet.commands, enter)
+
     def _process_argv(self, prepared: Prepared) -> list[str]:
         """The container's argv, in the Pod's mount namespace where the node can make one."""
         unshare = self.kubelet.unshare
@@ -358,7 +372,9 @@ class PodWorker(threading.Thread):
         # Found first, so that a missing entrypoint is a StartError here too, not the shell's exit 127.
         if shutil.which(prepared.argv[0], path=prepared.env.get("PATH", os.defpath)) is None:
             raise FileNotFoundError(errno.ENOENT, "executable file not found in $PATH", prepared.argv[0])
-        return in_namespace(unshare, prepared.argv, self.hosts_file)
+        enforced = prepared.read_only_root and self.kubelet.read_only_problem is None
+        read_only = self.kubelet.read_only_mounts if enforced else []
+        return in_namespace(unshare, prepared.argv, self.hosts_file, prepared.binds, read_only)
 
     def _record_exit(self, run: _Running) -> int:
         for prober in run.probers.values():
@@ -379,6 +395,13 @@ class PodWorker(threading.Thread):
         message = termination_message(written, log_tail, run.prepared.message_policy, code)
         if message:
             terminated["message"] = message
+        prepared = run.prepared
+        leaked = [] if run.before is None else leaked_files(run.before, prepared.cwd, prepared.binds,
+                                                            self.kubelet.watched_dirs)  # fmt: skip
+        if leaked:  # what EROFS would have stopped, had the root been made read-only
+            code = code or 1
+            message = leak_message(leaked, self.kubelet.read_only_problem or "")
+            terminated.update(exitCode=code, reason="ReadOnlyRootFilesystem", message=message)
         run.state.state = {"terminated": terminated}
         return code
 
@@ -399,8 +422,7 @@ class PodWorker(threading.Thread):
             return
         deadline = time.monotonic() + grace
         if grace > 0 and run.prepared.pre_stop is not None:
-            target = Target(self.local_ip, run.prepared.env, run.prepared.cwd, self.kubelet.commands)
-            ok, why = run_action(run.prepared.pre_stop, target, grace)
+            ok, why = run_action(run.prepared.pre_stop, self._action_target(run), grace)
             if not ok:
                 self._event(run.state.name, "Warning", "FailedPreStopHook", f"PreStopHook failed: {why}")
             deadline = max(deadline, time.monotonic() + MIN_GRACE_AFTER_HOOK_S)
