@@ -23,10 +23,11 @@ from pydantic import BaseModel, ValidationError
 
 from kubedistill.api import crdgen
 from kubedistill.api import models as m
+from kubedistill.api.alias import ModelAlias
 from kubedistill.errors import error_lines
 
 PLURALS = {"DistillationJob": "distillationjobs", "ModelAlias": "modelaliases"}
-MODELS: dict[str, type[BaseModel]] = {"DistillationJob": m.DistillationJob, "ModelAlias": m.ModelAlias}
+MODELS: dict[str, type[BaseModel]] = {"DistillationJob": m.DistillationJob, "ModelAlias": ModelAlias}
 DELETE = object()
 # "spec.training.bondBeta: Invalid value: ..." — the paths the API server reports, one per error.
 _SERVER_PATH = re.compile(r"(spec(?:\.[A-Za-z0-9]+|\[\d+\])+): ")

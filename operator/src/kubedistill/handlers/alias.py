@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from kubedistill.api.models import AliasTarget, DistillationJob, ModelAlias, ModelAliasStatus
+from kubedistill.api.alias import AliasTarget, ModelAlias, ModelAliasStatus
+from kubedistill.api.models import DistillationJob
 from kubedistill.domain.alias import RESOLVED_TARGET_ANNOTATION, remember, resolve, target_annotation
 from kubedistill.k8s import resources
 from kubedistill.k8s.client import Kube

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from kubedistill import store
+from kubedistill.api.alias import AliasTarget
 from kubedistill.api.models import (
     API_VERSION,
-    AliasTarget,
     DistillationJob,
     DistillationJobStatus,
     Phase,
