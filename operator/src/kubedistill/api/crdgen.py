@@ -59,6 +59,15 @@ def _exactly_one(fields: tuple[str, ...], message: str) -> Rule:
     return Rule(" + ".join(f"(has(self.{f}) ? 1 : 0)" for f in fields) + " == 1", message)
 
 
+def _one_target_kind(field: str) -> Rule:
+    return Rule(
+        "(has(self.distillationJob) ? 1 : 0)"
+        " + (has(self.ggufURI) || has(self.adapterURI) || has(self.baseModel) ? 1 : 0)"
+        " + (has(self.provider) ? 1 : 0) == 1",
+        f"{field}: set exactly one of distillationJob, explicit ggufURI/adapterURI/baseModel, or provider",
+    )
+
+
 _QUANTIZATION_LIST = ", ".join(f"'{q}'" for q in m.SUPPORTED_QUANTIZATIONS)
 
 # CEL rules attached to a model wherever it appears (JudgeSpec appears under curation and evaluation;
@@ -98,12 +107,9 @@ MODEL_RULES: Mapping[type[BaseModel], tuple[Rule, ...]] = {
             field_path=".quantizations",
         ),
     ),
-    a.AliasTarget: (
-        Rule(
-            "has(self.distillationJob) != (has(self.ggufURI) || has(self.adapterURI) || has(self.baseModel))",
-            "target: set either distillationJob or explicit ggufURI/adapterURI/baseModel",
-        ),
-    ),
+    a.AliasTarget: (_one_target_kind("target"),),
+    a.CanaryTarget: (_one_target_kind("canary"),),
+    a.FallbackTarget: (_one_target_kind("fallback"),),
 }
 
 _MAP_LIST_BY_TYPE = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}

@@ -265,6 +265,12 @@ class PromotionSpec(Model):
     min_eval_score: float = Field(
         default=0.0, ge=0.0, le=1.0, description="Promote only at or above this score."
     )
+    canary_weight: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Promote the student as the alias's canary with this weight (percent) instead of as primary.",
+    )
 
 
 class BudgetSpec(Model):
