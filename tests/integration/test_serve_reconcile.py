@@ -17,10 +17,13 @@ import yaml
 from kubernetes import client
 
 from conftest import wait_for
-from kubedistill.api.models import API_VERSION, GROUP, VERSION
+from kubedistill.api.models import API_VERSION, GROUP, VERSION, DistillationJob
 from kubedistill.builders import gateway as gw
+from kubedistill.domain.actions import Promote
+from kubedistill.domain.alias import promoted_job
 from kubedistill.handlers.alias import reconcile_alias
 from kubedistill.handlers.gateway import Gateway
+from kubedistill.handlers.reconciler import Reconciler
 from kubedistill.k8s.client import Kube
 from kubedistill.settings import GATEWAY_NAME, Settings
 
@@ -161,3 +164,41 @@ def test_serve_objects_routes_names_and_deletion(
         timeout=60,
         what="the model server garbage-collected",
     )
+
+
+def test_canary_promotion_sets_the_canary_and_keeps_the_primary(
+    control_plane: Path, k8s_api: client.ApiClient, namespace: str
+) -> None:
+    custom = client.CustomObjectsApi(k8s_api)
+    teacher = {"provider": {"model": "openai/gpt-4o"}}
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "modelaliases", _alias("smart", {"target": teacher})
+    )
+    job = DistillationJob.model_validate(
+        {
+            "metadata": {"name": "v2", "namespace": namespace, "uid": "u"},
+            "spec": {
+                "teacher": {"model": "t"},
+                "student": {"model": "s"},
+                "dataset": {"prompts": ["a"]},
+                "promotion": {"alias": "smart", "canaryWeight": 20},
+            },
+        }
+    )
+
+    async def promote(alias: str) -> None:
+        kube = Kube.from_env(str(control_plane))
+        try:
+            reconciler = Reconciler(kube, Settings(), post_event=lambda *a, **k: None)
+            await reconciler._promote(job, Promote(alias, "q8_0"))
+        finally:
+            await kube.close()
+
+    asyncio.run(promote("smart"))
+    spec = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", "smart")["spec"]
+    assert spec["target"]["provider"] == teacher["provider"]
+    assert spec["canary"] == {"distillationJob": "v2", "quantization": "q8_0", "weight": 20}
+    assert promoted_job(spec, as_canary=True) == "v2"
+    asyncio.run(promote("fresh"))  # no alias yet: the student becomes its primary (no canary without one)
+    fresh = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", "fresh")["spec"]
+    assert fresh["target"]["distillationJob"] == "v2" and "canary" not in fresh
