@@ -34,7 +34,9 @@ from kubedistill_testing.kubelet.scheduling import (
     selector_matches,
     unschedulable_message,
 )
+from kubedistill_testing.kubelet.service_proxy import ServiceProxy
 from kubedistill_testing.kubelet.worker import PodWorker
+from kubedistill_testing.servers import server_images
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +82,15 @@ class LocalKubelet(PodApiCalls):
             "kubernetes.io/os": "linux",
             **(node_labels or {}),
         }
-        self.images = dict(DEFAULT_IMAGES if images is None else images)
+        # The upstream model server and gateway images run the real servers where they are built.
+        self.images = {**DEFAULT_IMAGES, **server_images()} if images is None else dict(images)
         self.commands = dict(DEFAULT_COMMANDS if commands is None else commands)
         self.base_env = {**inherited_env(os.environ), **(extra_env or {})}
         self.max_grace_seconds = max_grace_seconds
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.addresses = PodAddresses()
+        self.service_proxy = ServiceProxy(api)
         self._server: LogServer | None = None
         server = urllib.parse.urlsplit(api.configuration.host)
         self.api_host, self.api_port = server.hostname or "127.0.0.1", server.port or 443
@@ -134,6 +138,7 @@ class LocalKubelet(PodApiCalls):
             NODE_ADDRESS, self, self._authorize, client_ca=ca_file, certificate=certificate
         ).start()
         self._register_node()
+        self.service_proxy.start()
         self.namespace_problem = namespace_support()
         self.unshare = None if self.namespace_problem else shutil.which("unshare")
         if self.namespace_problem:
@@ -160,6 +165,7 @@ class LocalKubelet(PodApiCalls):
             self._server.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        self.service_proxy.stop()
         workers = list(self._workers.values())
         for worker in workers:
             worker.kill(grace=0, report=False)
