@@ -78,8 +78,16 @@ def test_serve_objects_routes_names_and_deletion(
         },
     )
     create("ghost", {"target": {"distillationJob": "does-not-exist"}})
-    reconcile(control_plane, settings, namespace, "smart")
-    reconcile(control_plane, settings, namespace, "ghost")
+    create(
+        "keyless",
+        {"target": {"provider": {"model": "openai/x", "apiKeySecretRef": {"name": "nope", "key": "k"}}}},
+    )
+    for name in ("smart", "ghost", "keyless"):
+        reconcile(control_plane, settings, namespace, name)
+    keyless = conditions(
+        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", "keyless")
+    )
+    assert keyless["Ready"]["reason"] == "SecretNotFound" and "nope" in keyless["Ready"]["message"]
 
     smart = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", "smart")
     assert smart["status"]["endpoint"] == {"url": gw.gateway_url(settings), "model": "smart"}
