@@ -1,6 +1,5 @@
-"""`kubedistill serve` (local mode): the real llama-server for a GGUF and the real LiteLLM proxy on loopback
-with the config the operator renders; `model=smart` answers through the proxy, from the llama-server
-(LiteLLM's x-litellm-model-id names the deployment that answered)."""
+"""`kubedistill serve` (local mode): the proxy gets the gateway's own config for the one local server, and
+a job without a trained GGUF is told what to run first."""
 
 from __future__ import annotations
 
