@@ -120,6 +120,8 @@ class ServiceProxy:
         self._slices: dict[str, Obj] = {}
         self._servers: dict[Listener, asyncio.Server] = {}
         self._turns = RoundRobin()
+        # Changes arrive as separate coroutines: one at a time, or two would bind the same new listener.
+        self._sync_lock: asyncio.Lock | None = None
         self._loop = asyncio.new_event_loop()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -196,6 +198,11 @@ class ServiceProxy:
     # -- the loop -------------------------------------------------------------------------------------
 
     async def _sync_listeners(self) -> None:
+        self._sync_lock = self._sync_lock or asyncio.Lock()
+        async with self._sync_lock:
+            await self._sync_listeners_now()
+
+    async def _sync_listeners_now(self) -> None:
         wanted = set(listeners(self._services.values()))
         for gone in set(self._servers) - wanted:
             self._servers.pop(gone).close()
