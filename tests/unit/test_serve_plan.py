@@ -250,6 +250,17 @@ def test_server_states_carry_the_pods_own_words() -> None:
         "v2",
         {"conditions": [{"type": "PodScheduled", "reason": "Unschedulable", "message": "0/1 nodes: gpu"}]},
     )
+    never_pull = _pod(
+        "v5",
+        {
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "image not present"}},
+                }
+            ]
+        },
+    )
     loading = _pod(
         "v3", {"containerStatuses": [{"name": "server", "state": {"running": {}}, "ready": False}]}
     )
@@ -260,9 +271,12 @@ def test_server_states_carry_the_pods_own_words() -> None:
             _deployment("s-v3", "v3", 0),
             _deployment("s-v4", "v4", 2),
         ],
-        [fetch_crash, unschedulable, loading],
+        [fetch_crash, unschedulable, loading, never_pull],
     )
     assert states["s-v1"] == ServerState(0, "FetchFailed", "fetch: s3://b/x.gguf does not exist")
     assert states["s-v2"] == ServerState(0, "Unschedulable", "0/1 nodes: gpu")
     assert states["s-v3"] == ServerState(0, None, None)  # still loading: wait
     assert states["s-v4"] == ServerState(2, None, None)
+    assert server_states([_deployment("s-v5", "v5", 0)], [never_pull])["s-v5"] == ServerState(
+        0, "ServerNotReady", "server: image not present"
+    )

@@ -26,6 +26,8 @@ _STUCK = frozenset(
         "CrashLoopBackOff",
         "ImagePullBackOff",
         "ErrImagePull",
+        "ErrImageNeverPull",
+        "ImageInspectError",
         "InvalidImageName",
         "CreateContainerConfigError",
         "CreateContainerError",
