@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _common import child_pythonpath, finish, machine_banner, ratio
-from kubedistill.builders.gateway import OFFLINE_ENV, Route, render_config
+from kubedistill.builders.gateway import MASTER_KEY_ENV, OFFLINE_ENV, Route, render_config
 from kubedistill.local.processes import free_port, spawn, stop_process
 from kubedistill_testing import servers
 from kubedistill_testing.tiny_gguf import tiny_gguf
@@ -46,6 +47,9 @@ PROMPTS = [
     "Write one word about the sea.",
 ]
 START_TIMEOUT_S = 300.0
+MASTER_KEY = "sk-bench-" + secrets.token_hex(16)
+# Both sides get the gateway's key: llama-server (no --api-key) ignores it.
+HEADERS = {"Content-Type": "application/json", "Authorization": f"Bearer {MASTER_KEY}"}
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -92,10 +96,11 @@ def gateway(backend_port: int, workdir: Path) -> Iterator[int]:
         timeout_seconds=120,
     )
     config = workdir / "config.yaml"
-    config.write_text(render_config([route], master_key=False))
+    # LiteLLM refuses to start without a master key (as the operator's gateway always has one).
+    config.write_text(render_config([route], master_key=True))
     port = free_port()
     log = workdir / "litellm.log"
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": child_pythonpath()}
+    env = {**os.environ, **OFFLINE_ENV, MASTER_KEY_ENV: MASTER_KEY, "PYTHONPATH": child_pythonpath()}
     argv = [str(servers.build_litellm()), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     proc = spawn(argv, log, env)
     try:
@@ -120,7 +125,7 @@ def run_load(port: int, requests: int, concurrency: int, max_tokens: int) -> tup
                 "messages": [{"role": "user", "content": PROMPTS[n % len(PROMPTS)]}],
             })  # fmt: skip
             started = time.perf_counter()
-            connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            connection.request("POST", "/v1/chat/completions", body, HEADERS)
             response = connection.getresponse()
             text = response.read()
             elapsed = (time.perf_counter() - started) * 1000
