@@ -184,6 +184,13 @@ def test_gateway_objects() -> None:
         "name": "gw-master",
         "key": "master-key",
     }
+    assert env["LITELLM_LOCAL_MODEL_COST_MAP"]["value"] == "True"  # no download at start
+    assert gw.NO_AUTH_ENV not in env
+    unauthenticated = gw.build_deployment(checksum, Settings(), 90)["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    names = {e["name"] for e in unauthenticated["env"]}
+    assert gw.NO_AUTH_ENV in names and "LITELLM_MASTER_KEY" not in names  # only when no key is configured
     assert container["envFrom"] == [{"secretRef": {"name": gw.KEYS_SECRET, "optional": True}}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/readiness"
     assert template["spec"]["terminationGracePeriodSeconds"] > 90

@@ -31,6 +31,7 @@ CONFIG_KEY = "config.yaml"
 CONFIG_DIR = "/etc/litellm"
 CHECKSUM_ANNOTATION = "kubedistill.io/config-checksum"
 MASTER_KEY_ENV = "LITELLM_MASTER_KEY"
+NO_AUTH_ENV = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"
 FALLBACK_SUFFIX = ":fallback"
 NUM_RETRIES = 2
 DRAIN_SECONDS = 5
@@ -138,6 +139,10 @@ def build_deployment(config_checksum: str, settings: Settings, longest_request_s
     if settings.gateway_master_key_secret:
         ref = {"name": settings.gateway_master_key_secret, "key": settings.gateway_master_key_key}
         env.append({"name": MASTER_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
+    else:
+        # No master key configured (the chart always names one): LiteLLM refuses to start unauthenticated
+        # unless told to; the operator's settings chose it.
+        env.append({"name": NO_AUTH_ENV, "value": "true"})
     probe = {"httpGet": {"path": "/health/readiness", "port": PORT}, "periodSeconds": 2, "timeoutSeconds": 3}
     container = {
         "name": "litellm",

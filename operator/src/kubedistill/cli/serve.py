@@ -42,8 +42,16 @@ def serve_command(
             console = Console()
             console.print(f"[green]serving[/green] {gguf.name} as model={alias}")
             console.print(f"gateway (LiteLLM): {serving.gateway_url}   llama-server: {serving.server_url}")
-            console.print(f"config: {serving.config_path}; logs beside it. Try:\n")
+            console.print(
+                f"config: {serving.config_path}; logs beside it. Master key (this run): {serving.master_key}"
+            )
+            console.print("Try:\n")
             print(curl_command(serving, alias), flush=True)
+            print(
+                f"KUBEDISTILL_GATEWAY_KEY={serving.master_key} kubedistill chat {alias} 'Hello!' "
+                f"--gateway-url {serving.gateway_url}",
+                flush=True,
+            )
             console.print("\nCtrl-C stops both.")
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()

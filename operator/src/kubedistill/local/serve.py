@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubedistill.api.models import Stage
-from kubedistill.builders.gateway import OFFLINE_ENV, Route, render_config
+from kubedistill.builders.gateway import MASTER_KEY_ENV, OFFLINE_ENV, Route, render_config
 from kubedistill.local.processes import free_port, read_result, spawn, stop_process
 from kubedistill.local.runner import LocalRun
 
@@ -77,7 +78,7 @@ def local_config(alias: str, server_url: str, fallback: str | None, fallback_url
                 DEFAULT_TIMEOUT_S,
             )
         )
-    return render_config(routes, master_key=False)
+    return render_config(routes, master_key=True)
 
 
 def _wait_ready(url: str, proc_log: Path, what: str, proc: subprocess.Popen[bytes]) -> None:
@@ -100,6 +101,8 @@ class Serving:
     gateway_url: str
     server_url: str
     config_path: Path
+    # LiteLLM refuses to start without one; a fresh key per run, on loopback only.
+    master_key: str
 
 
 @contextmanager
@@ -127,6 +130,7 @@ def serve(
         stack.callback(stop_process, server)
         server_url = f"http://127.0.0.1:{server_port}"
         _wait_ready(f"{server_url}/health", logs / "llama-server.log", "llama-server", server)
+        master_key = f"sk-{secrets.token_hex(16)}"
         config_path = logs / "config.yaml"
         config_path.write_text(
             local_config(alias, f"{server_url}/v1", fallback, fallback_url), encoding="utf-8"
@@ -134,14 +138,17 @@ def serve(
         proxy = spawn(
             [litellm, "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
             logs / "litellm.log",
-            env={**os.environ, **OFFLINE_ENV},
+            env={**os.environ, **OFFLINE_ENV, MASTER_KEY_ENV: master_key},
         )
         stack.callback(stop_process, proxy)
         gateway = f"http://127.0.0.1:{port}"
         _wait_ready(f"{gateway}/health/readiness", logs / "litellm.log", "the LiteLLM proxy", proxy)
-        yield Serving(f"{gateway}/v1", f"{server_url}/v1", config_path)
+        yield Serving(f"{gateway}/v1", f"{server_url}/v1", config_path, master_key)
 
 
 def curl_command(serving: Serving, alias: str) -> str:
     body = json.dumps({"model": alias, "messages": [{"role": "user", "content": "Hello!"}]})
-    return f"curl -s {serving.gateway_url}/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    return (
+        f"curl -s {serving.gateway_url}/chat/completions -H 'Authorization: Bearer {serving.master_key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'"
+    )
