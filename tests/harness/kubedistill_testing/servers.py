@@ -110,7 +110,7 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, **kwargs: object) -> N
 
 
 def build_llama_server(root: Path | None = None) -> Path:
-    """The path of a cached llama-server binary, building it first if needed (~10 min on 2 cores)."""
+    """The path of a cached llama-server binary, building it first if needed (~26 CPU-minutes)."""
     pin = llama_cpp_pin(((root or repo_root()) / "pyproject.toml").read_text())
     target = llama_server_dir(pin)
     binary = target / LLAMA_SERVER
@@ -136,7 +136,9 @@ def build_llama_server(root: Path | None = None) -> Path:
         log = target.with_name(target.name + ".build.log")
         jobs = str(os.cpu_count() or 2)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        _say(f"building llama-server from llama.cpp {pin}'s source (once per machine, ~10 min on 2 cores)")
+        _say(
+            f"building llama-server from llama.cpp {pin}'s source (once per machine, ~13 min on 2 idle cores)"
+        )
         started = time.monotonic()
         _run_logged([cmake, "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_FLAGS], log, "cmake")
         _run_logged(
