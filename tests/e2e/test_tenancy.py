@@ -207,6 +207,22 @@ ESCAPES: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     ),
     ("team-a", lambda: job_body("other-bucket", storage={"bucket": "shared"}), "spec.storage.bucket"),
     (
+        "team-a",
+        lambda: {
+            **_alias("own-server"),
+            "spec": {**_alias("x")["spec"], "server": {"image": "evil.example/l:1"}},
+        },
+        "spec.server.image",
+    ),
+    (
+        "team-a",
+        lambda: {
+            **_alias("other-canary"),
+            "spec": {**_alias("x")["spec"], "canary": {"ggufURI": "s3://teams/b/m.gguf", "weight": 20}},
+        },
+        "spec.canary.ggufURI",
+    ),
+    (
         "team-b",
         lambda: job_body("b-reads-a", dataset={"uri": "s3://teams/a/prompts.jsonl"}),
         "spec.dataset.uri",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from kubedistill.api import crdgen
 from kubedistill.api import models as m
+from kubedistill.api.alias import ModelAliasSpec
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
@@ -190,7 +191,7 @@ def test_server_style_defaulting_equals_pydantic_defaults() -> None:
     assert defaulted["training"]["bondBeta"] == 0.5
     alias = {"target": {"distillationJob": "support-bot"}}
     assert _apply_defaults(_at(_root("ModelAlias"), "spec"), copy.deepcopy(alias)) == (
-        m.ModelAliasSpec.model_validate(alias).to_k8s()
+        ModelAliasSpec.model_validate(alias).to_k8s()
     )
 
 
@@ -270,7 +271,7 @@ def test_printer_columns() -> None:
     assert dj_columns["Message"]["priority"] == 1
     assert all("priority" not in c for name, c in dj_columns.items() if name != "Message")
     alias_columns = [c["name"] for c in _crd("ModelAlias")["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert alias_columns == ["Target", "GGUF", "Ready", "Age"]
+    assert alias_columns == ["Target", "GGUF", "Canary", "Ready", "Progressing", "Age"]
 
 
 def test_printer_column_paths_exist_in_the_schema() -> None:
@@ -281,7 +282,7 @@ def test_printer_column_paths_exist_in_the_schema() -> None:
             if path.startswith("metadata."):
                 continue
             node = _at(root, path)
-            if column["jsonPath"].endswith("].message") or column["jsonPath"].endswith("].status"):
+            if column["jsonPath"].endswith(("].message", "].status", "].reason")):
                 node = _at(node, "[]." + column["jsonPath"].rsplit(".", 1)[1])
             assert node["type"] in (column["type"], "integer"), column
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from kubedistill.api.alias import CanaryTarget, FallbackTarget, ServerSpec
 from kubedistill.api.models import AliasTarget, DistillationJob, ModelAliasSpec, Stage
 from kubedistill.builders import artifact_root, build_stage_manifests
 from kubedistill.domain.uri_policy import Access, alias_uris, alias_violations, job_violations, resolve
@@ -129,19 +129,22 @@ def test_alias_targets_are_walked_including_optional_ones() -> None:
     _, policy = resolve(settings, "team-a", {})
     spec = ModelAliasSpec(target=AliasTarget(gguf_uri="s3://teams/b/m.gguf", base_model="qwen3-0.6b"))
     assert [v.field for v in alias_violations(spec, policy)] == ["spec.target.ggufURI"]
-    # Target-shaped fields other branches add (canary, fallback) are checked the same way.
-    canary = AliasTarget(adapter_uri="s3://teams/a/adapter/", base_model="s3://teams/b/base/")
-    extended = SimpleNamespace(target=spec.target, canary=canary, fallback=[canary])
-    assert [(f, a) for f, _, a in alias_uris(extended)] == [
+    canary = CanaryTarget(adapter_uri="s3://teams/a/adapter/", base_model="s3://teams/b/base/", weight=20)
+    fallback = FallbackTarget(gguf_uri="s3://teams/b/teacher.gguf")
+    full = ModelAliasSpec(
+        target=spec.target, canary=canary, fallback=fallback, server=ServerSpec(image="docker.io/evil/llama")
+    )
+    assert [(f, a) for f, _, a in alias_uris(full)] == [
         ("spec.target.ggufURI", Access.READ),
         ("spec.target.baseModel", Access.MODEL),
         ("spec.canary.adapterURI", Access.READ),
         ("spec.canary.baseModel", Access.MODEL),
-        ("spec.fallback[0].adapterURI", Access.READ),
-        ("spec.fallback[0].baseModel", Access.MODEL),
+        ("spec.fallback.ggufURI", Access.READ),
     ]
-    assert [v.field for v in alias_violations(extended, policy)] == [
+    # The model server image is an override like a stage's: it runs beside the fetch credentials.
+    assert [v.field for v in alias_violations(full, policy)] == [
         "spec.target.ggufURI",
         "spec.canary.baseModel",
-        "spec.fallback[0].baseModel",
+        "spec.fallback.ggufURI",
+        "spec.server.image",
     ]

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
-from kubedistill.api.models import (
-    GROUP,
-    AliasHistoryEntry,
-    AliasTarget,
-    DistillationJob,
-    ModelAlias,
-    ModelAliasStatus,
-    Phase,
-)
+from kubedistill.api.alias import AliasHistoryEntry, AliasTarget, ModelAlias, ModelAliasStatus
+from kubedistill.api.models import GROUP, DistillationJob, Phase
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.conditions import Reason, rfc3339
 
@@ -30,6 +24,8 @@ def resolve(alias: ModelAlias, job: DistillationJob | None, now: datetime) -> Mo
     target = alias.spec.target
     gguf, adapter, model = target.gguf_uri, target.adapter_uri, target.base_model
     ready, reason, message = True, Reason.TARGET_RESOLVED, "explicit target"
+    if target.provider is not None:
+        model, message = target.provider.model, f"provider model {target.provider.model}"
     if target.distillation_job is not None:
         gguf = adapter = model = None
         if job is None:
@@ -74,3 +70,11 @@ def remember(status: ModelAliasStatus, previous: AliasTarget, now: datetime) -> 
 
 def target_annotation(target: AliasTarget) -> str:
     return json.dumps(target.to_k8s(), sort_keys=True, separators=(",", ":"))
+
+
+def promoted_job(alias_spec: dict[str, Any], as_canary: bool) -> str | None:
+    """The job the alias's promoted slot names: the canary's for a canary promotion (once the alias has a
+    canary: a new alias gets the student as its primary), else the primary's."""
+    slot = "canary" if as_canary and "canary" in alias_spec else "target"
+    job: str | None = (alias_spec.get(slot) or {}).get("distillationJob")
+    return job

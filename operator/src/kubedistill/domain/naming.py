@@ -19,7 +19,7 @@ MANAGED_BY = "kubedistill"
 _HASH_LEN = 8
 
 
-def _fit(name: str, limit: int = MAX_NAME) -> str:
+def fit(name: str, limit: int = MAX_NAME) -> str:
     """`name` if it fits, else a prefix plus a hash of the whole name, so distinct names stay distinct."""
     if len(name) <= limit:
         return name
@@ -35,17 +35,17 @@ def child_job_name(job: str, stage: Stage, attempt: int, completions: int = 1) -
     completions leaves room for its largest index within the 63 characters of a hostname.
     """
     reserve = len(f"-{completions - 1}") if completions > 1 else 0
-    return _fit(f"{job}-{stage.value}-{attempt}", MAX_NAME - reserve)
+    return fit(f"{job}-{stage.value}-{attempt}", MAX_NAME - reserve)
 
 
 def rendezvous_service_name(job_name: str) -> str:
     """The headless Service of a distributed stage Job: a DNS-1035 label (a letter first, no dots)."""
     name = job_name.replace(".", "-")
-    return _fit(name if name[0].isalpha() else f"r-{name}")
+    return fit(name if name[0].isalpha() else f"r-{name}")
 
 
 def invocation_configmap_name(job: str, stage: Stage, attempt: int) -> str:
-    return _fit(f"{job}-{stage.value}-{attempt}-inv")
+    return fit(f"{job}-{stage.value}-{attempt}-inv")
 
 
 def dataset_volume_name() -> str:
@@ -54,7 +54,7 @@ def dataset_volume_name() -> str:
 
 def label_value(value: str) -> str:
     """A label value (≤ 63 chars); long job names keep a hash so the selector stays exact."""
-    return _fit(value)
+    return fit(value)
 
 
 def child_labels(job: str, stage: Stage, attempt: int) -> dict[str, str]:

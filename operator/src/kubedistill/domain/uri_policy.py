@@ -191,7 +191,11 @@ def job_violations(job: DistillationJob, policy: Policy, artifact_root: str) -> 
 def alias_violations(spec: object, policy: Policy) -> list[Violation]:
     if policy.refusal is not None:
         return [Violation("metadata.namespace", policy.refusal)]
-    return check_uris(alias_uris(spec), policy)
+    found = check_uris(alias_uris(spec), policy)
+    # A model server image of the team's choice would run where the operator puts the fetch credentials.
+    image = getattr(getattr(spec, "server", None), "image", None)
+    refused = check_image("spec.server.image", image, policy) if isinstance(image, str) else None
+    return found if refused is None else [*found, refused]
 
 
 def summary(violations: Iterable[Violation]) -> str:

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from kubedistill import store
+from kubedistill.api.alias import AliasTarget
 from kubedistill.api.models import (
     API_VERSION,
-    AliasTarget,
     DistillationJob,
     DistillationJobStatus,
     Phase,
@@ -38,13 +38,14 @@ from kubedistill.domain.actions import (
     SetSuspend,
     SetWorkloadActive,
 )
-from kubedistill.domain.alias import RESOLVABLE
+from kubedistill.domain.alias import RESOLVABLE, promoted_job
 from kubedistill.domain.deletion import is_deleting, terminating_message
 from kubedistill.domain.naming import artifact_base
 from kubedistill.domain.observation import Observed
 from kubedistill.domain.phases import decide
 from kubedistill.domain.uri_policy import summary
 from kubedistill.handlers.alias import reconcile_alias
+from kubedistill.handlers.gateway import Gateway
 from kubedistill.handlers.policy import POLICY_VIOLATION, job_problems, namespace_policy
 from kubedistill.k8s import observe, resources
 from kubedistill.k8s.client import ApiError, Kube
@@ -98,6 +99,10 @@ class Reconciler:
     _wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     _written: dict[Key, str] = field(default_factory=dict)
     _child_signatures: dict[Key, str] = field(default_factory=dict)
+    gateway: Gateway = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gateway = Gateway(self.kube, self.settings)
 
     # -- loop ---------------------------------------------------------------------------------------
 
@@ -221,8 +226,9 @@ class Reconciler:
             alias = await resources.get_alias(
                 self.kube, job.metadata.namespace or "default", job.spec.promotion.alias
             )
-            target = ((alias or {}).get("spec") or {}).get("target") or {}
-            alias_job = target.get("distillationJob")
+            alias_job = promoted_job(
+                (alias or {}).get("spec") or {}, job.spec.promotion.canary_weight is not None
+            )
         return Observed(
             children=children,
             missing_secrets=missing,
@@ -276,8 +282,12 @@ class Reconciler:
                 "spec": {"target": target},
             }
             await resources.create(self.kube, manifest)
+        elif job.spec.promotion.canary_weight is not None:
+            canary = {**target, "weight": job.spec.promotion.canary_weight}
+            if (existing.get("spec") or {}).get("canary") != canary:
+                await resources.replace_alias_field(self.kube, namespace, action.alias, "canary", canary)
         elif (existing.get("spec") or {}).get("target") != target:
-            await resources.replace_alias_target(self.kube, namespace, action.alias, target)
+            await resources.replace_alias_field(self.kube, namespace, action.alias, "target", target)
         log.info(
             "alias %s points at this job",
             action.alias,
@@ -336,7 +346,7 @@ class Reconciler:
         """Aliases naming this job resolve now that its artifacts are final (no alias timer needed)."""
         for alias in await resources.list_aliases(self.kube, namespace):
             if ((alias.get("spec") or {}).get("target") or {}).get("distillationJob") == name:
-                await reconcile_alias(self.kube, alias, self.clock(), self.settings)
+                await reconcile_alias(self.kube, alias, self.clock(), self.settings, self.gateway)
 
     async def _report_refused(self, body: dict[str, Any], reason: str, problems: str) -> None:
         """A spec the models or the namespace's policy refuse (admission should have): say so in the

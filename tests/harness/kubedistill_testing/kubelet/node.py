@@ -34,8 +34,10 @@ from kubedistill_testing.kubelet.scheduling import (
     selector_matches,
     unschedulable_message,
 )
+from kubedistill_testing.kubelet.service_proxy import ServiceProxy
 from kubedistill_testing.kubelet.worker import PodWorker
 from kubedistill_testing.paths import RepoRootMissing, repo_root
+from kubedistill_testing.servers import server_images
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,8 @@ class LocalKubelet(PodApiCalls):
             "kubernetes.io/os": "linux",
             **(node_labels or {}),
         }
-        self.images = dict(DEFAULT_IMAGES if images is None else images)
+        # The upstream model server and gateway images run the real servers where they are built.
+        self.images = {**DEFAULT_IMAGES, **server_images()} if images is None else dict(images)
         # Image prefix → its WORKDIR (an image path): where a container without workingDir starts.
         self.workdirs: dict[str, str] = {}
         self.commands = dict(DEFAULT_COMMANDS if commands is None else commands)
@@ -90,6 +93,7 @@ class LocalKubelet(PodApiCalls):
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.addresses = PodAddresses()
+        self.service_proxy = ServiceProxy(api)
         self._server: LogServer | None = None
         server = urllib.parse.urlsplit(api.configuration.host)
         self.api_host, self.api_port = server.hostname or "127.0.0.1", server.port or 443
@@ -147,6 +151,7 @@ class LocalKubelet(PodApiCalls):
             NODE_ADDRESS, self, self._authorize, client_ca=ca_file, certificate=certificate
         ).start()
         self._register_node()
+        self.service_proxy.start()
         support = mount_support()
         self.unshare, self.namespace_problem = support.unshare, support.namespace_problem
         self.read_only_mounts, self.read_only_problem = support.read_only_mounts, support.read_only_problem
@@ -168,6 +173,7 @@ class LocalKubelet(PodApiCalls):
             self._server.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        self.service_proxy.stop()
         workers = list(self._workers.values())
         for worker in workers:
             worker.kill(grace=0, report=False)
