@@ -44,6 +44,7 @@ from kubedistill.api.models import Artifacts, GenerationSpec, Metrics
 from kubedistill.api.stage import TEACHER_API_KEY_ENV, StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher, load_catalog
 from kubedistill.domain import pricing
+from kubedistill.traffic import traffic_summary
 from kubedistill_trainer.batch import BatchRun
 from kubedistill_trainer.batch_api import open_batch_api
 from kubedistill_trainer.budget import BudgetGate, worst_case_cost
@@ -373,6 +374,7 @@ def _generate(
         "trainRows": prepared.train,
         "testRows": prepared.test,
         "rejectedRows": prepared.rejected,
+        **({"traffic": prepared.traffic.to_k8s()} if prepared.traffic is not None else {}),
         "failedPrompts": outcome.failed[:20],
         "retries": outcome.retries,
         "responsesWithoutUsage": outcome.responses_without_usage,
@@ -381,6 +383,8 @@ def _generate(
         **outcome.speed,
     }
     rejected_note = f"; {prepared.rejected} invalid dataset rows skipped" if prepared.rejected else ""
+    if prepared.traffic is not None:
+        rejected_note += "; " + traffic_summary(prepared.traffic)
     result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)
     if outcome.fatal is not None:
         return result.model_copy(
