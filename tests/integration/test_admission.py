@@ -23,10 +23,11 @@ from pydantic import BaseModel, ValidationError
 
 from kubedistill.api import crdgen
 from kubedistill.api import models as m
+from kubedistill.api.alias import ModelAlias
 from kubedistill.errors import error_lines
 
 PLURALS = {"DistillationJob": "distillationjobs", "ModelAlias": "modelaliases"}
-MODELS: dict[str, type[BaseModel]] = {"DistillationJob": m.DistillationJob, "ModelAlias": m.ModelAlias}
+MODELS: dict[str, type[BaseModel]] = {"DistillationJob": m.DistillationJob, "ModelAlias": ModelAlias}
 DELETE = object()
 # "spec.training.bondBeta: Invalid value: ..." — the paths the API server reports, one per error.
 _SERVER_PATH = re.compile(r"(spec(?:\.[A-Za-z0-9]+|\[\d+\])+): ")
@@ -125,6 +126,31 @@ CASES = [
     _alias(
         "alias-job-name-invalid", "spec.target.distillationJob", {"target.distillationJob": "Support_Bot"}
     ),
+    _alias(
+        "canary-weight-over", "spec.canary.weight", {"canary": {"ggufURI": "s3://m/c.gguf", "weight": 101}}
+    ),
+    _alias(
+        "canary-weight-negative", "spec.canary.weight", {"canary": {"ggufURI": "s3://m/c.gguf", "weight": -1}}
+    ),
+    _alias("canary-weight-missing", "spec.canary.weight", {"canary": {"ggufURI": "s3://m/c.gguf"}}),
+    _alias(
+        "canary-without-primary",
+        "spec.target",
+        {"target": DELETE, "canary": {"ggufURI": "s3://m/c.gguf", "weight": 20}},
+    ),
+    _alias(
+        "canary-two-kinds",
+        "spec.canary",
+        {"canary": {"distillationJob": "a", "ggufURI": "s3://m/c.gguf", "weight": 5}},
+    ),
+    _alias(
+        "fallback-two-kinds",
+        "spec.fallback",
+        {"fallback": {"distillationJob": "a", "provider": {"model": "openai/gpt-4o"}}},
+    ),
+    _alias("provider-without-model", "spec.target.provider.model", {"target": {"provider": {}}}),
+    _alias("server-parallel-zero", "spec.server.parallel", {"server": {"parallel": 0}}),
+    _job("promotion-canary-weight", "spec.promotion.canaryWeight", {"promotion.canaryWeight": 150}),
 ]
 
 
@@ -234,7 +260,13 @@ def test_valid_job_is_stored_with_the_models_defaults(k8s_api: client.ApiClient,
 def test_valid_aliases_are_accepted(k8s_api: client.ApiClient, namespace: str) -> None:
     api = client.CustomObjectsApi(k8s_api)
     explicit = {"target": {"ggufURI": "s3://models/student.q8_0.gguf", "baseModel": "qwen3-0.6b"}}
-    for name, spec in (("smart", VALID_ALIAS), ("pinned", explicit)):
+    routed = {
+        "target": {"provider": {"model": "openai/gpt-4o", "apiKeySecretRef": {"name": "openai", "key": "k"}}},
+        "canary": {"distillationJob": "support-bot", "weight": 20},
+        "fallback": {"provider": {"model": "openai/gpt-4o-mini", "baseURL": "http://teacher:8000/v1"}},
+        "server": {"replicas": 2, "ctxSize": 2048, "nodeSelector": {"pool": "cpu"}},
+    }
+    for name, spec in (("smart", VALID_ALIAS), ("pinned", explicit), ("routed", routed)):
         api.create_namespaced_custom_object(
             m.GROUP,
             m.VERSION,
@@ -244,7 +276,11 @@ def test_valid_aliases_are_accepted(k8s_api: client.ApiClient, namespace: str) -
             field_validation="Strict",
         )
     stored = api.get_namespaced_custom_object(m.GROUP, m.VERSION, namespace, "modelaliases", "smart")
-    assert stored["spec"] == {"target": {"distillationJob": "support-bot", "quantization": "q4_k_m"}}
+    assert stored["spec"]["target"] == {"distillationJob": "support-bot", "quantization": "q4_k_m"}
+    for name, spec in (("smart", VALID_ALIAS), ("routed", routed)):
+        stored = api.get_namespaced_custom_object(m.GROUP, m.VERSION, namespace, "modelaliases", name)
+        # The server's defaulting and the models' defaults agree here too.
+        assert stored["spec"] == ModelAlias.model_validate(_body("ModelAlias", name, spec)).spec.to_k8s()
 
 
 # ---------------------------------------------------------------------------------------- updates

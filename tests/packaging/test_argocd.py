@@ -190,7 +190,8 @@ def test_gitops_applications_install_the_chart_before_the_jobs() -> None:
 
 
 def test_gitops_jobs_are_valid_custom_resources() -> None:
-    from kubedistill.api.models import DistillationJob, ModelAlias
+    from kubedistill.api.alias import ModelAlias
+    from kubedistill.api.models import DistillationJob
 
     job_dir = ROOT / applications()["kubedistill-jobs"]["spec"]["source"]["path"]
     docs = [d for p in sorted(job_dir.glob("*.yaml")) for d in load_all(p)]

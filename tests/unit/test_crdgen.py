@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from kubedistill.api import crdgen
 from kubedistill.api import models as m
+from kubedistill.api.alias import ModelAliasSpec
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
@@ -190,7 +191,7 @@ def test_server_style_defaulting_equals_pydantic_defaults() -> None:
     assert defaulted["training"]["bondBeta"] == 0.5
     alias = {"target": {"distillationJob": "support-bot"}}
     assert _apply_defaults(_at(_root("ModelAlias"), "spec"), copy.deepcopy(alias)) == (
-        m.ModelAliasSpec.model_validate(alias).to_k8s()
+        ModelAliasSpec.model_validate(alias).to_k8s()
     )
 
 

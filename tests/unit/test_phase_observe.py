@@ -5,14 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from kubedistill.api.models import (
-    AliasTarget,
-    DistillationJob,
-    ModelAlias,
-    ModelAliasStatus,
-    Phase,
-    Stage,
-)
+from kubedistill.api.alias import AliasTarget, ModelAlias, ModelAliasStatus
+from kubedistill.api.models import DistillationJob, Phase, Stage
 from kubedistill.api.stage import StageResult
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.alias import remember, resolve

@@ -11,7 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from kubedistill import Distiller, sdk
-from kubedistill.api.models import DistillationJob, ModelAlias
+from kubedistill.api.alias import ModelAlias
+from kubedistill.api.models import DistillationJob
 from kubedistill.errors import Conflict, DistillerError, Invalid, NotFound, error_lines, from_status
 
 

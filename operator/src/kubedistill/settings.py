@@ -17,6 +17,10 @@ from kubedistill.api.models import GPU_STAGES, STAGES, ResourceRequirements, Sta
 
 PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
+# llama.cpp's own server image (ENTRYPOINT /app/llama-server) and LiteLLM's proxy image, pinned.
+DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server"
+DEFAULT_GATEWAY_IMAGE = "ghcr.io/berriai/litellm:main-v1.77.7-stable"
+GATEWAY_NAME = "kubedistill-gateway"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Measured by bench/dataset_scale.py (peak RSS of each stage process; docs/memory.md): the estimate
@@ -73,6 +77,25 @@ class Settings:
     # A ConfigMap holding the invocation above this size keeps the Pod spec small (env limit ~1 MiB total).
     max_env_invocation_bytes: int = 32 * 1024
     peering: str | None = None
+    # Serving (ModelAlias): llama-server Deployments per served GGUF, one LiteLLM gateway per operator.
+    # Off unless configured (the chart turns it on): without it an alias only resolves its target.
+    gateway_enabled: bool = False
+    gateway_namespace: str = "default"
+    gateway_image: str = DEFAULT_GATEWAY_IMAGE
+    gateway_replicas: int = 1
+    gateway_master_key_secret: str | None = None
+    gateway_master_key_key: str = "master-key"
+    gateway_resources: ResourceRequirements = field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "200m", "memory": "512Mi"}, limits={"memory": "2Gi"}
+        )
+    )
+    server_image: str = DEFAULT_SERVER_IMAGE
+    server_resources: ResourceRequirements = field(
+        default_factory=lambda: ResourceRequirements(
+            requests={"cpu": "1", "memory": "1Gi"}, limits={"memory": "8Gi"}
+        )
+    )
 
     @property
     def default_gpus(self) -> Mapping[Stage, int]:
@@ -116,6 +139,12 @@ def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Set
         "RETRY_BACKOFF_MAX_S": ("retry_backoff_max_s", float),
         "MAX_ENV_INVOCATION_BYTES": ("max_env_invocation_bytes", int),
         "PEERING": ("peering", str),
+        "GATEWAY_NAMESPACE": ("gateway_namespace", str),
+        "GATEWAY_IMAGE": ("gateway_image", str),
+        "GATEWAY_REPLICAS": ("gateway_replicas", int),
+        "GATEWAY_MASTER_KEY_SECRET": ("gateway_master_key_secret", str),
+        "GATEWAY_MASTER_KEY_KEY": ("gateway_master_key_key", str),
+        "SERVER_IMAGE": ("server_image", str),
     }
     for key, (attr, convert) in simple.items():
         if get.get(key):
@@ -123,6 +152,11 @@ def from_mapping(values: Mapping[str, str], base: Settings | None = None) -> Set
                 updates[attr] = convert(get[key])
             except ValueError:
                 raise ValueError(f"{PREFIX}{key}={get[key]!r} is not a valid {convert.__name__}") from None
+    if get.get("GATEWAY_ENABLED"):
+        updates["gateway_enabled"] = get["GATEWAY_ENABLED"].strip().lower() in ("1", "true", "yes")
+    for key, attr in (("GATEWAY_RESOURCES", "gateway_resources"), ("SERVER_RESOURCES", "server_resources")):
+        if get.get(key):
+            updates[attr] = ResourceRequirements.model_validate(_json_object(key, get[key]))
     if get.get("NAMESPACES"):
         updates["namespaces"] = _csv(get["NAMESPACES"])
     if get.get("GPU_TOLERATIONS"):

@@ -1,5 +1,6 @@
 """The kubedistill.io/v1alpha1 API: resource models and the stage contract."""
 
+from kubedistill.api.alias import ModelAlias, ModelAliasSpec, ModelAliasStatus
 from kubedistill.api.models import (
     API_VERSION,
     GROUP,
@@ -8,9 +9,6 @@ from kubedistill.api.models import (
     DistillationJob,
     DistillationJobSpec,
     DistillationJobStatus,
-    ModelAlias,
-    ModelAliasSpec,
-    ModelAliasStatus,
     Phase,
     Stage,
     StageState,

@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from kubedistill.api.models import (
-    GROUP,
-    AliasHistoryEntry,
-    AliasTarget,
-    DistillationJob,
-    ModelAlias,
-    ModelAliasStatus,
-    Phase,
-)
+from kubedistill.api.alias import AliasHistoryEntry, AliasTarget, ModelAlias, ModelAliasStatus
+from kubedistill.api.models import GROUP, DistillationJob, Phase
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.conditions import Reason, rfc3339
 

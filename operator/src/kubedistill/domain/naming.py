@@ -19,7 +19,7 @@ MANAGED_BY = "kubedistill"
 _HASH_LEN = 8
 
 
-def _fit(name: str, limit: int = MAX_NAME) -> str:
+def fit(name: str, limit: int = MAX_NAME) -> str:
     """`name` if it fits, else a prefix plus a hash of the whole name, so distinct names stay distinct."""
     if len(name) <= limit:
         return name
@@ -30,11 +30,11 @@ def _fit(name: str, limit: int = MAX_NAME) -> str:
 
 def child_job_name(job: str, stage: Stage, attempt: int) -> str:
     """`<job>-<stage>-<attempt>`, shortened with a hash suffix when the job name is long."""
-    return _fit(f"{job}-{stage.value}-{attempt}")
+    return fit(f"{job}-{stage.value}-{attempt}")
 
 
 def invocation_configmap_name(job: str, stage: Stage, attempt: int) -> str:
-    return _fit(f"{job}-{stage.value}-{attempt}-inv")
+    return fit(f"{job}-{stage.value}-{attempt}-inv")
 
 
 def dataset_volume_name() -> str:
@@ -43,7 +43,7 @@ def dataset_volume_name() -> str:
 
 def label_value(value: str) -> str:
     """A label value (≤ 63 chars); long job names keep a hash so the selector stays exact."""
-    return _fit(value)
+    return fit(value)
 
 
 def child_labels(job: str, stage: Stage, attempt: int) -> dict[str, str]:

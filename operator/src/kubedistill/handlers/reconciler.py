@@ -19,9 +19,9 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from kubedistill import store
+from kubedistill.api.alias import AliasTarget
 from kubedistill.api.models import (
     API_VERSION,
-    AliasTarget,
     DistillationJob,
     DistillationJobStatus,
     Phase,
@@ -36,6 +36,7 @@ from kubedistill.domain.naming import artifact_base
 from kubedistill.domain.observation import Observed
 from kubedistill.domain.phases import decide
 from kubedistill.handlers.alias import reconcile_alias
+from kubedistill.handlers.gateway import Gateway
 from kubedistill.k8s import observe, resources
 from kubedistill.k8s.client import ApiError, Kube
 from kubedistill.metrics import OperatorMetrics, failure_reason
@@ -82,6 +83,10 @@ class Reconciler:
     _wakeups: dict[Key, asyncio.Event] = field(default_factory=dict)
     _written: dict[Key, str] = field(default_factory=dict)
     _child_signatures: dict[Key, str] = field(default_factory=dict)
+    gateway: Gateway = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gateway = Gateway(self.kube, self.settings)
 
     # -- loop ---------------------------------------------------------------------------------------
 
@@ -200,8 +205,10 @@ class Reconciler:
             alias = await resources.get_alias(
                 self.kube, job.metadata.namespace or "default", job.spec.promotion.alias
             )
-            target = ((alias or {}).get("spec") or {}).get("target") or {}
-            alias_job = target.get("distillationJob")
+            spec = (alias or {}).get("spec") or {}
+            # A canary promotion is done when the canary names this job (a new alias gets it as primary).
+            as_canary = job.spec.promotion.canary_weight is not None and "canary" in spec
+            alias_job = (spec.get("canary" if as_canary else "target") or {}).get("distillationJob")
         return Observed(
             children=children,
             missing_secrets=missing,
@@ -253,8 +260,12 @@ class Reconciler:
                 "spec": {"target": target},
             }
             await resources.create(self.kube, manifest)
+        elif job.spec.promotion.canary_weight is not None:
+            canary = {**target, "weight": job.spec.promotion.canary_weight}
+            if (existing.get("spec") or {}).get("canary") != canary:
+                await resources.replace_alias_field(self.kube, namespace, action.alias, "canary", canary)
         elif (existing.get("spec") or {}).get("target") != target:
-            await resources.replace_alias_target(self.kube, namespace, action.alias, target)
+            await resources.replace_alias_field(self.kube, namespace, action.alias, "target", target)
         log.info(
             "alias %s points at this job",
             action.alias,
@@ -313,7 +324,7 @@ class Reconciler:
         """Aliases naming this job resolve now that its artifacts are final (no alias timer needed)."""
         for alias in await resources.list_aliases(self.kube, namespace):
             if ((alias.get("spec") or {}).get("target") or {}).get("distillationJob") == name:
-                await reconcile_alias(self.kube, alias, self.clock())
+                await reconcile_alias(self.kube, alias, self.clock(), self.gateway)
 
     async def _report_invalid(self, body: dict[str, Any], err: ValidationError) -> None:
         """A spec the models refuse (the CRD schema should have): say so in the status, do nothing else."""

@@ -9,22 +9,26 @@ it, including, when the operator starts, every job an older operator left one on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import kopf
 
 from kubedistill.api.models import GROUP, VERSION
 from kubedistill.domain.deletion import DELETE_ARTIFACTS_FIELD, FINALIZER, is_deleting
 from kubedistill.domain.naming import LABEL_MANAGED_BY, MANAGED_BY
+from kubedistill.domain.serving import PROGRESSING, WATCHED_FAILURES
 from kubedistill.handlers.alias import reconcile_alias
+from kubedistill.handlers.gateway import is_gateway
 from kubedistill.handlers.loops import JobLoops
 from kubedistill.handlers.reconciler import Reconciler
 from kubedistill.k8s import resources
-from kubedistill.k8s.client import Kube
+from kubedistill.k8s.client import ApiError, Kube
 from kubedistill.metrics import default_metrics
 from kubedistill.settings import Settings, from_env, from_mapping
 
@@ -87,11 +91,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     memo.service = service
     memo.loops = JobLoops(run=service.run, wake=service.wake)
+    if ours.gateway_enabled:
+        memo.look_again = asyncio.create_task(look_again(service))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await memo.loops.stop_all()
+    if "look_again" in memo:
+        memo.look_again.cancel()
     await memo.service.kube.close()
 
 
@@ -129,6 +137,53 @@ async def distillation_job_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -
 
 @kopf.on.event(*ALIAS)
 async def alias_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Every alias event resolves it again (idempotent): no kopf state is kept on aliases at all."""
+    """Every alias event resolves it again (idempotent): no kopf state is kept on aliases at all.
+
+    A deleted alias's servers go with it (ownerReferences); its routes leave the gateway's config here.
+    """
+    service: Reconciler = memo.service
     if type != "DELETED":
-        await reconcile_alias(memo.service.kube, dict(body), datetime.now(UTC))
+        await reconcile_alias(service.kube, dict(body), datetime.now(UTC), service.gateway)
+    elif service.settings.gateway_enabled:
+        await service.gateway.sync()
+
+
+def _needs_a_look(alias: dict[str, Any]) -> bool:
+    return any(
+        (c.get("type") == PROGRESSING and c.get("status") == "True") or c.get("reason") in WATCHED_FAILURES
+        for c in (alias.get("status") or {}).get("conditions") or []
+    )
+
+
+async def look_again(service: Reconciler, interval_s: float = 3.0) -> None:
+    """While a swap is under way, look again: a pod that never becomes Ready changes no Deployment.
+
+    Our own task rather than a kopf timer, which would put a finalizer on every alias.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            for alias in await service.gateway.list_aliases():
+                body = alias.to_k8s()
+                if _needs_a_look(body):
+                    await reconcile_alias(service.kube, body, datetime.now(UTC), service.gateway)
+        except (ApiError, aiohttp.ClientError) as err:
+            logging.getLogger(__name__).warning("alias re-check failed: %s", err)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def serving_deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A model server or the gateway moved: the aliases it serves take the next step of their swap."""
+    service: Reconciler = memo.service
+    if not service.settings.gateway_enabled:
+        return
+    meta = body.get("metadata") or {}
+    owners = [o.get("name") for o in meta.get("ownerReferences") or [] if o.get("kind") == "ModelAlias"]
+    if is_gateway(dict(body), service.settings):
+        aliases = [a.to_k8s() for a in await service.gateway.list_aliases()]
+    else:
+        namespace = meta.get("namespace") or "default"
+        found = [await resources.get_alias(service.kube, namespace, n) for n in owners]
+        aliases = [a for a in found if a is not None]
+    for alias in aliases:
+        await reconcile_alias(service.kube, alias, datetime.now(UTC), service.gateway)

@@ -141,14 +141,15 @@ async def list_aliases(kube: Kube, namespace: str) -> list[dict[str, Any]]:
     return items
 
 
-async def replace_alias_target(
-    kube: Kube, namespace: str, name: str, target: dict[str, Any]
+async def replace_alias_field(
+    kube: Kube, namespace: str, name: str, field: str, value: dict[str, Any]
 ) -> dict[str, Any]:
-    # A JSON patch replaces `target` as a whole, so fields of the previous target cannot linger.
+    # A JSON patch sets the target (or canary) as a whole, so fields of the previous one cannot linger;
+    # "add" replaces a member that exists and creates one that does not.
     return await kube.request(
         "PATCH",
         _custom(namespace, ALIAS_PLURAL, name),
-        body=[{"op": "replace", "path": "/spec/target", "value": target}],
+        body=[{"op": "add", "path": f"/spec/{field}", "value": value}],
         content_type=JSON_PATCH,
     )
 
