@@ -61,3 +61,16 @@ def operator_key_env(storage_secret: str | None, needed: bool) -> list[dict[str,
         {"name": env, "valueFrom": {"secretKeyRef": {"name": storage_secret, "key": key}}}
         for env, key in zip(OPERATOR_KEY_ENV, (S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV), strict=True)
     ]
+
+
+def add_to_gateway(
+    config_map: dict[str, Any],
+    deployment: dict[str, Any],
+    files: Mapping[str, str],
+    env: list[dict[str, Any]],
+) -> None:
+    """The recorder's files into the gateway's ConfigMap (mounted as the config's directory) and the
+    operator's storage keys into its container's env."""
+    config_map.setdefault("data", {}).update(files)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [*container.get("env", []), *env]

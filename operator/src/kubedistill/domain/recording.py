@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from kubedistill.api.recording import RecordingSpec
 from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
+from kubedistill.domain.conditions import Status
 from kubedistill.recorder import ENV_REF, Rule
 from kubedistill.settings import Settings
 from kubedistill.traffic import recordings_prefix
@@ -29,6 +30,7 @@ class RecordingReason:
     NO_DESTINATION = "RecordingNoDestination"
     CREDENTIALS_MISSING = "RecordingCredentialsMissing"
     SECRET_NOT_FOUND = "RecordingSecretNotFound"
+    NO_GATEWAY = "RecordingNoGateway"
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class KeyCopy:
 @dataclass(frozen=True)
 class RecordingPlan:
     rule: Rule | None
-    status: str
+    status: Status
     reason: str
     message: str
     copies: tuple[KeyCopy, ...] = ()
@@ -124,4 +126,13 @@ def secret_not_found(plan: RecordingPlan, secret: str) -> RecordingPlan:
         RecordingReason.SECRET_NOT_FOUND,
         f"spec.recording.credentialsSecretRef: Secret {secret} (with AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY) not found",
+    )
+
+
+def without_gateway() -> RecordingPlan:
+    return RecordingPlan(
+        None,
+        "False",
+        RecordingReason.NO_GATEWAY,
+        "spec.recording needs the operator's gateway, which is off (chart value gateway.enabled)",
     )
