@@ -353,7 +353,9 @@ def _make_handler() -> Any:
         ) -> None:
             payload = kwargs.get("standard_logging_object") or {}
             rule = self.rules.get(str(payload.get("model_group") or ""))
-            request_id = str(payload.get("id") or "")
+            # LiteLLM's call id is unique per request; the payload's id may be the provider's response id.
+            request_id = str(kwargs.get("litellm_call_id") or payload.get("id") or "")
+            payload = {**payload, "id": request_id}
             if rule is None or not request_id or not sampled(request_id, rule.sample_rate):
                 return
             if payload.get("call_type") not in ("completion", "acompletion"):
