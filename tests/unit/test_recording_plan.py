@@ -93,3 +93,26 @@ def test_the_gateway_gets_the_callback_the_source_and_the_rules_only_when_record
     assert files["kubedistill_recorder.py"].startswith('"""The gateway\'s recorder')
     assert load_rules(files["recording.json"]) == rules
     assert json.loads(files["recording.json"]) == json.loads(build.render_recording(dict(rules)))
+
+
+def test_the_recorder_lands_in_the_gateways_config_directory_with_its_keys() -> None:
+    from kubedistill.builders import gateway as gw
+
+    p = plan(enabled=True)
+    assert p is not None and p.rule is not None
+    files = build.config_files({"smart": p.rule})
+    config_map = gw.build_config_map("model_list: []\n", "abc", SETTINGS)
+    deployment = gw.build_deployment("abc", SETTINGS, 120)
+    build.add_to_gateway(config_map, deployment, files, build.operator_key_env(SETTINGS.storage_secret, True))
+    assert set(config_map["data"]) == {gw.CONFIG_KEY, "kubedistill_recorder.py", "recording.json"}
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    # The whole ConfigMap is the config's directory, where LiteLLM looks for the callback's module.
+    assert {"name": "config", "mountPath": gw.CONFIG_DIR, "readOnly": True} in container["volumeMounts"]
+    assert pod["volumes"] == [{"name": "config", "configMap": {"name": gw.CONFIG_MAP}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KD_RECORDING_AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert not any("value" in e and "s3-creds" in str(e["value"]) for e in container["env"])
