@@ -166,7 +166,7 @@ class TrafficStream:
     def __init__(self, spec: FromTrafficSpec, now: datetime, namespace: str | None = None) -> None:
         if spec.uri is None:
             raise dataset.DatasetInvalid(
-                "dataset.fromTraffic.uri is not set (the operator fills it in; offline, pass --from)"
+                "dataset.fromTraffic.uri is not set: the operator fills it in; offline, name the alias's recordings prefix there"
             )
         self.spec = spec
         self.namespace = namespace
