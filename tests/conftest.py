@@ -6,6 +6,8 @@
 - ``k8s_api`` (session): a ``kubernetes.client.ApiClient`` for that cluster, as cluster admin.
 - ``kubelet`` (session): a started ``LocalKubelet``; skips on an existing cluster, whose own nodes run Pods.
 - ``namespace`` (function): a new namespace whose default ServiceAccount exists; deleted afterwards.
+- ``serving_images`` (session): the local kubelet runs the real llama-server and LiteLLM proxy for their
+  upstream images (``kubedistill_testing.servers``: built once per machine, by the bootstrap).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kubedistill_testing import cluster, paths
+from kubedistill_testing import cluster, paths, servers
 from kubedistill_testing.kubelet import LocalKubelet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +110,16 @@ def kubelet(control_plane: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     root = tmp_path_factory.mktemp("kubelet")
     with LocalKubelet.from_kubeconfig(control_plane, root, backoff_base_s=1.0, backoff_max_s=4.0) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def serving_images(kubelet: LocalKubelet) -> None:
+    try:
+        servers.build_llama_server()
+        servers.build_litellm()
+    except servers.ServerBuildError as err:
+        pytest.fail(f"model servers: {err}", pytrace=False)
+    kubelet.images.update(servers.server_images())
 
 
 @pytest.fixture

@@ -551,6 +551,8 @@ def lifecycle_values(tmp_path: Path, watch: list[str], stage_env: dict[str, str]
         "operator": {"progressIntervalSeconds": 1, "retryBackoffBaseSeconds": 1},
         "healthPort": free_port(),
         "metrics": {"port": free_port()},
+        # The fake stages' GGUF is no model: serving it is tests/e2e/test_serve.py's, with a real one.
+        "gateway": {"enabled": False},
     }
 
 

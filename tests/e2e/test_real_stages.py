@@ -60,8 +60,9 @@ ROWS = [
 ]
 
 
-def trainer_image_env(image_tmp: Path) -> dict[str, str]:
-    """The trainer image's ENV lines, with the image's paths as this machine has them."""
+def trainer_image_env() -> dict[str, str]:
+    """The trainer image's ENV lines, with the image's paths as this machine has them. Its /tmp stays as
+    written: that is each stage Pod's emptyDir, where the kubelet points paths under it."""
     return dockerfile_env(
         (ROOT / "trainer-image" / "Dockerfile").read_text(),
         base={"PATH": os.environ["PATH"]},  # the base image's PATH
@@ -69,8 +70,6 @@ def trainer_image_env(image_tmp: Path) -> dict[str, str]:
             "/opt/venv": sys.prefix,  # the image's virtualenv: this interpreter's
             # llama.cpp's converter from the llama-cpp-python sdist, where the bootstrap keeps it
             "/opt/llama.cpp": converter_dir(dict(os.environ)),
-            # the Pods' writable /tmp (one directory for all of this test's Pods)
-            "/tmp": image_tmp,
         },
     )
 
@@ -165,7 +164,7 @@ def test_operator_runs_the_real_stages_with_the_images_env_and_secrets(
     }
     with (
         FakeTeacher(answers, api_key=teacher_key, models=("fake-teacher",)) as teacher,
-        image_environment(kubelet, trainer_image_env(tmp_path / "image-tmp")),
+        image_environment(kubelet, trainer_image_env()),
     ):
         body["spec"]["teacher"]["baseURL"] = teacher.base_url  # type: ignore[index]
         operator = start_operator(control_plane, namespace, tmp_path, s3_env)

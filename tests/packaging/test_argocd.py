@@ -138,6 +138,42 @@ def alias(status: dict[str, Any] | None, generation: int = 1) -> dict[str, Any]:
         ),
         (alias({"conditions": [cond("Ready", "False", "", "TargetMissing")]}), "Degraded", "TargetMissing"),
         (alias({"conditions": [cond("Ready", "Unknown", "resolving")]}), "Progressing", "resolving"),
+        (
+            alias(
+                {
+                    "conditions": [
+                        cond("Ready", "True"),
+                        cond("Progressing", "True", "primary: waiting for smart-1"),
+                    ]
+                }
+            ),
+            "Progressing",
+            "primary: waiting for smart-1",
+        ),
+        (
+            alias(
+                {
+                    "endpoint": {"url": "http://gw/v1", "model": "smart"},
+                    "served": [{"role": "primary", "deploymentId": "ns/smart-0"}],
+                    "conditions": [
+                        cond("Ready", "True"),
+                        cond("Progressing", "False", "primary: fetch: s3://x does not exist", "FetchFailed"),
+                    ],
+                }
+            ),
+            "Degraded",
+            "primary: fetch: s3://x does not exist (still serving model=smart via ns/smart-0)",
+        ),
+        (
+            alias(
+                {
+                    "served": [{"role": "primary", "deploymentId": "ns/smart-0"}],
+                    "conditions": [cond("Ready", "True"), cond("Progressing", "False", "done", "Complete")],
+                }
+            ),
+            "Healthy",
+            "Serving model=smart via ns/smart-0",
+        ),
     ],
 )
 def test_model_alias_health(obj: dict[str, Any], expected_status: str, expected_message: str) -> None:

@@ -3,6 +3,7 @@ operator really parses, CRDs equal to crds/, values.schema.json refusing bad val
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def test_defaults_run_one_operator_cluster_wide(render: Callable[..., list[dict[
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert "KUBEDISTILL_PEERING" not in settings_of(docs)
     assert (
-        not by_kind(docs, "Role")
+        [r["metadata"]["name"] for r in by_kind(docs, "Role")] == ["kd-kubedistill-gateway"]
         and not by_kind(docs, "KopfPeering")
         and not by_kind(docs, "ClusterKopfPeering")
     )
@@ -132,7 +133,11 @@ def test_defaults_run_one_operator_cluster_wide(render: Callable[..., list[dict[
     assert service["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PrometheusRule")
-    assert not by_kind(docs, "NetworkPolicy") and not by_kind(docs, "Secret")
+    assert not by_kind(docs, "NetworkPolicy")
+    # The only Secret: the gateway's generated master key.
+    (master,) = by_kind(docs, "Secret")
+    assert master["metadata"]["name"] == "kd-kubedistill-gateway-master-key"
+    assert base64.b64decode(master["data"]["master-key"]).decode().startswith("sk-")
 
 
 def test_defaults_are_the_operators_own_defaults(render: Callable[..., list[dict[str, Any]]]) -> None:
@@ -180,7 +185,7 @@ def test_namespaced_install_with_minio(render: Callable[..., list[dict[str, Any]
     assert settings.namespaces == ("ml", "research")
     assert settings.storage_endpoint == f"http://{minio}.{NAMESPACE}.svc:9000"
     assert (settings.storage_bucket, settings.storage_secret) == ("kubedistill", minio)
-    secret = one(docs, "Secret")
+    secret = one(docs, "Secret", "-minio")
     assert secret["metadata"]["name"] == minio
     assert len(secret["stringData"]["AWS_SECRET_ACCESS_KEY"]) == 32
     assert secret["stringData"]["AWS_SECRET_ACCESS_KEY"] == secret["stringData"]["MINIO_ROOT_PASSWORD"]
@@ -226,6 +231,11 @@ JOB_RULES = {
     ("", "configmaps", "create"),
     ("", "events", "create"),
 }
+# Model servers of the aliases a namespace serves (the gateway is on by default).
+SERVING_RULES = {
+    *{("apps", "deployments", verb) for verb in ("get", "list", "watch", "create", "patch", "delete")},
+    *{("", "services", verb) for verb in ("get", "create", "patch", "delete")},
+}
 FORBIDDEN = {
     (group, resource, verb)
     for group, resource in (
@@ -242,7 +252,7 @@ def test_cluster_wide_rbac_has_no_secret_node_or_rbac_access(
 ) -> None:
     docs = render({})
     cluster = rules_of(one(docs, "ClusterRole"))
-    assert cluster == JOB_RULES | {
+    assert cluster == JOB_RULES | SERVING_RULES | {
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
     }
@@ -267,17 +277,54 @@ def test_namespaced_rbac_is_roles_in_the_watched_namespaces(
     }
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): rules_of(r) for r in by_kind(docs, "Role")}
     for ns in ("ml", "research"):
-        assert roles[(ns, "kd-kubedistill")] == JOB_RULES
+        assert roles[(ns, "kd-kubedistill")] == JOB_RULES | SERVING_RULES
         assert not roles[(ns, "kd-kubedistill")] & FORBIDDEN
         assert roles[(ns, "kd-kubedistill-secrets")] == {("", "secrets", "get")}
-    assert {ns for ns, _ in roles} == {"ml", "research"}
+    assert {ns for ns, _ in roles} == {"ml", "research", NAMESPACE}
     bindings = by_kind(docs, "RoleBinding")
-    assert len(bindings) == 4 and all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+    assert len(bindings) == 5 and all(b["subjects"][0]["namespace"] == NAMESPACE for b in bindings)
+
+
+def test_the_gateway_role_is_its_own_objects_in_the_release_namespace(
+    render: Callable[..., list[dict[str, Any]]],
+) -> None:
+    role = one(render({}), "Role", "-gateway")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    named = {
+        (rule["apiGroups"][0], resource, tuple(rule["resourceNames"]))
+        for rule in role["rules"]
+        if "resourceNames" in rule
+        for resource in rule["resources"]
+    }
+    assert ("", "secrets", ("kubedistill-gateway-keys",)) in named
+    unnamed = {
+        (rule["apiGroups"][0], resource, verb)
+        for rule in role["rules"]
+        if "resourceNames" not in rule
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    # Only `create` (server-side apply of an object not there yet) cannot be limited by name.
+    assert {verb for _, _, verb in unnamed} == {"create"}
+    off = render({"gateway": {"enabled": False}})
+    assert not [r for r in by_kind(off, "Role")] and not by_kind(off, "Secret")
+    assert "KUBEDISTILL_GATEWAY_ENABLED" not in settings_of(off)
+    assert not rules_of(one(off, "ClusterRole")) & SERVING_RULES
+
+
+def test_gateway_values_reach_the_operator_settings(render: Callable[..., list[dict[str, Any]]]) -> None:
+    settings = from_mapping(
+        settings_of(render({"gateway": {"masterKey": {"existingSecret": "mine", "key": "k"}, "replicas": 2}}))
+    )
+    assert settings.gateway_enabled and settings.gateway_namespace == NAMESPACE
+    assert (settings.gateway_master_key_secret, settings.gateway_master_key_key) == ("mine", "k")
+    assert settings.gateway_replicas == 2 and settings.gateway_image.startswith("ghcr.io/berriai/litellm:")
+    assert settings.server_image == "ghcr.io/ggml-org/llama.cpp:server"
 
 
 def test_secret_reads_only_where_listed(render: Callable[..., list[dict[str, Any]]]) -> None:
     docs = render({"rbac": {"secretNamespaces": ["ml"]}})
-    (role,) = by_kind(docs, "Role")
+    (role,) = [r for r in by_kind(docs, "Role") if not r["metadata"]["name"].endswith("-gateway")]
     assert (role["metadata"]["namespace"], rules_of(role)) == ("ml", {("", "secrets", "get")})
     assert not rules_of(one(docs, "ClusterRole")) & FORBIDDEN
     assert not [d for d in render({"rbac": {"create": False}}) if d["kind"].endswith(("Role", "RoleBinding"))]

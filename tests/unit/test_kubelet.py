@@ -19,6 +19,7 @@ from kubedistill_testing.kubelet import (
     insufficient,
     pod_phase,
     pod_requests,
+    remap_path,
     remap_paths,
     resolve_argv,
     selector_matches,
@@ -149,6 +150,34 @@ def test_image_mapping_replaces_the_entrypoint_and_appends_args() -> None:
 def test_command_runs_as_given_with_python_meaning_this_interpreter() -> None:
     container = {"image": "anything", "command": ["python", "-m", "x"], "args": ["a"]}
     assert resolve_argv(container, {}, IMAGES, {"python": sys.executable}) == [sys.executable, "-m", "x", "a"]
+
+
+MOUNTS = {"/tmp": Path("/k/pods/u1/volumes/tmp"), "/tmp/cache/": Path("/k/pods/u1/volumes/cache")}
+
+
+def test_a_path_under_a_mount_points_at_the_deepest_mounts_local_directory() -> None:
+    assert remap_path("/tmp", MOUNTS) == "/k/pods/u1/volumes/tmp"
+    assert remap_path("/tmp/out/a.json", MOUNTS) == "/k/pods/u1/volumes/tmp/out/a.json"
+    assert remap_path("/tmp/cache", MOUNTS) == "/k/pods/u1/volumes/cache"
+    assert remap_path("/tmp/cache/hf", MOUNTS) == "/k/pods/u1/volumes/cache/hf"
+    assert remap_path("--output=/tmp/x", MOUNTS) == "--output=/k/pods/u1/volumes/tmp/x"
+    assert remap_path("/tmpfoo", MOUNTS) == "/tmpfoo"
+    assert remap_path("/var/tmp/x", MOUNTS) == "/var/tmp/x"
+    assert remap_path("s3://b/tmp/x", MOUNTS) == "s3://b/tmp/x"
+    assert remap_path("train", MOUNTS) == "train"
+
+
+def test_command_and_args_under_a_mount_are_remapped_after_expansion_but_not_the_images_entrypoint() -> None:
+    images = {"img": ["/tmp/entry"]}
+    container = {"image": "img", "args": ["$(OUT)/r.json", "--cache=/tmp/cache", "/etc/x"]}
+    assert resolve_argv(container, {"OUT": "/tmp/out"}, images, {}, MOUNTS) == [
+        "/tmp/entry",
+        "/k/pods/u1/volumes/tmp/out/r.json",
+        "--cache=/k/pods/u1/volumes/cache",
+        "/etc/x",
+    ]
+    with_command = {"image": "img", "command": ["sh", "/tmp/run.sh"]}
+    assert resolve_argv(with_command, {}, images, {}, MOUNTS) == ["sh", "/k/pods/u1/volumes/tmp/run.sh"]
 
 
 def test_unmapped_image_without_command_cannot_start() -> None:

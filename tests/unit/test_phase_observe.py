@@ -9,7 +9,7 @@ from kubedistill.api.alias import AliasTarget, ModelAlias, ModelAliasStatus
 from kubedistill.api.models import DistillationJob, Phase, Stage
 from kubedistill.api.stage import StageResult
 from kubedistill.domain import conditions as cond
-from kubedistill.domain.alias import remember, resolve
+from kubedistill.domain.alias import promoted_job, remember, resolve
 from kubedistill.k8s.observe import summarise_job, summarise_pod
 
 NOW = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -192,3 +192,11 @@ def test_child_events_wake_the_owner_only_on_meaningful_changes() -> None:
     wakeup.clear()
     service.wake("ns", "bot", resource_version="43")  # our own status patch coming back
     assert not wakeup.is_set()
+
+
+def test_promotion_checks_the_slot_it_fills() -> None:
+    spec = {"target": {"distillationJob": "v1"}, "canary": {"distillationJob": "v2", "weight": 20}}
+    assert promoted_job(spec, as_canary=True) == "v2"
+    assert promoted_job(spec, as_canary=False) == "v1"
+    assert promoted_job({"target": {"distillationJob": "v1"}}, as_canary=True) == "v1"  # no canary yet
+    assert promoted_job({"target": {"ggufURI": "s3://m"}}, as_canary=False) is None

@@ -75,6 +75,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The Secret holding the gateway's master key: the user's, or the one the chart creates. */}}
+{{- define "kubedistill.gatewayMasterKeySecret" -}}
+{{- default (printf "%s-gateway-master-key" (include "kubedistill.fullname" .)) .Values.gateway.masterKey.existingSecret }}
+{{- end }}
+
+{{/* What the operator does in a namespace whose ModelAliases it serves: model servers (Deployment +
+Service per served GGUF) and their pods' states, which say why a server never became Ready. */}}
+{{- define "kubedistill.servingRules" -}}
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- end }}
+
 {{/* Namespaces where the operator may read Secrets (see rbac.secretNamespaces). */}}
 {{- define "kubedistill.secretNamespaces" -}}
 {{- if .Values.rbac.secretNamespaces }}{{ join "," .Values.rbac.secretNamespaces }}
@@ -112,6 +128,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.gateway.enabled }}
+{{ include "kubedistill.servingRules" . }}
+{{- end }}
 {{- end }}
 
 {{/* The operator's settings and storage access; the uninstall hook (kubedistill doctor) gets the same. */}}

@@ -19,7 +19,7 @@ PREFIX = "KUBEDISTILL_"
 DEFAULT_IMAGE = "ghcr.io/kubedistill/trainer:0.1.0"
 # llama.cpp's own server image (ENTRYPOINT /app/llama-server) and LiteLLM's proxy image, pinned.
 DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server"
-DEFAULT_GATEWAY_IMAGE = "ghcr.io/berriai/litellm:main-v1.77.7-stable"
+DEFAULT_GATEWAY_IMAGE = "ghcr.io/berriai/litellm:main-v1.106.12-stable"
 GATEWAY_NAME = "kubedistill-gateway"
 GPU_RESOURCE = "nvidia.com/gpu"
 

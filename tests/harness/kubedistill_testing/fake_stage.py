@@ -4,7 +4,8 @@
 
 The estimate stage is never faked: it is the real program (`kubedistill_trainer.estimate`), cheap
 without a tokenizer, so every operator test shows the dataset read by a pod, with the pod's own
-credentials, and the operator gating on what it reported.
+credentials, and the operator gating on what it reported. Nor is `fetch` (the model server's init
+container, `fake_stage fetch --uri … --out …`): it is the trainer's own copy.
 
 It reads the invocation like the real stages (KUBEDISTILL_JOB / KUBEDISTILL_JOB_FILE), writes
 progress.json while it "works", then result.json and the termination message, and exits 0 or 1.
@@ -14,7 +15,9 @@ What it does is scripted through env (the operator's KUBEDISTILL_STAGE_ENV setti
 - KUBEDISTILL_FAKE_FAIL_MESSAGE="..."       this message (default names stage and attempt);
 - KUBEDISTILL_FAKE_SLEEP="2" or "train:30"   seconds of work (all stages, or per stage);
 - KUBEDISTILL_FAKE_HOLD="train:/tmp/go"      after that, keep working until this file exists;
-- KUBEDISTILL_FAKE_SCORE="0.9"              evaluate's evalScore (teacher scores 1.0).
+- KUBEDISTILL_FAKE_SCORE="0.9"              evaluate's evalScore (teacher scores 1.0);
+- KUBEDISTILL_FAKE_GGUF="s3://…/model.gguf"  export copies this real GGUF to each quantisation's URI, so a
+                                            promoted alias has a file that llama-server can serve.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ FAIL_MESSAGE_ENV = "KUBEDISTILL_FAKE_FAIL_MESSAGE"
 SLEEP_ENV = "KUBEDISTILL_FAKE_SLEEP"
 HOLD_ENV = "KUBEDISTILL_FAKE_HOLD"
 SCORE_ENV = "KUBEDISTILL_FAKE_SCORE"
+GGUF_ENV = "KUBEDISTILL_FAKE_GGUF"
 PROGRESS_EVERY_S = 0.5
 
 
@@ -134,6 +138,10 @@ def run(inv: StageInvocation, env: Mapping[str, str]) -> StageResult:
         message = env.get(FAIL_MESSAGE_ENV) or f"fake {inv.stage.value} failure on attempt {inv.attempt}"
         return StageResult(stage=inv.stage, ok=False, reason="FakeFailure", message=message)
     metrics, artifacts = outputs(inv, env)
+    if env.get(GGUF_ENV):
+        model = store.read_bytes(env[GGUF_ENV])
+        for uri in (artifacts.gguf_uris or {}).values():
+            store.write_bytes(uri, model)
     return StageResult(
         stage=inv.stage, ok=True, message=f"fake {inv.stage.value} done", metrics=metrics, artifacts=artifacts
     )
@@ -141,6 +149,11 @@ def run(inv: StageInvocation, env: Mapping[str, str]) -> StageResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["fetch"]:  # the model server's init container: never faked, the real copy
+        from kubedistill_trainer import fetch
+
+        fetch.main(args[1:])
+        return 0
     env = dict(os.environ)
     inv = load_invocation(env)
     if args and args[0] != inv.stage.value:

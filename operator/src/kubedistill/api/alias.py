@@ -129,7 +129,6 @@ class ServedTarget(Model):
 
 class AliasHistoryEntry(Model):
     target: AliasTarget = Field(description="A previous target.")
-    canary: CanaryTarget | None = Field(default=None, description="The canary it had, if any.")
     replaced_at: str | None = Field(default=None, description="When it was replaced (RFC 3339).")
 
 

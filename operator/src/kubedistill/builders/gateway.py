@@ -37,6 +37,7 @@ DRAIN_SECONDS = 5
 # llama-server and most OpenAI-compatible servers take any key without --api-key; LiteLLM's OpenAI
 # client insists on one. Not a secret.
 NO_KEY = "unused"
+OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 LABELS = {LABEL_MANAGED_BY: MANAGED_BY, "app.kubernetes.io/name": GATEWAY_NAME}
 
 
@@ -129,7 +130,11 @@ def build_keys_secret(keys: Mapping[str, str], settings: Settings) -> dict[str, 
 
 
 def build_deployment(config_checksum: str, settings: Settings, longest_request_s: int) -> dict[str, Any]:
-    env: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # LiteLLM otherwise downloads its model cost map at start: a timeout on an air-gapped cluster.
+        *({"name": k, "value": v} for k, v in OFFLINE_ENV.items()),
+    ]
     if settings.gateway_master_key_secret:
         ref = {"name": settings.gateway_master_key_secret, "key": settings.gateway_master_key_key}
         env.append({"name": MASTER_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})

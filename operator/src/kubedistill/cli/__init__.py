@@ -12,7 +12,7 @@ missing object or a file that is not a valid job; 130 a local run stopped with C
 from __future__ import annotations
 
 # Importing a command module registers its commands on `app`.
-from kubedistill.cli import admin, alias, catalog, dataset, doctor, estimate, jobs, local  # noqa: F401
+from kubedistill.cli import admin, alias, catalog, dataset, doctor, estimate, jobs, local, serve  # noqa: F401
 from kubedistill.cli.app import app
 
 __all__ = ["app", "main"]

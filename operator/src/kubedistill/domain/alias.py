@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import Any
 
 from kubedistill.api.alias import AliasHistoryEntry, AliasTarget, ModelAlias, ModelAliasStatus
 from kubedistill.api.models import GROUP, DistillationJob, Phase
@@ -67,3 +68,11 @@ def remember(status: ModelAliasStatus, previous: AliasTarget, now: datetime) -> 
 
 def target_annotation(target: AliasTarget) -> str:
     return json.dumps(target.to_k8s(), sort_keys=True, separators=(",", ":"))
+
+
+def promoted_job(alias_spec: dict[str, Any], as_canary: bool) -> str | None:
+    """The job the alias's promoted slot names: the canary's for a canary promotion (once the alias has a
+    canary: a new alias gets the student as its primary), else the primary's."""
+    slot = "canary" if as_canary and "canary" in alias_spec else "target"
+    job: str | None = (alias_spec.get(slot) or {}).get("distillationJob")
+    return job

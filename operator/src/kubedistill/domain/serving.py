@@ -39,6 +39,7 @@ class ServeReason:
     JOB_NOT_SUCCEEDED = "JobNotSucceeded"
     ARTIFACT_MISSING = "ArtifactMissing"
     MODEL_NAME_TAKEN = "ModelNameTaken"
+    SECRET_NOT_FOUND = "SecretNotFound"
     NOT_SERVED = "NotServed"
 
 
@@ -47,6 +48,7 @@ class ServeReason:
 WATCHED_FAILURES = frozenset(
     {
         ServeReason.JOB_NOT_SUCCEEDED,
+        ServeReason.SECRET_NOT_FOUND,
         ServeReason.SERVER_NOT_READY,
         ServeReason.FETCH_FAILED,
         "Unschedulable",

@@ -14,9 +14,11 @@ from kubedistill.domain import conditions as cond
 from kubedistill.domain.alias import RESOLVED_TARGET_ANNOTATION, remember, resolve, target_annotation
 from kubedistill.domain.serving import (
     PROGRESSING,
+    Provider,
     Resolution,
     ServePlan,
     ServeReason,
+    Unresolved,
     desired_targets,
     name_owners,
     plan_serving,
@@ -84,9 +86,12 @@ async def _plan(kube: Kube, alias: ModelAlias, gateway: Gateway) -> ServePlan:
         return ServePlan(delete=sorted(servers), ready=taken, progressing=taken)
     resolutions: dict[Role, Resolution] = {}
     for want in desired_targets(alias):
-        resolutions[want.role] = resolve_target(
-            want.target, await _job(kube, namespace, want.target), settings
-        )
+        resolution = resolve_target(want.target, await _job(kube, namespace, want.target), settings)
+        key = resolution.key if isinstance(resolution, Provider) else None
+        if key is not None and not await resources.secret_exists(kube, namespace, key.name):
+            message = f"Secret {key.name} (the provider's apiKeySecretRef) not found"
+            resolution = Unresolved(ServeReason.SECRET_NOT_FOUND, message)
+        resolutions[want.role] = resolution
     servers = await k8s.observe_servers(kube, namespace, alias.metadata.name)
     plan = plan_serving(alias, resolutions, servers, await gateway.rolled_out_ids(), settings)
     for manifest in plan.create:

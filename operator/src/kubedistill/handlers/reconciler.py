@@ -30,7 +30,7 @@ from kubedistill.api.models import (
 from kubedistill.builders import artifact_root, build_stage_manifests
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Event, Promote, SetSuspend
-from kubedistill.domain.alias import RESOLVABLE
+from kubedistill.domain.alias import RESOLVABLE, promoted_job
 from kubedistill.domain.deletion import is_deleting, terminating_message
 from kubedistill.domain.naming import artifact_base
 from kubedistill.domain.observation import Observed
@@ -205,10 +205,9 @@ class Reconciler:
             alias = await resources.get_alias(
                 self.kube, job.metadata.namespace or "default", job.spec.promotion.alias
             )
-            spec = (alias or {}).get("spec") or {}
-            # A canary promotion is done when the canary names this job (a new alias gets it as primary).
-            as_canary = job.spec.promotion.canary_weight is not None and "canary" in spec
-            alias_job = (spec.get("canary" if as_canary else "target") or {}).get("distillationJob")
+            alias_job = promoted_job(
+                (alias or {}).get("spec") or {}, job.spec.promotion.canary_weight is not None
+            )
         return Observed(
             children=children,
             missing_secrets=missing,

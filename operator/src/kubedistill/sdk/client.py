@@ -373,16 +373,47 @@ class Distiller:
         *,
         base_model: str | None = None,
         distillation_job: str | None = None,
+        provider: str | None = None,
+        base_url: str | None = None,
+        api_key_secret: str | None = None,
+        canary_weight: int | None = None,
+        fallback_provider: str | None = None,
     ) -> dict[str, Any]:
-        """Create the ModelAlias `id`, or re-point it; the operator keeps the previous target in history."""
-        target = alias_target(adapter_path, gguf_path, base_model, distillation_job)
+        """Create the ModelAlias `id`, or re-point it; the operator keeps the previous target in history.
+
+        With the gateway on (the chart's default) the operator then serves it: `model=<id>` sent to the
+        gateway reaches this target. `canary_weight` makes it the alias's canary (that percent of
+        requests) and keeps the current primary; `fallback_provider` (e.g. the teacher) takes requests
+        the target fails.
+        """
+        target = alias_target(
+            adapter_path, gguf_path, base_model, distillation_job, provider, base_url, api_key_secret
+        )
+        # The alias's other settings (canary, fallback, server) stay as they are.
+        spec: dict[str, Any] = dict((self._alias_or_none(id) or {}).get("spec") or {})
+        if canary_weight is not None and "target" in spec:
+            spec["canary"] = {**target, "weight": canary_weight}
+        else:
+            spec["target"] = target
+        if fallback_provider:
+            spec["fallback"] = {"provider": {"model": fallback_provider}}
         body = {
             "apiVersion": API_VERSION,
             "kind": "ModelAlias",
             "metadata": {"name": id, "namespace": self.namespace},
-            "spec": {"target": target},
+            "spec": spec,
         }
         return alias_view(self.apply(body))
+
+    def _alias_or_none(self, id: str) -> dict[str, Any] | None:
+        try:
+            with _translated():
+                found: dict[str, Any] = self._objects.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, ALIASES, id
+                )
+        except NotFound:
+            return None
+        return found
 
     def alias(self, id: str) -> dict[str, Any]:
         with _translated():

@@ -216,10 +216,25 @@ def artifacts_view(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def alias_target(
-    adapter_path: str | None, gguf_path: str | None, base_model: str | None, distillation_job: str | None
+    adapter_path: str | None,
+    gguf_path: str | None,
+    base_model: str | None,
+    distillation_job: str | None,
+    provider: str | None = None,
+    base_url: str | None = None,
+    api_key_secret: str | None = None,
 ) -> dict[str, Any]:
+    """A ModelAlias target; `api_key_secret` is `SECRET/KEY`, a Secret in the alias's namespace."""
     if distillation_job:
         return {"distillationJob": distillation_job}
+    if provider:
+        spec: dict[str, Any] = {"model": provider}
+        if base_url:
+            spec["baseURL"] = base_url
+        if api_key_secret:
+            name, _, key = api_key_secret.partition("/")
+            spec["apiKeySecretRef"] = {"name": name, "key": key or "api-key"}
+        return {"provider": spec}
     target = {"ggufURI": gguf_path, "adapterURI": adapter_path, "baseModel": base_model}
     return {k: v for k, v in target.items() if v}
 
@@ -270,10 +285,10 @@ def estimate_dict(report: Any, catalog: Catalog, teacher_model: str) -> dict[str
 
 
 def alias_view(obj: Mapping[str, Any]) -> dict[str, Any]:
-    status = obj.get("status") or {}
-    ready: Mapping[str, Any] = next(
-        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
-    )
+    status, spec = obj.get("status") or {}, obj.get("spec") or {}
+    conditions = status.get("conditions") or []
+    ready: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
+    progressing: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Progressing"), {})
     return {
         "id": obj.get("metadata", {}).get("name"),
         "target": obj.get("spec", {}).get("target", {}),
@@ -282,5 +297,21 @@ def alias_view(obj: Mapping[str, Any]) -> dict[str, Any]:
         "model": status.get("model"),
         "ready": ready.get("status") == "True",
         "message": ready.get("message"),
+        "progressing": progressing.get("status") == "True",
+        "progress_reason": progressing.get("reason"),
+        "progress_message": progressing.get("message"),
+        "canary": spec.get("canary"),
+        "fallback": spec.get("fallback"),
+        "endpoint": status.get("endpoint"),
+        "served": [
+            {
+                "role": s.get("role"),
+                "weight": s.get("weight"),
+                "ready_replicas": s.get("readyReplicas", 0),
+                "deployment_id": s.get("deploymentId"),
+                "target": s.get("target"),
+            }
+            for s in status.get("served") or []
+        ],
         "history": [h.get("target") for h in status.get("history") or []],
     }

@@ -38,14 +38,24 @@ It does what the control plane needs from a kubelet and a scheduler:
   (capped at ``max_grace_seconds``), SIGKILLs the process group, reports the Pod Failed and only then
   removes it, as a kubelet finishes a graceful delete.
 
-- writes each ``configMap`` volume (its ``items``, else every key) into a per-pod directory, and points
-  env values naming a path under a container's ``mountPath`` at it there (local processes cannot see
-  the mount path itself): a dataset or an invocation mounted from a ConfigMap is read as in a cluster.
+- makes each ``emptyDir`` volume a per-pod directory, shared by the Pod's init containers and containers
+  and removed when the Pod is deleted, and writes each ``configMap`` volume (its ``items``, else every
+  key) into one. Local processes cannot see a mount path itself, so every env value, ``command``/``args``
+  token (also the value of ``--name=value``) and ``workingDir`` at or under a container's ``mountPath``
+  points at the volume's directory (the deepest mount wins); with a volume at /tmp, ``TMPDIR`` names it.
 
-Other volumes, hostNetwork, security contexts, sidecar init containers and postStart hooks are ignored.
+- runs each container process in a private mount namespace (:mod:`.mounts`) that sees a per-pod hosts
+  file as /etc/hosts, rewritten in place as Pods and Services change, with the names cluster DNS would
+  answer (:mod:`.hosts`): the Pod's own hostname, ``<hostname>.<svc>[.<ns>[.svc[.cluster.local]]]`` for the
+  named Pods of headless Services, and ``<svc>[.<ns>[.svc[.cluster.local]]]`` → the loopback address of a
+  Service's ClusterIP (``service_loopback_address``: 10.0.0.c → 127.10.0.c). Where ``unshare`` cannot make
+  the namespace, containers run without it (``LocalKubelet.namespace_problem`` says why, logged once).
+
+Other volumes, hostNetwork, other security context fields, sidecar init containers and postStart hooks
+are ignored.
 """
 
-from kubedistill_testing.kubelet.addresses import loopback_address
+from kubedistill_testing.kubelet.addresses import loopback_address, service_loopback_address
 from kubedistill_testing.kubelet.containers import (
     ConfigError,
     ContainerState,
@@ -54,6 +64,7 @@ from kubedistill_testing.kubelet.containers import (
     exit_code,
     expand_vars,
     pod_phase,
+    remap_path,
     remap_paths,
     resolve_argv,
     termination_message,
@@ -78,9 +89,11 @@ __all__ = [
     "loopback_address",
     "pod_phase",
     "pod_requests",
+    "remap_path",
     "remap_paths",
     "resolve_argv",
     "selector_matches",
+    "service_loopback_address",
     "termination_message",
     "unschedulable_message",
 ]

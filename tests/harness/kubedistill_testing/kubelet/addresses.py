@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from kubedistill_testing.cluster import SERVICE_CIDR
+
 POD_NETWORK = ipaddress.IPv4Network("198.18.0.0/16")
 LOOPBACK_NETWORK = ipaddress.IPv4Network("127.18.0.0/16")
 _OFFSET = int(LOOPBACK_NETWORK.network_address) - int(POD_NETWORK.network_address)
@@ -46,3 +48,18 @@ class PodAddresses:
 
     def release(self, pod_ip: str) -> None:
         self._used.discard(pod_ip)
+
+
+# The test control plane's Service CIDR and the loopback range its ClusterIPs stand for, the same way: the
+# Service proxy listens on 127.10.0.c for the Service whose ClusterIP is 10.0.0.c.
+SERVICE_NETWORK = ipaddress.IPv4Network(SERVICE_CIDR)
+SERVICE_LOOPBACK_NETWORK = ipaddress.IPv4Network("127.10.0.0/24")
+_SERVICE_OFFSET = int(SERVICE_LOOPBACK_NETWORK.network_address) - int(SERVICE_NETWORK.network_address)
+
+
+def service_loopback_address(cluster_ip: str) -> str:
+    """The loopback address that a Service's ClusterIP stands for (where its proxy listens)."""
+    address = ipaddress.IPv4Address(cluster_ip)
+    if address not in SERVICE_NETWORK:
+        raise ValueError(f"{cluster_ip} is not a ClusterIP of the test control plane ({SERVICE_NETWORK})")
+    return str(ipaddress.IPv4Address(int(address) + _SERVICE_OFFSET))

@@ -142,15 +142,21 @@ def configmap_volume_files(source: Mapping[str, Any], data: Mapping[str, str]) -
     return files
 
 
+def remap_path(token: str, mounts: Mapping[str, Path]) -> str:
+    """`token` pointed at the local directory of the mount it lies at or under (the deepest one wins);
+    in a `name=value` token only the value counts, as in `--output=/tmp/out`. Others pass unchanged."""
+    head, sep, value = ("", "", token) if token.startswith("/") else token.partition("=")
+    roots = {mount.rstrip("/"): local for mount, local in mounts.items() if mount.rstrip("/")}
+    matching = [root for root in roots if value == root or value.startswith(root + "/")]
+    if not matching:
+        return token
+    root = max(matching, key=len)
+    return f"{head}{sep}{roots[root]}{value[len(root) :]}"
+
+
 def remap_paths(env: Mapping[str, str], mounts: Mapping[str, Path]) -> dict[str, str]:
     """`env` with every value at or under a mount path pointed at that mount's local directory."""
-    out = dict(env)
-    for key, value in env.items():
-        for mount, local in mounts.items():
-            root = mount.rstrip("/")
-            if value == root or value.startswith(root + "/"):
-                out[key] = str(local) + value[len(root) :]
-    return out
+    return {key: remap_path(value, mounts) for key, value in env.items()}
 
 
 def resolve_argv(
@@ -158,10 +164,19 @@ def resolve_argv(
     env: Mapping[str, str],
     images: Mapping[str, Sequence[str]],
     commands: Mapping[str, str],
+    mounts: Mapping[str, Path] | None = None,
 ) -> list[str]:
-    """The local argv for a container: its command, or the image's mapped entrypoint, then its args."""
-    args = [expand_vars(arg, env) for arg in container.get("args") or []]
-    command = [expand_vars(part, env) for part in container.get("command") or []]
+    """The local argv for a container: its command, or the image's mapped entrypoint, then its args.
+
+    `env` is the container's environment as the Pod sees it (before paths are remapped): `$(VAR)` expands
+    first, then each token of the container's own command and args that names a path under a volume's
+    mount is pointed at the volume's local directory (the image's entrypoint is this machine's already)."""
+
+    def local(parts: Sequence[str]) -> list[str]:
+        return [remap_path(expand_vars(part, env), mounts or {}) for part in parts]
+
+    args = local(container.get("args") or [])
+    command = local(container.get("command") or [])
     if command:
         return [commands.get(command[0], command[0]), *command[1:], *args]
     image = container.get("image", "")

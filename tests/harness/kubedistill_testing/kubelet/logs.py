@@ -40,6 +40,26 @@ def previous_path(current: Path) -> Path:
     return current.with_name(current.name.removesuffix(".log") + ".previous.log")
 
 
+def read_head(path: Path, limit: int) -> str:
+    """Up to `limit` bytes from the start of a file, as text; empty if it cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(limit).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def read_tail(path: Path, limit: int) -> str:
+    """Up to `limit` bytes from the end of a file, as text; empty if it cannot be read."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - limit))
+            return handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def tail_of(data: bytes, lines: int) -> bytes:
     """The last `lines` lines of `data`; a final line without a newline counts as one."""
     if lines <= 0:

@@ -3,7 +3,6 @@ the kubelet API's container logs and hands out Pod addresses."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -13,7 +12,7 @@ import shutil
 import sys
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,11 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.utils.quantity import parse_quantity
 
 from kubedistill_testing.kubelet.addresses import PodAddresses
-from kubedistill_testing.kubelet.containers import TERMINAL, ConfigError, inherited_env, now
+from kubedistill_testing.kubelet.api_calls import STRATEGIC_MERGE, PodApiCalls
+from kubedistill_testing.kubelet.containers import TERMINAL, inherited_env, now
+from kubedistill_testing.kubelet.hosts import Record, hosts_file, service_records
 from kubedistill_testing.kubelet.logs import LogError, LogServer, previous_path, self_signed_certificate
+from kubedistill_testing.kubelet.mounts import namespace_support, write_in_place
 from kubedistill_testing.kubelet.scheduling import (
     insufficient,
     pod_requests,
@@ -32,7 +34,9 @@ from kubedistill_testing.kubelet.scheduling import (
     selector_matches,
     unschedulable_message,
 )
+from kubedistill_testing.kubelet.service_proxy import ServiceProxy
 from kubedistill_testing.kubelet.worker import PodWorker
+from kubedistill_testing.servers import server_images
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +48,10 @@ DEFAULT_IMAGES: dict[str, list[str]] = {
 DEFAULT_COMMANDS: dict[str, str] = {"python": sys.executable, "python3": sys.executable}
 DEFAULT_CAPACITY: dict[str, str] = {"cpu": "8", "memory": "32Gi", "pods": "110", "nvidia.com/gpu": "0"}
 NODE_ADDRESS = "127.0.0.1"
-# The client would send a dict as a JSON patch; conditions and containerStatuses merge by key this way.
-STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+SERVICE = "service-"  # the prefix of the Service watch's events
 
 
-class LocalKubelet:
+class LocalKubelet(PodApiCalls):
     """Runs the Pods of one Node as local processes. Use as a context manager, or start() / stop().
 
     ``backoff_base_s`` and ``backoff_max_s`` are the restart back-off (a node's are 10 s and 300 s);
@@ -79,13 +82,15 @@ class LocalKubelet:
             "kubernetes.io/os": "linux",
             **(node_labels or {}),
         }
-        self.images = dict(DEFAULT_IMAGES if images is None else images)
+        # The upstream model server and gateway images run the real servers where they are built.
+        self.images = {**DEFAULT_IMAGES, **server_images()} if images is None else dict(images)
         self.commands = dict(DEFAULT_COMMANDS if commands is None else commands)
         self.base_env = {**inherited_env(os.environ), **(extra_env or {})}
         self.max_grace_seconds = max_grace_seconds
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.addresses = PodAddresses()
+        self.service_proxy = ServiceProxy(api)
         self._server: LogServer | None = None
         server = urllib.parse.urlsplit(api.configuration.host)
         self.api_host, self.api_port = server.hostname or "127.0.0.1", server.port or 443
@@ -94,6 +99,12 @@ class LocalKubelet:
         self._threads: list[threading.Thread] = []
         # Owned by the loop thread only: no locks.
         self._pods: dict[str, Pod] = {}
+        self._services: dict[str, dict[str, Any]] = {}
+        self._hosts_stale = False
+        self._node_hosts = _node_hosts()
+        # Why containers run without a private mount namespace (None: they run in one, through `unshare`).
+        self.namespace_problem: str | None = "the kubelet is not started"
+        self.unshare: str | None = None
         self._workers: dict[str, PodWorker] = {}
         self._finished: set[str] = set()
         self._delete_sent: set[str] = set()
@@ -127,8 +138,22 @@ class LocalKubelet:
             NODE_ADDRESS, self, self._authorize, client_ca=ca_file, certificate=certificate
         ).start()
         self._register_node()
-        for target, name in ((self._watch_loop, "kubelet-watch"), (self._sync_loop, "kubelet-sync")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+        self.service_proxy.start()
+        self.namespace_problem = namespace_support()
+        self.unshare = None if self.namespace_problem else shutil.which("unshare")
+        if self.namespace_problem:
+            log.warning(
+                "local kubelet: containers run without a private mount namespace (%s): Pods resolve "
+                "names as this machine does",
+                self.namespace_problem,
+            )
+        loops: list[tuple[Callable[..., None], tuple[Any, ...], str]] = [
+            (self._watch_loop, (self.core.list_pod_for_all_namespaces, ""), "kubelet-watch"),
+            (self._watch_loop, (self.core.list_service_for_all_namespaces, SERVICE), "kubelet-services"),
+            (self._sync_loop, (), "kubelet-sync"),
+        ]
+        for target, args, name in loops:
+            thread = threading.Thread(target=target, args=args, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
@@ -140,6 +165,7 @@ class LocalKubelet:
             self._server.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        self.service_proxy.stop()
         workers = list(self._workers.values())
         for worker in workers:
             worker.kill(grace=0, report=False)
@@ -187,17 +213,18 @@ class LocalKubelet:
 
     # -- threads --------------------------------------------------------------------------------------
 
-    def _watch_loop(self) -> None:
+    def _watch_loop(self, lister: Callable[..., Any], prefix: str) -> None:
+        """List and watch one kind in all namespaces, queueing `prefix`-tagged events for the loop thread."""
         resource_version: str | None = None
         while not self._stop.is_set():
             try:
                 if resource_version is None:
-                    listing = json.loads(self.core.list_pod_for_all_namespaces(_preload_content=False).data)
+                    listing = json.loads(lister(_preload_content=False).data)
                     resource_version = listing["metadata"]["resourceVersion"]
-                    self._events.put(("relist", listing["items"]))
+                    self._events.put((prefix + "relist", listing["items"]))
                 # A short server-side timeout bounds how long stop() waits for this thread.
                 for event in watch.Watch().stream(
-                    self.core.list_pod_for_all_namespaces,
+                    lister,
                     resource_version=resource_version,
                     timeout_seconds=2,
                     allow_watch_bookmarks=True,
@@ -208,12 +235,12 @@ class LocalKubelet:
                         break
                     resource_version = obj["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
-                        self._events.put((event["type"], obj))
+                        self._events.put((prefix + event["type"], obj))
                     if self._stop.is_set():
                         break
             except Exception as err:  # any failure means: relist and carry on
                 if not self._stop.is_set():
-                    log.debug("pod watch failed, relisting: %s", err)
+                    log.debug("%swatch failed, relisting: %s", prefix, err)
                 resource_version = None
                 self._stop.wait(0.5)
 
@@ -229,6 +256,11 @@ class LocalKubelet:
                 log.exception("local kubelet: handling %s failed", kind)
 
     def _handle(self, kind: str, payload: Any) -> None:
+        if kind.startswith(SERVICE):
+            self._services_changed(kind.removeprefix(SERVICE), payload)
+            return self._refresh_hosts()
+        if kind != "resync":
+            self._hosts_stale = True
         if kind == "relist":
             seen = {pod["metadata"]["uid"]: pod for pod in payload}
             for uid in set(self._pods) - set(seen):
@@ -243,17 +275,54 @@ class LocalKubelet:
             done = self._workers.pop(payload, None)
             if done is not None:
                 self.addresses.release(done.pod_ip)
-            self._finished.add(payload)
+            if payload in self._pods:
+                self._finished.add(payload)
+            else:  # deleted while its containers stopped
+                self._remove_pod_dir(payload)
         for pod in sorted(self._pods.values(), key=lambda p: p["metadata"].get("creationTimestamp", "")):
             self._reconcile(pod)
+        self._refresh_hosts()
+
+    # -- names ----------------------------------------------------------------------------------------
+
+    def _services_changed(self, kind: str, payload: Any) -> None:
+        if kind == "relist":
+            self._services = {s["metadata"]["uid"]: s for s in payload}
+        elif kind == "DELETED":
+            self._services.pop(payload["metadata"]["uid"], None)
+        else:
+            self._services[payload["metadata"]["uid"]] = payload
+        self._hosts_stale = True
+
+    def _refresh_hosts(self) -> None:
+        """Rewrite every running Pod's /etc/hosts whose content a Pod or Service change has changed."""
+        if not self._hosts_stale:
+            return
+        self._hosts_stale = False
+        records = service_records(self._services.values(), self._pods.values())
+        for worker in self._workers.values():
+            self._write_hosts(worker, records)
+
+    def _write_hosts(self, worker: PodWorker, records: list[Record]) -> None:
+        content = hosts_file(worker.pod, worker.local_ip, records, self._node_hosts)
+        if content != worker.hosts_content:
+            worker.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+            write_in_place(worker.hosts_file, content)
+            worker.hosts_content = content
 
     def _forget(self, uid: str) -> None:
         self._pods.pop(uid, None)
         worker = self._workers.get(uid)
         if worker:
             worker.kill(grace=0, report=False)
+        else:
+            self._remove_pod_dir(uid)
         self._finished.discard(uid)
         self._delete_sent.discard(uid)
+
+    def _remove_pod_dir(self, uid: str) -> None:
+        """A deleted Pod's volumes go with it (its logs stay, for the tests that read them afterwards)."""
+        shutil.rmtree(self.root / "pods" / uid, ignore_errors=True)
 
     def _reconcile(self, pod: Pod) -> None:
         meta, spec = pod["metadata"], pod["spec"]
@@ -283,6 +352,7 @@ class LocalKubelet:
         ):
             worker = PodWorker(self, pod, self.addresses.allocate())
             self._workers[uid] = worker
+            self._write_hosts(worker, service_records(self._services.values(), self._pods.values()))
             worker.start()
 
     def _schedule(self, pod: Pod) -> None:
@@ -363,111 +433,9 @@ class LocalKubelet:
                 return worker.is_running(container)
         return False
 
-    def _authorize(self, user: str, groups: list[str]) -> bool:
-        """May this user read the node's logs? The API server decides, as for a kubelet in webhook mode."""
-        review = {
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SubjectAccessReview",
-            "spec": {
-                "user": user,
-                "groups": groups,
-                "resourceAttributes": {"verb": "get", "resource": "nodes", "subresource": "proxy",
-                                       "name": self.node_name},
-            },
-        }  # fmt: skip
-        try:
-            response = client.AuthorizationV1Api(self.api).create_subject_access_review(
-                review, _preload_content=False
-            )
-        except ApiException as err:
-            log.warning("local kubelet: SubjectAccessReview for %s failed: %s", user, err.reason)
-            return False
-        return bool(json.loads(response.data).get("status", {}).get("allowed"))
 
-    # -- API helpers used by workers ------------------------------------------------------------------
-
-    def _delete_now(self, namespace: str, name: str, uid: str) -> None:
-        with contextlib.suppress(ApiException):
-            # With a body the API server ignores the gracePeriodSeconds query parameter: it goes in the body.
-            body = {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
-            self.core.delete_namespaced_pod(name, namespace, body=body)
-
-    def _lookup(self, kind: str, namespace: str, name: str) -> Mapping[str, str] | None:
-        try:
-            if kind == "secret":
-                data = self.core.read_namespaced_secret(name, namespace).data or {}
-                return {key: _b64(value) for key, value in data.items()}
-            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-
-    def _service_account_dir(self, pod: Pod, directory: Path) -> Path | None:
-        """Write a TokenRequest token bound to the Pod, the CA and the namespace; None if not mounted."""
-        meta, spec = pod["metadata"], pod["spec"]
-        if spec.get("automountServiceAccountToken") is False:
-            return None
-        request = {
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenRequest",
-            "spec": {
-                "expirationSeconds": 3600,
-                "boundObjectRef": {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                },
-            },
-        }
-        account = spec.get("serviceAccountName") or "default"
-        try:
-            response = self.core.create_namespaced_service_account_token(
-                account, meta["namespace"], request, _preload_content=False
-            )
-        except ApiException as err:
-            raise ConfigError(
-                "CreateContainerConfigError", f"token for serviceaccount {account}: {err.reason}"
-            ) from err
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "token").write_text(json.loads(response.data)["status"]["token"])
-        (directory / "namespace").write_text(meta["namespace"])
-        ca_file = self.api.configuration.ssl_ca_cert
-        if ca_file:
-            shutil.copyfile(ca_file, directory / "ca.crt")
-        return directory
-
-    def _record_event(self, pod: Pod, container: str, kind: str, reason: str, message: str) -> None:
-        """An Event on the Pod, as `kubectl describe pod` shows a node's (Unhealthy, Killing, BackOff …)."""
-        meta, stamp = pod["metadata"], now()
-        event = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": meta["namespace"],
-                               "name": meta["name"], "uid": meta["uid"],
-                               "fieldPath": f"spec.containers{{{container}}}"},
-            "type": kind, "reason": reason, "message": message, "count": 1,
-            "firstTimestamp": stamp, "lastTimestamp": stamp,
-            "source": {"component": "kubelet", "host": self.node_name},
-            "reportingComponent": "kubelet", "reportingInstance": self.node_name,
-        }  # fmt: skip
-        try:
-            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
-        except ApiException as err:  # a namespace being deleted refuses new events
-            log.debug(
-                "local kubelet: event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], err.reason
-            )
-
-    def _patch_status(self, pod: Pod, status: Mapping[str, Any]) -> None:
-        meta = pod["metadata"]
-        try:
-            self.core.patch_namespaced_pod_status(
-                meta["name"], meta["namespace"], {"status": status}, _content_type=STRATEGIC_MERGE
-            )
-        except ApiException as err:
-            if err.status != 404:
-                log.warning("local kubelet: status of %s/%s: %s", meta["namespace"], meta["name"], err.reason)
-
-
-def _b64(value: str) -> str:
-    return base64.b64decode(value).decode("utf-8", errors="replace")
+def _node_hosts() -> str:
+    try:
+        return Path("/etc/hosts").read_text(encoding="utf-8")
+    except OSError:
+        return "127.0.0.1\tlocalhost\n"

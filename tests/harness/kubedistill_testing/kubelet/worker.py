@@ -4,8 +4,10 @@ restarts, then a graceful stop when the Pod is deleted."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -31,13 +33,15 @@ from kubedistill_testing.kubelet.containers import (
     now,
     pod_phase,
     pod_status,
+    remap_path,
     remap_paths,
     resolve_argv,
     restart_delay,
     should_restart,
     termination_message,
 )
-from kubedistill_testing.kubelet.logs import previous_path
+from kubedistill_testing.kubelet.logs import previous_path, read_head, read_tail
+from kubedistill_testing.kubelet.mounts import in_namespace
 from kubedistill_testing.kubelet.probes import Action, Probe, Prober, Target, handler_action, run_action
 
 if TYPE_CHECKING:
@@ -87,6 +91,9 @@ class PodWorker(threading.Thread):
         self.pod_ip = pod_ip
         self.local_ip = loopback_address(pod_ip)
         self.dir = kubelet.root / "pods" / meta["uid"]
+        # Written by the kubelet's loop thread before the worker starts and whenever names change.
+        self.hosts_file = self.dir / "etc-hosts"
+        self.hosts_content: str | None = None
         self.restart_policy = pod["spec"].get("restartPolicy", "Always")
         init_specs = pod["spec"].get("initContainers") or []
         self.init = [ContainerState(c["name"], c.get("image", "")) for c in init_specs]
@@ -166,7 +173,7 @@ class PodWorker(threading.Thread):
         # Inside the Pod its own address is the loopback one its processes can bind (see addresses.py).
         local_view = {**self.pod, "status": {**self.pod.get("status", {}), "podIP": self.local_ip}}
         account_dir = kubelet._service_account_dir(self.pod, self.dir / "serviceaccount")
-        volumes = self._configmap_volumes()
+        volumes = self._volumes()
         resolved = {}
         for container in [*(self.pod["spec"].get("initContainers") or []), *self.pod["spec"]["containers"]]:
             mounts = {
@@ -174,15 +181,18 @@ class PodWorker(threading.Thread):
                 for m in container.get("volumeMounts") or []
                 if m["name"] in volumes
             }
-            env = remap_paths(container_env(local_view, container, kubelet._lookup, base), mounts)
+            seen = container_env(local_view, container, kubelet._lookup, base)
+            if "/tmp" in mounts:  # the process's temporary files go where its /tmp is, as in the image
+                seen.setdefault("TMPDIR", "/tmp")
+            env = remap_paths(seen, mounts)
             if account_dir:
                 env["KUBEDISTILL_SERVICEACCOUNT_DIR"] = str(account_dir)
             termination_file = self.dir / container["name"] / "termination-log"
             env["KUBEDISTILL_TERMINATION_LOG"] = str(termination_file)
-            workdir = container.get("workingDir")
+            workdir = remap_path(container["workingDir"], mounts) if container.get("workingDir") else None
             pre_stop = (container.get("lifecycle") or {}).get("preStop")
             resolved[container["name"]] = Prepared(
-                argv=resolve_argv(container, env, kubelet.images, kubelet.commands),
+                argv=resolve_argv(container, seen, kubelet.images, kubelet.commands, mounts),
                 env=env,
                 cwd=workdir if workdir and Path(workdir).is_dir() else str(termination_file.parent),
                 termination_file=termination_file,
@@ -196,25 +206,32 @@ class PodWorker(threading.Thread):
             )
         return resolved
 
-    def _configmap_volumes(self) -> dict[str, Path]:
-        """Write the Pod's configMap volumes under its directory; volume name → local directory."""
+    def _volumes(self) -> dict[str, Path]:
+        """Make the Pod's volumes under its directory; volume name → local directory.
+
+        An emptyDir is one directory that the Pod's init containers and containers share, removed with the
+        Pod (:meth:`LocalKubelet._remove_pod_dir`); a configMap volume holds its keys as files."""
         namespace = self.pod["metadata"]["namespace"]
-        written = {}
+        made = {}
         for volume in self.pod["spec"].get("volumes") or []:
+            directory = self.dir / "volumes" / volume["name"]
+            if "emptyDir" in volume:
+                directory.mkdir(parents=True, exist_ok=True)
+                made[volume["name"]] = directory
+                continue
             source = volume.get("configMap")
             if source is None:
                 continue
             data = self.kubelet._lookup("configmap", namespace, source["name"])
             if data is None and not source.get("optional"):
                 raise ConfigError("CreateContainerConfigError", f'configmap "{source["name"]}" not found')
-            directory = self.dir / "volumes" / volume["name"]
             for relative, content in configmap_volume_files(source, data or {}).items():
                 path = directory / relative
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(content, encoding="utf-8")
             directory.mkdir(parents=True, exist_ok=True)
-            written[volume["name"]] = directory
-        return written
+            made[volume["name"]] = directory
+        return made
 
     def _run_group(self, states: Sequence[ContainerState], prepared: Mapping[str, Prepared]) -> bool:
         """Run containers together until all are done for good (or the Pod is deleted); True if all exit 0."""
@@ -298,9 +315,10 @@ class PodWorker(threading.Thread):
         prepared.termination_file.write_text("")
         started = now()
         try:
+            argv = self._process_argv(prepared)
             with log_file.open("wb") as out:
                 proc = subprocess.Popen(
-                    prepared.argv, env=prepared.env, cwd=prepared.cwd, stdout=out, stderr=subprocess.STDOUT,
+                    argv, env=prepared.env, cwd=prepared.cwd, stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
         except OSError as err:
@@ -332,6 +350,16 @@ class PodWorker(threading.Thread):
         self._follow_probes(run)
         return run
 
+    def _process_argv(self, prepared: Prepared) -> list[str]:
+        """The container's argv, in the Pod's mount namespace where the node can make one."""
+        unshare = self.kubelet.unshare
+        if unshare is None:
+            return prepared.argv
+        # Found first, so that a missing entrypoint is a StartError here too, not the shell's exit 127.
+        if shutil.which(prepared.argv[0], path=prepared.env.get("PATH", os.defpath)) is None:
+            raise FileNotFoundError(errno.ENOENT, "executable file not found in $PATH", prepared.argv[0])
+        return in_namespace(unshare, prepared.argv, self.hosts_file)
+
     def _record_exit(self, run: _Running) -> int:
         for prober in run.probers.values():
             prober.stop()
@@ -339,8 +367,8 @@ class PodWorker(threading.Thread):
         if run.proc is None:  # StartError: recorded when it happened
             return int(run.state.state["terminated"]["exitCode"])
         code = exit_code(run.proc.wait())
-        written = _read(run.prepared.termination_file, MAX_TERMINATION_MESSAGE)
-        log_tail = _read_tail(run.log_file, FALLBACK_LOG_BYTES * 4) if not written and code else ""
+        written = read_head(run.prepared.termination_file, MAX_TERMINATION_MESSAGE)
+        log_tail = read_tail(run.log_file, FALLBACK_LOG_BYTES * 4) if not written and code else ""
         terminated: dict[str, Any] = {
             "exitCode": code,
             "reason": "Completed" if code == 0 else "Error",
@@ -410,21 +438,3 @@ class PodWorker(threading.Thread):
             return
         self._last_status = comparable
         self.kubelet._patch_status(self.pod, status)
-
-
-def _read(path: Path, limit: int) -> str:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(limit).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def _read_tail(path: Path, limit: int) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - limit))
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
