@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +148,17 @@ def test_rules_round_trip_and_env_references_resolve() -> None:
     assert loaded == r and [p.name for p in loaded.patterns] == ["email"]
     assert recorder.resolve_env("os.environ/K", {"K": "v"}) == "v"
     assert recorder.resolve_env("plain", {}) == "plain"
+
+
+def test_the_module_loads_the_way_litellm_loads_a_callback_file(tmp_path: Path) -> None:
+    # LiteLLM's get_instance_fn: spec_from_file_location + exec_module, never put in sys.modules.
+    source = tmp_path / "kubedistill_recorder.py"
+    source.write_text(Path(recorder.__file__).read_text())
+    spec = importlib.util.spec_from_file_location("kubedistill_recorder", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "kubedistill_recorder" not in sys.modules
+    assert module.load_rules(json.dumps({"models": {"smart": rule().to_json()}}))["smart"].alias == "smart"
+    with pytest.raises(ModuleNotFoundError, match="litellm"):
+        module.proxy_handler_instance  # noqa: B018 — the handler needs LiteLLM, which only the gateway has

@@ -19,8 +19,8 @@ references in recording.json, filled from Secrets); a failed write is logged wit
 text and never fails the request.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: LiteLLM loads this file without registering it in
+# sys.modules, and dataclasses then cannot resolve string annotations (they look the module up there).
 import asyncio
 import hashlib
 import json
@@ -163,7 +163,7 @@ class Rule:
         object.__setattr__(self, "patterns", compile_redactors(self.redact))
 
     @staticmethod
-    def from_json(obj: Mapping[str, Any]) -> Rule:
+    def from_json(obj: Mapping[str, Any]) -> "Rule":
         redactors = tuple(obj.get("redact", ("email", "phone", "card")))
         return Rule(
             namespace=str(obj["namespace"]),
