@@ -268,7 +268,7 @@ def test_printer_columns() -> None:
     assert dj_columns["Message"]["priority"] == 1
     assert all("priority" not in c for name, c in dj_columns.items() if name != "Message")
     alias_columns = [c["name"] for c in _crd("ModelAlias")["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert alias_columns == ["Target", "GGUF", "Ready", "Age"]
+    assert alias_columns == ["Target", "GGUF", "Canary", "Ready", "Progressing", "Age"]
 
 
 def test_printer_column_paths_exist_in_the_schema() -> None:
@@ -279,7 +279,7 @@ def test_printer_column_paths_exist_in_the_schema() -> None:
             if path.startswith("metadata."):
                 continue
             node = _at(root, path)
-            if column["jsonPath"].endswith("].message") or column["jsonPath"].endswith("].status"):
+            if column["jsonPath"].endswith(("].message", "].status", "].reason")):
                 node = _at(node, "[]." + column["jsonPath"].rsplit(".", 1)[1])
             assert node["type"] in (column["type"], "integer"), column
 

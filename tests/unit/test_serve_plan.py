@@ -218,3 +218,51 @@ def test_the_oldest_alias_owns_a_model_name() -> None:
 
     owners = name_owners([a("b", "2026-01-02T00:00:00Z"), a("a", "2026-01-03T00:00:00Z")])
     assert owners == {"smart": ("b", "smart")}
+
+
+def _pod(version: str, status: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"labels": {"kubedistill.io/model-version": version}}, "status": status}
+
+
+def _deployment(name: str, version: str, ready: int) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": {"kubedistill.io/model-version": version}},
+        "status": {"readyReplicas": ready},
+    }
+
+
+def test_server_states_carry_the_pods_own_words() -> None:
+    from kubedistill.k8s.serving import server_states
+
+    fetch_crash = _pod(
+        "v1",
+        {
+            "initContainerStatuses": [
+                {
+                    "name": "fetch",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message": "s3://b/x.gguf does not exist"}},
+                }
+            ]
+        },
+    )
+    unschedulable = _pod(
+        "v2",
+        {"conditions": [{"type": "PodScheduled", "reason": "Unschedulable", "message": "0/1 nodes: gpu"}]},
+    )
+    loading = _pod(
+        "v3", {"containerStatuses": [{"name": "server", "state": {"running": {}}, "ready": False}]}
+    )
+    states = server_states(
+        [
+            _deployment("s-v1", "v1", 0),
+            _deployment("s-v2", "v2", 0),
+            _deployment("s-v3", "v3", 0),
+            _deployment("s-v4", "v4", 2),
+        ],
+        [fetch_crash, unschedulable, loading],
+    )
+    assert states["s-v1"] == ServerState(0, "FetchFailed", "fetch: s3://b/x.gguf does not exist")
+    assert states["s-v2"] == ServerState(0, "Unschedulable", "0/1 nodes: gpu")
+    assert states["s-v3"] == ServerState(0, None, None)  # still loading: wait
+    assert states["s-v4"] == ServerState(2, None, None)

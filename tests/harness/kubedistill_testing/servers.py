@@ -130,11 +130,10 @@ def build_llama_server(root: Path | None = None) -> Path:
         if binary.is_file():
             return binary  # another process built it while we waited for the lock
         partial = target.with_name(target.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        # An interrupted build resumes: its build tree has the same flags (they name the directory).
         build_dir = partial / "build"
-        build_dir.mkdir(parents=True)
+        build_dir.mkdir(parents=True, exist_ok=True)
         log = target.with_name(target.name + ".build.log")
-        log.write_text("")
         jobs = str(os.cpu_count() or 2)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         _say(f"building llama-server from llama.cpp {pin}'s source (once per machine, ~10 min on 2 cores)")

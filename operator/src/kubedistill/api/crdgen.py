@@ -301,10 +301,18 @@ DISTILLATIONJOB_COLUMNS = (
     Column("Message", f"{_READY}.message", "string", "Why the job is (not) ready.", priority=1),
 )
 
+_PROGRESSING = '.status.conditions[?(@.type=="Progressing")]'
 MODELALIAS_COLUMNS = (
     Column("Target", ".spec.target.distillationJob", "string", "DistillationJob whose student is served."),
     Column("GGUF", ".status.ggufURI", "string", "Resolved GGUF file."),
-    Column("Ready", f"{_READY}.status", "string", "Whether the target resolved."),
+    Column("Canary", ".spec.canary.weight", "integer", "Percent of requests sent to the canary."),
+    Column(
+        "Ready",
+        f"{_READY}.status",
+        "string",
+        "Whether model=<alias> is served (resolved, without the gateway).",
+    ),
+    Column("Progressing", f"{_PROGRESSING}.reason", "string", "Where a swap stands."),
     _AGE,
 )
 

@@ -24,6 +24,8 @@ def resolve(alias: ModelAlias, job: DistillationJob | None, now: datetime) -> Mo
     target = alias.spec.target
     gguf, adapter, model = target.gguf_uri, target.adapter_uri, target.base_model
     ready, reason, message = True, Reason.TARGET_RESOLVED, "explicit target"
+    if target.provider is not None:
+        model, message = target.provider.model, f"provider model {target.provider.model}"
     if target.distillation_job is not None:
         gguf = adapter = model = None
         if job is None:

@@ -93,6 +93,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.loops = JobLoops(run=service.run, wake=service.wake)
     if ours.gateway_enabled:
         memo.look_again = asyncio.create_task(look_again(service))
+        # Registered only with serving on: without it the chart grants no access to Deployments.
+        kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})(
+            serving_deployment_changed
+        )
 
 
 @kopf.on.cleanup()
@@ -171,12 +175,9 @@ async def look_again(service: Reconciler, interval_s: float = 3.0) -> None:
             logging.getLogger(__name__).warning("alias re-check failed: %s", err)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
 async def serving_deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A model server or the gateway moved: the aliases it serves take the next step of their swap."""
     service: Reconciler = memo.service
-    if not service.settings.gateway_enabled:
-        return
     meta = body.get("metadata") or {}
     owners = [o.get("name") for o in meta.get("ownerReferences") or [] if o.get("kind") == "ModelAlias"]
     if is_gateway(dict(body), service.settings):
