@@ -116,3 +116,23 @@ def test_the_recorder_lands_in_the_gateways_config_directory_with_its_keys() -> 
         "key": "AWS_SECRET_ACCESS_KEY",
     }
     assert not any("value" in e and "s3-creds" in str(e["value"]) for e in container["env"])
+
+
+def test_recording_without_the_gateway_says_so() -> None:
+    import asyncio
+
+    from kubedistill.api.alias import ModelAlias
+    from kubedistill.handlers.recording import recording_plan
+
+    alias = ModelAlias.model_validate(
+        {
+            "metadata": {"name": "smart", "namespace": "team"},
+            "spec": {"target": {"provider": {"model": "openai/gpt-4o"}}, "recording": {"enabled": True}},
+        }
+    )
+    found, values = asyncio.run(recording_plan(None, alias, SETTINGS))  # type: ignore[arg-type]
+    assert found is not None and found.rule is None and values == {}
+    assert (found.reason, found.message) == (
+        "RecordingNoGateway",
+        "spec.recording needs the operator's gateway, which is off (chart value gateway.enabled)",
+    )
