@@ -88,6 +88,14 @@ CASES = [
     _job("dataset-two-sources", "spec.dataset", {"dataset.prompts": ["hi"]}),
     _job("dataset-too-many-prompts", "spec.dataset.prompts", {"dataset": {"prompts": ["hi"] * 10_001}}),
     _job("dataset-test-fraction", "spec.dataset.testFraction", {"dataset.testFraction": 0.95}),
+    _job(
+        "dataset-traffic-and-uri", "spec.dataset", {"dataset.fromTraffic": {"alias": "smart", "since": "7d"}}
+    ),
+    _job(
+        "traffic-since-invalid",
+        "spec.dataset.fromTraffic.since",
+        {"dataset": {"fromTraffic": {"alias": "smart", "since": "last week"}}},
+    ),
     _job("samples-too-many", "spec.generation.nSamples", {"generation.nSamples": 64}),
     _job("samples-not-a-number", "spec.generation.nSamples", {"generation.nSamples": "four"}),
     _job("temperature-zero", "spec.generation.temperature", {"generation.temperature": 0}),
@@ -177,6 +185,16 @@ CASES = [
     ),
     _alias("provider-without-model", "spec.target.provider.model", {"target": {"provider": {}}}),
     _alias("server-parallel-zero", "spec.server.parallel", {"server": {"parallel": 0}}),
+    _alias(
+        "recording-rate-over-one",
+        "spec.recording.sampleRate",
+        {"recording": {"enabled": True, "sampleRate": 2}},
+    ),
+    _alias(
+        "recording-destination-not-a-uri",
+        "spec.recording.destination",
+        {"recording": {"enabled": True, "destination": "bucket/prefix"}},
+    ),
     _job("promotion-canary-weight", "spec.promotion.canaryWeight", {"promotion.canaryWeight": 150}),
 ]
 
@@ -292,6 +310,7 @@ def test_valid_aliases_are_accepted(k8s_api: client.ApiClient, namespace: str) -
         "canary": {"distillationJob": "support-bot", "weight": 20},
         "fallback": {"provider": {"model": "openai/gpt-4o-mini", "baseURL": "http://teacher:8000/v1"}},
         "server": {"replicas": 2, "ctxSize": 2048, "nodeSelector": {"pool": "cpu"}},
+        "recording": {"enabled": True, "sampleRate": 0.2, "redact": ["email", r"ACME-\d+"]},
     }
     for name, spec in (("smart", VALID_ALIAS), ("pinned", explicit), ("routed", routed)):
         api.create_namespaced_custom_object(

@@ -7,7 +7,7 @@ import pytest
 
 from kubedistill.api.models import DistillationJob, Stage
 from kubedistill.api.stage import StageInvocation
-from kubedistill.builders import artifact_root, build_stage_manifests, referenced_secrets
+from kubedistill.builders import artifact_root, build_invocation, build_stage_manifests, referenced_secrets
 from kubedistill.domain.naming import LABEL_ATTEMPT, LABEL_JOB, LABEL_STAGE
 from kubedistill.settings import Settings, from_mapping
 
@@ -254,3 +254,18 @@ def test_settings_stage_resources_and_backoff() -> None:
     export = job_of(build_stage_manifests(make_job(), Stage.EXPORT, 1, settings))
     assert container(export)["resources"] == {"requests": {"cpu": "1"}}
     assert [settings.backoff_s(n) for n in (0, 1, 2, 3, 4)] == [0.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_a_traffic_dataset_reads_a_window_fixed_at_the_jobs_creation() -> None:
+    job = make_job(dataset={"fromTraffic": {"alias": "smart", "since": "7d"}})
+    job.metadata.model_extra["creationTimestamp"] = "2026-12-03T10:00:00Z"  # type: ignore[index]
+    traffic = build_invocation(job, Stage.GENERATE, 1, SETTINGS).spec.dataset.from_traffic
+    assert traffic is not None
+    assert (traffic.uri, traffic.until) == (
+        "s3://artifacts/kubedistill/recordings/team/smart",
+        "2026-12-03T10:00:00Z",
+    )
+    assert (
+        build_invocation(job, Stage.ESTIMATE, 2, SETTINGS).spec
+        == build_invocation(job, Stage.GENERATE, 1, SETTINGS).spec
+    )

@@ -1,4 +1,4 @@
-"""Dataset rows: parsing with reasons, the train/test split, and the three sources of a job.
+"""Dataset rows: parsing with reasons, the train/test split, and the four sources of a job.
 
 A row is one JSON object per line: `{id, prompt | messages, system?, reference?}`. `parse_lines`
 keeps the valid rows and returns every invalid one with its line number and a reason; a job fails
@@ -9,7 +9,8 @@ or machines, and adding rows never moves an existing row to the other side.
 
 Sources (`DatasetSpec`): `uri` (read through the store), inline `prompts` (ids derived from the
 text), `configMapRef` — the operator mounts the ConfigMap key as a file in the stage pod and passes
-its path in env KUBEDISTILL_DATASET_FILE. `open_source` streams any of them line by line, and
+its path in env KUBEDISTILL_DATASET_FILE — and `fromTraffic`, a gateway's recorded requests
+(`kubedistill.traffic`). `open_source` streams any of them line by line, and
 `iter_parsed` parses a stream without holding it: what lets the estimate read a million rows in
 bounded memory. Duplicate ids are found with `SeenIds`, 8 bytes a row.
 """
@@ -25,6 +26,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -286,6 +288,11 @@ def inline_lines(prompts: Iterable[str]) -> list[str]:
 def open_source(spec: DatasetSpec, environ: Mapping[str, str] | None = None) -> tuple[Iterator[bytes], int]:
     """The raw lines of the job's dataset as a stream, and its size in bytes (for a progress bar)."""
     env = os.environ if environ is None else environ
+    if spec.from_traffic is not None:
+        # Imported here: traffic builds on this module's rows.
+        from kubedistill.traffic import TrafficStream
+
+        return TrafficStream(spec.from_traffic, datetime.now(UTC)), 0
     if spec.prompts is not None:
         encoded = [line.encode("utf-8") for line in inline_lines(spec.prompts)]
         return iter(encoded), sum(len(line) + 1 for line in encoded)
@@ -318,6 +325,8 @@ def decode_lines(raw: Iterable[bytes], where: str) -> Iterator[str]:
 
 
 def describe(spec: DatasetSpec) -> str:
+    if spec.from_traffic is not None:
+        return f"recorded requests of alias {spec.from_traffic.alias}"
     if spec.uri is not None:
         return f"dataset {spec.uri}"
     if spec.config_map_ref is not None:

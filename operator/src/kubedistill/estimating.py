@@ -20,6 +20,7 @@ from kubedistill import dataset
 from kubedistill.api.models import DistillationJobSpec
 from kubedistill.catalog import Catalog
 from kubedistill.domain.estimate import Counters, EstimateReport, SampledTally, estimate_from_tally
+from kubedistill.traffic import TrafficStream
 
 # With a tokenizer: rows counted exactly before the rest is sampled, and the sample's size. At a few
 # thousand rows a second (chat template included) that bounds the counting to ~10 s whatever N is,
@@ -93,4 +94,7 @@ def estimate_dataset(
         raise dataset.DatasetInvalid(problem)
     report = estimate_from_tally(spec, tally.result(), counters)
     report.breakdown["datasetRows"] = {"valid": counts.valid, "invalid": counts.rejected}
+    if isinstance(raw, TrafficStream):
+        report.estimate.traffic = raw.counts
+        report.breakdown["traffic"] = raw.counts.to_k8s()
     return report, counts

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from kubedistill.api.stage import StageInvocation, StageResult
 from kubedistill.catalog import load_catalog
 from kubedistill.estimating import estimate_dataset
+from kubedistill.traffic import traffic_summary
 from kubedistill_trainer.runtime import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ def run(inv: StageInvocation) -> StageResult:
         else f"{counting['rowsCounted']:,} rows counted, ±{100 * counting['inputTokensMargin95']:.1f}% (95%)"
     )
     invalid = f"; {counts.rejected:,} invalid rows skipped" if counts.rejected else ""
+    if e.traffic is not None:
+        invalid += f"; {traffic_summary(e.traffic)}"
     message = (
         f"{e.prompts:,} prompts, {e.input_tokens:,} input + {e.output_tokens:,} output tokens "
         f"({breakdown['tokenCounting']}, {how}), teacher ${e.teacher_cost_usd:.4f}{invalid}"

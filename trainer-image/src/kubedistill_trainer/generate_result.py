@@ -10,6 +10,7 @@ from kubedistill.api.models import Artifacts, Metrics
 from kubedistill.api.stage import StageInvocation, StageResult
 from kubedistill.catalog import ResolvedTeacher
 from kubedistill.domain import pricing
+from kubedistill.traffic import traffic_summary
 from kubedistill_trainer.prompts import Prepared
 from kubedistill_trainer.teacher import TeacherError, Usage
 
@@ -75,6 +76,7 @@ def stage_result(
         "trainRows": prepared.train,
         "testRows": prepared.test,
         "rejectedRows": prepared.rejected,
+        **({"traffic": prepared.traffic.to_k8s()} if prepared.traffic is not None else {}),
         "failedPrompts": outcome.failed[:20],
         "retries": outcome.retries,
         "responsesWithoutUsage": outcome.responses_without_usage,
@@ -83,6 +85,8 @@ def stage_result(
         **outcome.speed,
     }
     rejected_note = f"; {prepared.rejected} invalid dataset rows skipped" if prepared.rejected else ""
+    if prepared.traffic is not None:
+        rejected_note += "; " + traffic_summary(prepared.traffic)
     result = StageResult(stage=inv.stage, ok=True, metrics=metrics, artifacts=artifacts, details=details)
     if outcome.fatal is not None:
         return result.model_copy(

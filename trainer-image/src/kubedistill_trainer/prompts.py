@@ -1,6 +1,7 @@
 """The prompts of one generate attempt: one streaming pass over the dataset validates it (the
-estimate's invalid-share rule), writes `dataset/{train,test,rejected}.jsonl` and a local work file of
-the prompts still to ask, which the teacher calls then read line by line."""
+estimate's invalid-share rule), writes `dataset/{train,test,rejected}.jsonl` (and, from recorded traffic,
+`traffic-rejected.jsonl`: the objects refused and why) and a local work file of the prompts still to
+ask, which the teacher calls then read line by line."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from kubedistill import dataset, store
+from kubedistill.api.models import TrafficCounts
 from kubedistill.api.stage import StageInvocation
 from kubedistill.catalog import ResolvedTeacher
+from kubedistill.traffic import TrafficStream, write_rejections
 from kubedistill_trainer.shards import Work
 from kubedistill_trainer.teacher import estimate_tokens
 
@@ -30,6 +33,7 @@ class Prepared:
     total: int = 0
     done: int = 0
     longest_request_tokens: int = 0
+    traffic: TrafficCounts | None = None
 
     @property
     def prompts(self) -> int:
@@ -97,6 +101,10 @@ def prepare_dataset(
                 item.teacher_messages(gen.system_prompt, examples), teacher.chars_per_token
             )
             prepared.longest_request_tokens = max(prepared.longest_request_tokens, tokens)
+    if isinstance(raw, TrafficStream):
+        prepared.traffic = raw.counts
+        write_rejections(raw, directory / "traffic-rejected.jsonl")
+        outputs["traffic-rejected"] = directory / "traffic-rejected.jsonl"
     problem = dataset.invalid_share_problem(valid, prepared.rejected, first_rejected)
     if problem is not None:
         raise dataset.DatasetInvalid(problem)

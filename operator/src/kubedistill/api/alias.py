@@ -23,6 +23,7 @@ from kubedistill.api.models import (
     SecretKeyRef,
     Uri,
 )
+from kubedistill.api.recording import RecordingSpec
 
 
 class ProviderTarget(Model):
@@ -100,6 +101,9 @@ class ModelAliasSpec(Model):
         default=None, description="Takes a request the primary (or canary) failed, typically the teacher."
     )
     server: ServerSpec = Field(default_factory=ServerSpec, description="Model-server settings.")
+    recording: RecordingSpec | None = Field(
+        default=None, description="Store requests and answers, redacted, as a dataset source (fromTraffic)."
+    )
 
 
 class Endpoint(Model):

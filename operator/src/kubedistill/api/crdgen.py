@@ -90,8 +90,8 @@ MODEL_RULES: Mapping[type[BaseModel], tuple[Rule, ...]] = {
     ),
     m.DatasetSpec: (
         _exactly_one(
-            ("uri", "configMapRef", "prompts"),
-            "spec.dataset: exactly one of uri, configMapRef or prompts must be set",
+            ("uri", "configMapRef", "prompts", "fromTraffic"),
+            "spec.dataset: exactly one of uri, configMapRef, prompts or fromTraffic must be set",
         ),
     ),
     m.JudgeSpec: (

@@ -104,6 +104,42 @@ class StudentSpec(Model):
     )
 
 
+# A duration back from the window's end ("7d", "12h", "30m", "2w") or an RFC 3339 time.
+TIME_OR_DURATION_PATTERN = r"^([0-9]{1,6}[smhdw]|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$"
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+class FromTrafficSpec(Model):
+    alias: Name = Field(
+        description="ModelAlias (in the job's namespace) whose recorded requests become rows."
+    )
+    since: Annotated[str, Field(max_length=64, pattern=TIME_OR_DURATION_PATTERN)] = Field(
+        description="Start of the window: an RFC 3339 time, or a duration (7d, 12h, 30m, 2w) before its end."
+    )
+    until: Annotated[str, Field(max_length=64, pattern=RFC3339_PATTERN)] | None = Field(
+        default=None,
+        description="End of the window (RFC 3339, exclusive); defaults to the job's creation, so every "
+        "stage and retry reads the same requests.",
+    )
+    max_rows: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many kept rows (oldest first)."
+    )
+    dedupe: bool = Field(default=True, description="Drop requests whose normalised prompt was seen before.")
+    system_prompt: Literal["keep", "drop"] = Field(
+        default="keep",
+        description="keep: a recorded system message stays in the row, and the student learns with it; "
+        "drop: it is removed, and the student learns to answer without it (give the teacher an "
+        "instruction with generation.systemPrompt).",
+    )
+    uri: Uri | None = Field(
+        default=None,
+        description="Where the alias records (its spec.recording.destination); defaults to the operator's "
+        "recordings prefix for this namespace and alias.",
+    )
+
+
 class DatasetSpec(Model):
     uri: Uri | None = Field(
         default=None,
@@ -115,6 +151,9 @@ class DatasetSpec(Model):
     prompts: list[Annotated[str, Field(max_length=32768)]] | None = Field(
         default=None, max_length=10000, description="Inline prompts, for small jobs."
     )
+    from_traffic: FromTrafficSpec | None = Field(
+        default=None, description="The requests a ModelAlias's gateway recorded in a time window."
+    )
     num_prompts: int | None = Field(default=None, ge=1, le=10_000_000, description="Cap on prompts taken.")
     test_fraction: float = Field(
         default=0.1,
@@ -125,9 +164,11 @@ class DatasetSpec(Model):
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> DatasetSpec:
-        sources = [s for s in (self.uri, self.config_map_ref, self.prompts) if s is not None]
+        sources = [
+            s for s in (self.uri, self.config_map_ref, self.prompts, self.from_traffic) if s is not None
+        ]
         if len(sources) != 1:
-            raise ValueError("exactly one of uri, configMapRef or prompts must be set")
+            raise ValueError("exactly one of uri, configMapRef, prompts or fromTraffic must be set")
         return self
 
 
@@ -506,6 +547,16 @@ class Progress(Model):
     updated_at: str | None = Field(default=None, description="When the stage last reported (RFC 3339).")
 
 
+class TrafficCounts(Model):
+    found: int = Field(default=0, ge=0, description="Recorded requests in the window.")
+    kept: int = Field(default=0, ge=0, description="Requests that became dataset rows.")
+    deduplicated: int = Field(default=0, ge=0, description="Requests dropped as repeats of a kept prompt.")
+    rejected: int = Field(default=0, ge=0, description="Recorded objects that failed validation.")
+    over_max_rows: int = Field(default=0, ge=0, description="Requests not read once maxRows were kept.")
+    since: str | None = Field(default=None, description="Start of the window read (RFC 3339).")
+    until: str | None = Field(default=None, description="End of the window read (RFC 3339, exclusive).")
+
+
 class Estimate(Model):
     prompts: int = Field(default=0, ge=0, description="Prompts that will be sent to the teacher.")
     teacher_calls: int = Field(default=0, ge=0, description="Teacher requests (n samples per prompt).")
@@ -529,6 +580,9 @@ class Estimate(Model):
     )
     cached_input_tokens: int | None = Field(
         default=None, ge=0, description="Input tokens predicted to be read from the provider's prompt cache."
+    )
+    traffic: TrafficCounts | None = Field(
+        default=None, description="With dataset.fromTraffic: what the recorded requests became."
     )
 
 

@@ -9,10 +9,18 @@ service-account token (stages never call the API).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from kubedistill.api.models import API_VERSION, DistillationJob, ResourceRequirements, SecretKeyRef, Stage
+from kubedistill.api.models import (
+    API_VERSION,
+    DistillationJob,
+    DistillationJobSpec,
+    ResourceRequirements,
+    SecretKeyRef,
+    Stage,
+)
 from kubedistill.api.stage import (
     JOB_ENV,
     JOB_FILE_ENV,
@@ -29,7 +37,9 @@ from kubedistill.dataset import DATASET_FILE_ENV
 from kubedistill.domain.naming import artifact_base, child_job_name, child_labels, invocation_configmap_name
 from kubedistill.domain.queueing import QUEUE_LABEL, queue_name
 from kubedistill.domain.scaling import stage_completions
+from kubedistill.recorder import parse_timestamp
 from kubedistill.settings import GPU_RESOURCE, Settings
+from kubedistill.traffic import with_defaults
 
 DATASET_DIR = "/var/run/kubedistill/dataset"
 DATASET_FILE = "dataset.jsonl"
@@ -67,12 +77,38 @@ def artifact_root(job: DistillationJob, settings: Settings) -> str:
     return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
 
 
+def operator_root(settings: Settings) -> str | None:
+    """The operator's own storage root (s3://bucket/prefix, else its file:// root): where aliases
+    record by default."""
+    if settings.storage_bucket is None:
+        return settings.artifact_root
+    prefix = settings.storage_prefix.strip("/")
+    return f"s3://{settings.storage_bucket}/{prefix}" if prefix else f"s3://{settings.storage_bucket}"
+
+
+def _created(job: DistillationJob) -> datetime:
+    stamp = (job.metadata.model_extra or {}).get("creationTimestamp")
+    return parse_timestamp(stamp) if isinstance(stamp, str) else datetime.now(UTC)
+
+
+def stage_spec(job: DistillationJob, settings: Settings) -> DistillationJobSpec:
+    """The spec a stage runs with: a fromTraffic window fixed at the job's creation and its
+    recordings prefix filled in, so every stage and attempt reads the same requests."""
+    spec = job.spec
+    traffic = spec.dataset.from_traffic
+    root = operator_root(settings)
+    if traffic is None or (traffic.uri is None and root is None):
+        return spec
+    filled = with_defaults(traffic, root or "", job.metadata.namespace or "default", _created(job))
+    return spec.model_copy(update={"dataset": spec.dataset.model_copy(update={"from_traffic": filled})})
+
+
 def build_invocation(job: DistillationJob, stage: Stage, attempt: int, settings: Settings) -> StageInvocation:
     meta = job.metadata
     namespace = meta.namespace or "default"
     return StageInvocation(
         job=JobRef(name=meta.name, namespace=namespace, uid=meta.uid or ""),
-        spec=job.spec,
+        spec=stage_spec(job, settings),
         stage=stage,
         artifact_base=artifact_base(artifact_root(job, settings), namespace, meta.name, meta.uid or ""),
         attempt=attempt,

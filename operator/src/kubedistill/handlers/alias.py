@@ -27,6 +27,7 @@ from kubedistill.domain.serving import (
 from kubedistill.domain.uri_policy import alias_violations, summary
 from kubedistill.handlers.gateway import Gateway
 from kubedistill.handlers.policy import POLICY_VIOLATION, namespace_policy
+from kubedistill.handlers.recording import recording_plan, with_recording_condition
 from kubedistill.k8s import resources
 from kubedistill.k8s import serving as k8s
 from kubedistill.k8s.client import Kube
@@ -65,6 +66,9 @@ async def reconcile_alias(
     if gateway is not None and gateway.settings.gateway_enabled:
         plan = await _plan(kube, alias, gateway)
         status = _serving_status(status, alias, plan, gateway, now)
+    if gateway is not None:
+        recording, _ = await recording_plan(kube, alias, gateway.settings)
+        status = with_recording_condition(status, alias, recording, now)
     new = status.to_k8s()
     if new != (alias.status or ModelAliasStatus()).to_k8s():
         await resources.patch_alias_status(kube, namespace, alias.metadata.name, new)

@@ -15,9 +15,12 @@ from pydantic import ValidationError
 from kubedistill.api.alias import ModelAlias
 from kubedistill.api.models import GROUP, VERSION
 from kubedistill.builders import gateway as gw
+from kubedistill.builders import recording as rec
 from kubedistill.domain.serving import gateway_routes, name_owners
+from kubedistill.handlers.recording import recording_plan
 from kubedistill.k8s import serving as k8s
 from kubedistill.k8s.client import Kube
+from kubedistill.recorder import Rule
 from kubedistill.settings import GATEWAY_NAME, Settings
 
 log = logging.getLogger(__name__)
@@ -56,20 +59,33 @@ class Gateway:
             owners = name_owners(aliases)
             keys: dict[str, str] = {}
             routes: list[gw.Route] = []
+            rules: dict[str, Rule] = {}
+            operator_keys = False
             for alias in aliases:
                 namespace = alias.metadata.namespace or "default"
                 if owners.get(alias.metadata.name) != (namespace, alias.metadata.name):
                     continue
                 key_env = await self._provider_keys(alias, keys)
                 routes += gateway_routes(alias, self.settings, key_env)
+                plan, values = await recording_plan(self.kube, alias, self.settings)
+                if plan is not None and plan.rule is not None:
+                    rules[alias.metadata.name] = plan.rule
+                    keys.update(values)
+                    operator_keys = operator_keys or plan.uses_operator_keys
             config = gw.render_config(routes, master_key=bool(self.settings.gateway_master_key_secret))
-            checksum = gw.checksum(config, keys)
+            config = rec.with_callback(config, rules)
+            files = rec.config_files(rules)
+            checksum = gw.checksum(config + "".join(files.values()), keys)
             longest = max((r.timeout_seconds for r in routes), default=120)
+            config_map = gw.build_config_map(config, checksum, self.settings)
+            deployment = gw.build_deployment(checksum, self.settings, longest)
+            env = rec.operator_key_env(self.settings.storage_secret, operator_keys)
+            rec.add_to_gateway(config_map, deployment, files, env)
             for manifest in (
-                gw.build_config_map(config, checksum, self.settings),
+                config_map,
                 gw.build_keys_secret(keys, self.settings),
                 gw.build_service(self.settings),
-                gw.build_deployment(checksum, self.settings, longest),
+                deployment,
             ):
                 await k8s.apply(self.kube, manifest)
 
