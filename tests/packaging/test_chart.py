@@ -403,7 +403,7 @@ def test_the_gateway_role_is_its_own_objects_in_the_release_namespace(
     off = render({"gateway": {"enabled": False}})
     assert not [r for r in by_kind(off, "Role")] and not by_kind(off, "Secret")
     assert "KUBEDISTILL_GATEWAY_ENABLED" not in settings_of(off)
-    assert not rules_of(one(off, "ClusterRole")) & SERVING_RULES
+    assert not rules_of(one(off, "ClusterRole", "kd-kubedistill")) & (SERVING_RULES - JOB_RULES)
 
 
 def test_gateway_values_reach_the_operator_settings(render: Callable[..., list[dict[str, Any]]]) -> None:
