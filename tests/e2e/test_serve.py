@@ -201,8 +201,21 @@ def serving(
     try:
         running.create_alias(ALIAS, {"target": running.provider()})  # day one: the teacher serves `smart`
         yield running
+        # Deleted while its operator runs (which finalizes it): the next test's `smart` owns the name.
+        running.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", ALIAS)
+        wait_until(lambda: not alias_exists(running), f"{ALIAS} to be deleted", 120, running.diagnose)
     finally:
         operator.stop()
+
+
+def alias_exists(serving: Serving) -> bool:
+    try:
+        serving.alias()
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
 
 
 def answered_by(answers: list[Answer], deployment_id: str) -> int:

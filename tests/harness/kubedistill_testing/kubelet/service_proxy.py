@@ -139,12 +139,17 @@ class ServiceProxy:
         return self
 
     def stop(self) -> None:
+        """Stop the watches first (so no change arrives after), then the listeners and the loop."""
         self._stop.set()
+        if not self._threads:
+            return  # never started
+        loop_thread, *watches = self._threads
+        for thread in watches:
+            thread.join(timeout=10)
         with contextlib.suppress(RuntimeError):  # the loop was already closed
             asyncio.run_coroutine_threadsafe(self._close_all(), self._loop).result(timeout=10)
             self._loop.call_soon_threadsafe(self._loop.stop)
-        for thread in self._threads:
-            thread.join(timeout=10)
+        loop_thread.join(timeout=10)
 
     def listening(self) -> list[Listener]:
         """The Service ports the proxy listens on now (tests wait for a Service to appear here)."""
@@ -184,6 +189,9 @@ class ServiceProxy:
         self, into: dict[str, Obj], items: dict[str, Obj], *, replace: bool = False, drop: str = ""
     ) -> None:
         """Change `into` on the loop (its only writer), then follow the change with the listeners."""
+
+        if self._stop.is_set():
+            return
 
         async def apply() -> None:
             if replace:
