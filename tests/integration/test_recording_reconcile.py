@@ -39,7 +39,7 @@ def reconcile_all(kubeconfig: Path, settings: Settings, namespace: str, names: l
                 body = await kube.request(
                     "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/modelaliases/{name}"
                 )
-                await reconcile_alias(kube, body, datetime.now(UTC), gateway)
+                await reconcile_alias(kube, body, datetime.now(UTC), settings, gateway)
         finally:
             await kube.close()
 
