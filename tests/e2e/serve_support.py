@@ -60,6 +60,10 @@ class ServeOperator:
             "KUBECONFIG": str(self.kubeconfig),
             "KUBEDISTILL_GATEWAY_ENABLED": "true",
             "KUBEDISTILL_GATEWAY_NAMESPACE": self.namespace,
+            # What the chart sets beside kopf's namespaces: without it the gateway's alias list (model-name
+            # ownership, the periodic re-check) spans the cluster, and an alias left by an earlier test in a
+            # terminating namespace takes `smart` from this one.
+            "KUBEDISTILL_NAMESPACES": self.namespace,
             "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
             "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
             "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
