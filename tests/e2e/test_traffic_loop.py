@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from kubedistill import store
 from kubedistill.api.models import GROUP, VERSION
 from kubedistill.builders import gateway as gw
 from kubedistill.builders.recording import CALLBACK
+from kubedistill.recorder import parse_timestamp
 from kubedistill.settings import GATEWAY_NAME
 from kubedistill.traffic import normalise, recordings_prefix
 from kubedistill_testing.kubelet.node import DEFAULT_IMAGES
@@ -103,7 +105,12 @@ def test_recorded_traffic_is_distilled_and_promoted_to_the_same_alias(
     ][:3]
     prefix = recordings_prefix("s3://artifacts/kubedistill", serving.namespace, ALIAS)
     wait_until(lambda: len(store.list_uris(prefix + "/")) >= REQUESTS, "200 recorded objects", 120, diagnose)
-    assert len(store.list_uris(prefix + "/")) == REQUESTS
+    recorded = store.list_uris(prefix + "/")
+    assert len(recorded) == REQUESTS
+    # The window ends at the job's creationTimestamp, which has whole seconds: create the job in a later
+    # second than the newest request (keys sort by time), or the requests of its last second fall outside.
+    newest = parse_timestamp(store.read_json(recorded[-1])["timestamp"])
+    wait_until(lambda: datetime.now(UTC) >= newest + timedelta(seconds=1), "the next second", 5, diagnose)
 
     # 2. A job distils the recordings: its estimate and generate stages are the real programs.
     real = {"image": f"{TRAINER_IMAGE}:e2e"}
