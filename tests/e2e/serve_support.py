@@ -1,5 +1,7 @@
-"""What the serving tests share: the operator with its gateway on, a client of the gateway that says which
-backend answered, a client loop that counts failures during a swap, and a killer of a model server.
+"""What the serving tests share: the operator with its gateway on, the running pieces of one serving test
+(`Serving`; the fixture that starts them is in this directory's conftest), a client of the gateway that
+says which backend answered, a client loop that counts failures during a swap, and a killer of a model
+server.
 
 The gateway is reached only as a Pod would reach it: through its Service's ClusterIP, which the local
 kubelet's Service proxy stands in for at `service_loopback_address(clusterIP)`."""
@@ -25,7 +27,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubedistill.api.models import GROUP, VERSION
-from kubedistill_testing.kubelet import service_loopback_address
+from kubedistill_testing.fake_teacher import FakeTeacher
+from kubedistill_testing.kubelet import LocalKubelet, service_loopback_address
 
 GATEWAY = "kubedistill-gateway"
 GATEWAY_PORT = 4000
@@ -33,6 +36,11 @@ ALIAS_LABEL = "kubedistill.io/alias"
 # What LiteLLM names the deployment (our model_info.id) that answered a request.
 MODEL_ID_HEADER = "x-litellm-model-id"
 REQUEST_TIMEOUT_S = 60.0
+FAKE_IMAGE = "kubedistill.test/serve-fake-stage"
+ALIAS = "smart"
+TEACHER_MODEL = "fake-teacher"
+# The gateway's pods start a Python with LiteLLM's imports on a shared machine: a minute, not seconds.
+SERVE_WAIT_S = 300.0
 
 
 @dataclass
@@ -52,6 +60,10 @@ class ServeOperator:
             "KUBECONFIG": str(self.kubeconfig),
             "KUBEDISTILL_GATEWAY_ENABLED": "true",
             "KUBEDISTILL_GATEWAY_NAMESPACE": self.namespace,
+            # What the chart sets beside kopf's namespaces: without it the gateway's alias list (model-name
+            # ownership, the periodic re-check) spans the cluster, and an alias left by an earlier test in a
+            # terminating namespace takes `smart` from this one.
+            "KUBEDISTILL_NAMESPACES": self.namespace,
             "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
             "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
             "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
@@ -115,6 +127,73 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float, on_timeo
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
+
+
+@dataclass
+class Serving:
+    """The running pieces of one serving test, and the calls its steps share."""
+
+    namespace: str
+    core: client.CoreV1Api
+    apps: client.AppsV1Api
+    custom: client.CustomObjectsApi
+    operator: ServeOperator
+    kubelet: LocalKubelet
+    teacher: FakeTeacher
+    gguf_uri: str
+    master_key: str
+
+    def provider(self) -> dict[str, Any]:
+        return {"provider": {"model": f"openai/{TEACHER_MODEL}", "baseURL": self.teacher.base_url}}
+
+    def alias(self, name: str = ALIAS) -> dict[str, Any]:
+        return get_alias(self.custom, self.namespace, name)
+
+    def create_alias(self, name: str, spec: dict[str, Any]) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelAlias", "metadata": {"name": name}}
+        self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, "modelaliases", {**body, "spec": spec}
+        )
+
+    def patch_spec(self, spec: dict[str, Any], name: str = ALIAS) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, "modelaliases", name, {"spec": spec}
+        )
+
+    def gateway(self) -> GatewayClient:
+        return GatewayClient.of(self.core, self.namespace, self.master_key)
+
+    def diagnose(self) -> str:
+        parts = [json.dumps(self.alias().get("status"), indent=1)]
+        for path in sorted((self.kubelet.root / "logs" / self.namespace).rglob("*.log")):
+            parts.append(f"--- {path.parent.name}/{path.name}\n{path.read_text(errors='replace')[-1500:]}")
+        parts.append(f"--- operator\n{self.operator.logs()[-3000:]}")
+        return "\n".join(parts)
+
+    def settled(self, roles: dict[str, dict[str, Any]], timeout: float = SERVE_WAIT_S) -> dict[str, Any]:
+        """Wait until the alias serves exactly these targets (role → target fields), is Ready, its swap
+        is over (Progressing not True) and no model server of an earlier target is left."""
+
+        def done() -> dict[str, Any] | None:
+            assert self.operator.alive(), self.operator.logs()[-4000:]
+            alias = self.alias()
+            ready, progressing = condition(alias, "Ready"), condition(alias, "Progressing")
+            now = {s["role"]: s for s in (alias.get("status") or {}).get("served") or []}
+            if set(now) != set(roles) or not (ready and ready["status"] == "True"):
+                return None
+            if progressing and progressing["status"] == "True":
+                return None
+            for role, target in roles.items():
+                shown = {**now[role]["target"], "weight": now[role]["weight"]}
+                if any(shown.get(key) != value for key, value in target.items()):
+                    return None
+            wanted = {s["server"] for s in now.values() if s.get("server")}
+            if set(server_deployments(self.apps, self.namespace, ALIAS)) != wanted:
+                return None
+            return alias
+
+        found: dict[str, Any] = wait_until(done, f"{ALIAS} to serve {roles}", timeout, self.diagnose)
+        return found
 
 
 # ---------------------------------------------------------------------------------------------------

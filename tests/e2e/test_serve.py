@@ -18,204 +18,33 @@ the running target keeps serving.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from sdk_cli_support import job_body
 from serve_support import (
+    ALIAS,
+    SERVE_WAIT_S,
     Answer,
     ClientLoop,
     GatewayClient,
-    ServeOperator,
+    Serving,
     condition,
-    get_alias,
     kept_down,
     served,
-    server_deployments,
     wait_until,
 )
 
-from kubedistill import store
 from kubedistill.api.models import GROUP, VERSION
-from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
-from kubedistill_testing.fake_teacher import FakeTeacher
-from kubedistill_testing.kubelet import LocalKubelet
-from kubedistill_testing.s3 import RcloneS3
-from kubedistill_testing.tiny_gguf import tiny_gguf
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-FAKE_IMAGE = "kubedistill.test/serve-fake-stage"
-ALIAS = "smart"
-TEACHER_MODEL = "fake-teacher"
-# The gateway's pods start a Python with LiteLLM's imports on a shared machine: a minute, not seconds.
-SERVE_WAIT_S = 300.0
 CANARY_REQUESTS = 500
 FALLBACK_REQUESTS = 20
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[RcloneS3]:
-    with RcloneS3() as server:
-        server.create_bucket("artifacts")
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)  # this process writes the GGUF
-        yield server
-
-
-@pytest.fixture
-def teacher() -> Iterator[FakeTeacher]:
-    with FakeTeacher({}, models=(TEACHER_MODEL,)) as running:
-        yield running
-
-
-@dataclass
-class Serving:
-    """The running pieces of one serving test, and the calls its steps share."""
-
-    namespace: str
-    core: client.CoreV1Api
-    apps: client.AppsV1Api
-    custom: client.CustomObjectsApi
-    operator: ServeOperator
-    kubelet: LocalKubelet
-    teacher: FakeTeacher
-    gguf_uri: str
-    master_key: str
-
-    def provider(self) -> dict[str, Any]:
-        return {"provider": {"model": f"openai/{TEACHER_MODEL}", "baseURL": self.teacher.base_url}}
-
-    def alias(self, name: str = ALIAS) -> dict[str, Any]:
-        return get_alias(self.custom, self.namespace, name)
-
-    def create_alias(self, name: str, spec: dict[str, Any]) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelAlias", "metadata": {"name": name}}
-        self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, "modelaliases", {**body, "spec": spec}
-        )
-
-    def patch_spec(self, spec: dict[str, Any], name: str = ALIAS) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, "modelaliases", name, {"spec": spec}
-        )
-
-    def gateway(self) -> GatewayClient:
-        return GatewayClient.of(self.core, self.namespace, self.master_key)
-
-    def diagnose(self) -> str:
-        parts = [json.dumps(self.alias().get("status"), indent=1)]
-        for path in sorted((self.kubelet.root / "logs" / self.namespace).rglob("*.log")):
-            parts.append(f"--- {path.parent.name}/{path.name}\n{path.read_text(errors='replace')[-1500:]}")
-        parts.append(f"--- operator\n{self.operator.logs()[-3000:]}")
-        return "\n".join(parts)
-
-    def settled(self, roles: dict[str, dict[str, Any]], timeout: float = SERVE_WAIT_S) -> dict[str, Any]:
-        """Wait until the alias serves exactly these targets (role → target fields), is Ready, its swap
-        is over (Progressing not True) and no model server of an earlier target is left."""
-
-        def done() -> dict[str, Any] | None:
-            assert self.operator.alive(), self.operator.logs()[-4000:]
-            alias = self.alias()
-            ready, progressing = condition(alias, "Ready"), condition(alias, "Progressing")
-            now = {s["role"]: s for s in (alias.get("status") or {}).get("served") or []}
-            if set(now) != set(roles) or not (ready and ready["status"] == "True"):
-                return None
-            if progressing and progressing["status"] == "True":
-                return None
-            for role, target in roles.items():
-                shown = {**now[role]["target"], "weight": now[role]["weight"]}
-                if any(shown.get(key) != value for key, value in target.items()):
-                    return None
-            wanted = {s["server"] for s in now.values() if s.get("server")}
-            if set(server_deployments(self.apps, self.namespace, ALIAS)) != wanted:
-                return None
-            return alias
-
-        found: dict[str, Any] = wait_until(done, f"{ALIAS} to serve {roles}", timeout, self.diagnose)
-        return found
-
-
-@pytest.fixture
-def serving(
-    control_plane: Path,
-    kubelet: LocalKubelet,
-    serving_images: None,
-    namespace: str,
-    k8s_api: client.ApiClient,
-    s3: RcloneS3,
-    teacher: FakeTeacher,
-    tmp_path: Path,
-) -> Iterator[Serving]:
-    """The operator with its gateway, S3 holding the tiny Llama's GGUF, and `smart` → the teacher."""
-    core = client.CoreV1Api(k8s_api)
-    core.create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": "s3-credentials"},
-            "stringData": {S3_ACCESS_KEY_ENV: s3.access_key, S3_SECRET_KEY_ENV: s3.secret_key},
-        },
-    )
-    master_key = "sk-" + secrets.token_urlsafe(18)
-    core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "gateway-master"}, "stringData": {"master-key": master_key}}
-    )
-    gguf_uri = f"s3://artifacts/models/{uuid.uuid4().hex[:8]}/tiny-llama-q8_0.gguf"
-    store.put_file(tiny_gguf(), gguf_uri)
-    kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
-    operator = ServeOperator(
-        control_plane,
-        namespace,
-        tmp_path,
-        {
-            **s3.env(),
-            "KUBEDISTILL_TRAINER_IMAGE": f"{FAKE_IMAGE}:1",
-            "KUBEDISTILL_STORAGE_BUCKET": "artifacts",
-            "KUBEDISTILL_STORAGE_ENDPOINT": s3.env()["KUBEDISTILL_S3_ENDPOINT"],
-            "KUBEDISTILL_STORAGE_SECRET": "s3-credentials",
-            "KUBEDISTILL_GATEWAY_MASTER_KEY_SECRET": "gateway-master",
-            # The fake export copies the real GGUF where the job says its student is.
-            "KUBEDISTILL_STAGE_ENV": json.dumps({"KUBEDISTILL_FAKE_GGUF": gguf_uri}),
-        },
-    ).start()
-    running = Serving(
-        namespace,
-        core,
-        client.AppsV1Api(k8s_api),
-        client.CustomObjectsApi(k8s_api),
-        operator,
-        kubelet,
-        teacher,
-        gguf_uri,
-        master_key,
-    )
-    try:
-        running.create_alias(ALIAS, {"target": running.provider()})  # day one: the teacher serves `smart`
-        yield running
-        # Deleted while its operator runs (which finalizes it): the next test's `smart` owns the name.
-        running.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", ALIAS)
-        wait_until(lambda: not alias_exists(running), f"{ALIAS} to be deleted", 120, running.diagnose)
-    finally:
-        operator.stop()
-
-
-def alias_exists(serving: Serving) -> bool:
-    try:
-        serving.alias()
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
 
 
 def answered_by(answers: list[Answer], deployment_id: str) -> int:
