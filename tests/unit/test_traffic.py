@@ -96,7 +96,8 @@ def test_window_defaults_to_now_and_counts_back() -> None:
 def test_with_defaults_fixes_the_prefix_and_the_end_of_the_window() -> None:
     filled = traffic.with_defaults(spec(), "s3://bucket/kd", "team-a", NOW)
     assert filled.uri == "s3://bucket/kd/recordings/team-a/smart"
-    assert filled.until == "2026-12-03T15:00:00Z"
+    # Creation times have whole seconds: a request recorded later in that second is still in the window.
+    assert filled.until == "2026-12-03T15:00:01Z"
     explicit = traffic.with_defaults(
         spec(uri="s3://other/p", until="2026-12-01T00:00:00Z"), "s3://b", "ns", NOW
     )

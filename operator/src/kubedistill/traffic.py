@@ -69,11 +69,16 @@ def window(spec: FromTrafficSpec, now: datetime) -> tuple[datetime, datetime]:
 
 
 def with_defaults(spec: FromTrafficSpec, root: str, namespace: str, created: datetime) -> FromTrafficSpec:
-    """The spec a stage runs with: the recordings prefix and a fixed end of window filled in."""
+    """The spec a stage runs with: the recordings prefix and a fixed end of window filled in.
+
+    The API server gives creation times in whole seconds, while requests are recorded to the
+    microsecond: the window ends at the start of the next second, so a request recorded in the second
+    the job was created is not lost."""
+    end = created.replace(microsecond=0) + timedelta(seconds=1)
     return spec.model_copy(
         update={
             "uri": spec.uri or recordings_prefix(root, namespace, spec.alias),
-            "until": spec.until or rfc3339(created),
+            "until": spec.until or rfc3339(end),
         }
     )
 
