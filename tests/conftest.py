@@ -27,6 +27,10 @@ from kubernetes.client.exceptions import ApiException
 from kubedistill_testing import cluster, paths, servers
 from kubedistill_testing.kubelet import LocalKubelet
 
+# The serving tests' fixtures (tests/serve_fixtures.py): a conftest of their own in tests/e2e would
+# shadow this module for `from conftest import ...`.
+pytest_plugins = ["serve_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 # The harness is installed apart from the repository: tell it where the chart, CRDs and Go module are.
 os.environ.setdefault(paths.ENV, str(REPO))

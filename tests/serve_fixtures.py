@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
-from serve_support import ALIAS, FAKE_IMAGE, TEACHER_MODEL, ServeOperator, Serving
 
 from kubedistill import store
 from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
@@ -20,6 +19,7 @@ from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_testing.kubelet import LocalKubelet
 from kubedistill_testing.s3 import RcloneS3
 from kubedistill_testing.tiny_gguf import tiny_gguf
+from serve_support import ALIAS, FAKE_IMAGE, TEACHER_MODEL, ServeOperator, Serving
 
 
 @pytest.fixture
