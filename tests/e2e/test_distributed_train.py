@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 from kubernetes import client
 from sdk_cli_support import wait_until
-from test_real_stages import TRAINER_IMAGE, diagnose, s3, s3_env, start_operator, trainer_image_env
+from test_real_stages import (
+    TRAINER_IMAGE,
+    diagnose,
+    s3,
+    s3_env,
+    start_operator,
+    trainer_image_env,
+    wait_for_success,
+)
 
 from kubedistill import store
 from kubedistill.api.models import GROUP, VERSION, DistillationJobSpec, Stage
@@ -172,18 +180,7 @@ def test_two_train_pods_rendezvous_by_name_survive_a_killed_rank_and_match_one_p
             os.killpg(rank1, signal.SIGKILL)
             killed_at = store.read_json(latest)["step"]
 
-            def finished() -> dict[str, Any] | None:
-                assert operator.poll() is None, (tmp_path / "operator.log").read_text()[-3000:]
-                obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "distillationjobs", name)
-                return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
-
-            try:
-                done = wait_until(finished, "the job to finish", WAIT_S)
-            except AssertionError:
-                raise AssertionError(diagnose(custom, kubelet, namespace, name, tmp_path)) from None
-            assert done["status"]["phase"] == "Succeeded", diagnose(
-                custom, kubelet, namespace, name, tmp_path
-            )
+            done = wait_for_success(custom, kubelet, operator, namespace, name, tmp_path, WAIT_S)
             train_jobs = {
                 j.metadata.name: j
                 for j in batch.list_namespaced_job(

@@ -175,18 +175,7 @@ def test_operator_runs_the_real_stages_with_the_images_env_and_secrets(
         try:
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "distillationjobs", body)
 
-            def finished() -> dict[str, Any] | None:
-                assert operator.poll() is None, (tmp_path / "operator.log").read_text()[-3000:]
-                obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "distillationjobs", name)
-                return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
-
-            try:
-                done = wait_until(finished, "the job to finish", WAIT_S)
-            except AssertionError:
-                raise AssertionError(diagnose(custom, kubelet, namespace, name, tmp_path)) from None
-            assert done["status"]["phase"] == "Succeeded", diagnose(
-                custom, kubelet, namespace, name, tmp_path
-            )
+            done = wait_for_success(custom, kubelet, operator, namespace, name, tmp_path, WAIT_S)
 
             def alias_ready() -> dict[str, Any] | None:
                 alias = custom.get_namespaced_custom_object(
@@ -253,3 +242,27 @@ def diagnose(
         parts.append(f"--- {path.parent.name}\n{path.read_text(errors='replace')[-2500:]}")
     parts.append(f"--- operator\n{(workdir / 'operator.log').read_text(errors='replace')[-2500:]}")
     return "\n".join(parts)
+
+
+def wait_for_success(
+    custom: client.CustomObjectsApi,
+    kubelet: LocalKubelet,
+    operator: subprocess.Popen[bytes],
+    namespace: str,
+    name: str,
+    tmp_path: Path,
+    timeout: float,
+) -> dict[str, Any]:
+    """The job once it has finished, asserting it Succeeded (with a diagnosis if not), the operator alive."""
+
+    def finished() -> dict[str, Any] | None:
+        assert operator.poll() is None, (tmp_path / "operator.log").read_text()[-3000:]
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "distillationjobs", name)
+        return obj if (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
+
+    try:
+        done: dict[str, Any] = wait_until(finished, "the job to finish", timeout)
+    except AssertionError:
+        raise AssertionError(diagnose(custom, kubelet, namespace, name, tmp_path)) from None
+    assert done["status"]["phase"] == "Succeeded", diagnose(custom, kubelet, namespace, name, tmp_path)
+    return done
