@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 from sdk_cli_support import job_body
+
+from kubedistill.api.models import GROUP, VERSION
 from serve_support import (
     ALIAS,
     SERVE_WAIT_S,
@@ -38,8 +40,6 @@ from serve_support import (
     served,
     wait_until,
 )
-
-from kubedistill.api.models import GROUP, VERSION
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

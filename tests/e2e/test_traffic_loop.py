@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from serve_support import ALIAS, SERVE_WAIT_S, TEACHER_MODEL, Serving, condition, served, wait_until
 
 from kubedistill import store
 from kubedistill.api.models import GROUP, VERSION
@@ -29,6 +28,7 @@ from kubedistill.settings import GATEWAY_NAME
 from kubedistill.traffic import normalise, recordings_prefix
 from kubedistill_testing.kubelet.node import DEFAULT_IMAGES
 from kubedistill_testing.s3 import RcloneS3
+from serve_support import ALIAS, SERVE_WAIT_S, TEACHER_MODEL, Serving, condition, served, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1200)]
 
