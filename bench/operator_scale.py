@@ -151,6 +151,7 @@ def measure(api: Any, kubeconfig: Path, workdir: Path, n: int, timeout: float) -
             time.sleep(0.1)
 
     from kubedistill_testing.cluster import free_port
+    from kubedistill_testing.operator_process import stop_process
 
     port = free_port()
     count_file = workdir / f"requests-{n}.txt"
@@ -228,12 +229,7 @@ def measure(api: Any, kubeconfig: Path, workdir: Path, n: int, timeout: float) -
         rss = peak_rss_mb(proc.pid)
         cpu = cpu_seconds(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
         core.delete_namespace(ns)
     requests = int(count_file.read_text()) if count_file.exists() else 0
     return {

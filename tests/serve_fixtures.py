@@ -19,7 +19,7 @@ from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_testing.kubelet import LocalKubelet
 from kubedistill_testing.s3 import RcloneS3
 from kubedistill_testing.tiny_gguf import tiny_gguf
-from serve_support import ALIAS, FAKE_IMAGE, TEACHER_MODEL, ServeOperator, Serving
+from serve_support import ALIAS, FAKE_IMAGE, TEACHER_MODEL, Serving, serve_operator
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def serving(
     gguf_uri = f"s3://artifacts/models/{uuid.uuid4().hex[:8]}/tiny-llama-q8_0.gguf"
     store.put_file(tiny_gguf(), gguf_uri)
     kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
-    operator = ServeOperator(
+    operator = serve_operator(
         control_plane,
         namespace,
         tmp_path,

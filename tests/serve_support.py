@@ -14,8 +14,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from kubedistill.api.models import GROUP, VERSION
 from kubedistill_testing.fake_teacher import FakeTeacher
 from kubedistill_testing.kubelet import LocalKubelet, service_loopback_address
+from kubedistill_testing.operator_process import OperatorProcess
 
 GATEWAY = "kubedistill-gateway"
 GATEWAY_PORT = 4000
@@ -43,55 +42,17 @@ TEACHER_MODEL = "fake-teacher"
 SERVE_WAIT_S = 300.0
 
 
-@dataclass
-class ServeOperator:
-    """One operator process that serves aliases: gateway on, in the test's namespace."""
-
-    kubeconfig: Path
-    namespace: str
-    workdir: Path
-    env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ServeOperator:
-        env = {
-            **os.environ,
-            **self.env,
-            "KUBECONFIG": str(self.kubeconfig),
-            "KUBEDISTILL_GATEWAY_ENABLED": "true",
-            "KUBEDISTILL_GATEWAY_NAMESPACE": self.namespace,
-            # What the chart sets beside kopf's namespaces: without it the gateway's alias list (model-name
-            # ownership, the periodic re-check) spans the cluster, and an alias left by an earlier test in a
-            # terminating namespace takes `smart` from this one.
-            "KUBEDISTILL_NAMESPACES": self.namespace,
-            "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
-            "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
-            "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
-            "KUBEDISTILL_PROGRESS_INTERVAL_S": "1",
-        }
-        with (self.workdir / "operator.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "kubedistill.handlers", "-n", self.namespace],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def logs(self) -> str:
-        return (self.workdir / "operator.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def serve_operator(kubeconfig: Path, namespace: str, workdir: Path, env: dict[str, str]) -> OperatorProcess:
+    """An operator process that serves aliases: gateway on, in the test's namespace."""
+    gateway = {
+        "KUBEDISTILL_GATEWAY_ENABLED": "true",
+        "KUBEDISTILL_GATEWAY_NAMESPACE": namespace,
+        # What the chart sets beside kopf's namespaces: without it the gateway's alias list (model-name
+        # ownership, the periodic re-check) spans the cluster, and an alias left by an earlier test in a
+        # terminating namespace takes `smart` from this one.
+        "KUBEDISTILL_NAMESPACES": namespace,
+    }
+    return OperatorProcess(kubeconfig, namespace, workdir, {**env, **gateway})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,7 +98,7 @@ class Serving:
     core: client.CoreV1Api
     apps: client.AppsV1Api
     custom: client.CustomObjectsApi
-    operator: ServeOperator
+    operator: OperatorProcess
     kubelet: LocalKubelet
     teacher: FakeTeacher
     gguf_uri: str

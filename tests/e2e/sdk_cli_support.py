@@ -5,8 +5,6 @@ local kubelet."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kubedistill_testing.kubelet import LocalKubelet
+from kubedistill_testing.operator_process import OperatorProcess
 
 FAKE_IMAGE = "kubedistill.test/fake-stage"
 ROWS = [
@@ -45,38 +44,20 @@ def job_body(name: str, **spec: Any) -> dict[str, Any]:
 @contextmanager
 def operator_process(
     kubeconfig: Path, namespace: str, workdir: Path, kubelet: LocalKubelet, **stage_env: str
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> Iterator[OperatorProcess]:
     """`python -m kubedistill.handlers -n NS` with the fake stage as its trainer image; stopped afterwards."""
     kubelet.images[FAKE_IMAGE] = [sys.executable, "-m", "kubedistill_testing.fake_stage"]
     env = {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
         "KUBEDISTILL_TRAINER_IMAGE": f"{FAKE_IMAGE}:1",
-        "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
         "KUBEDISTILL_ARTIFACT_ROOT": (workdir / "artifacts").as_uri(),
-        "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
-        "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
-        "KUBEDISTILL_PROGRESS_INTERVAL_S": "1",
     }
     if stage_env:
         env["KUBEDISTILL_STAGE_ENV"] = json.dumps(stage_env)
-    log_path = workdir / "operator.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kubedistill.handlers", "-n", namespace],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    running = OperatorProcess(kubeconfig, namespace, workdir, env).start()
     try:
-        yield proc
+        yield running
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        running.stop()
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:

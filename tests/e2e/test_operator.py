@@ -8,13 +8,9 @@ fake stage through KUBEDISTILL_STAGE_ENV, and kill and restart it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ from sdk_cli_support import job_body
 from kubedistill.api.stage import S3_ACCESS_KEY_ENV, S3_SECRET_KEY_ENV
 from kubedistill.domain.deletion import FINALIZER
 from kubedistill_testing.kubelet import LocalKubelet
+from kubedistill_testing.operator_process import OperatorProcess
 from kubedistill_testing.s3 import RcloneS3
 
 pytestmark = pytest.mark.cluster
@@ -43,17 +40,19 @@ def fake_stage_image(kubelet: LocalKubelet) -> Iterator[str]:
     yield f"{FAKE_IMAGE}:1"
 
 
-@dataclass
-class Operator:
-    """One operator process watching one namespace."""
+class Operator(OperatorProcess):
+    """The operator with the fake stage as its trainer image; a start may script the fake stage."""
 
-    kubeconfig: Path
-    namespace: str
-    workdir: Path
-    image: str
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    starts: int = 0
+    def __init__(self, kubeconfig: Path, namespace: str, workdir: Path, image: str) -> None:
+        super().__init__(
+            kubeconfig,
+            namespace,
+            workdir,
+            {
+                "KUBEDISTILL_TRAINER_IMAGE": image,
+                "KUBEDISTILL_ARTIFACT_ROOT": (workdir / "artifacts").as_uri(),
+            },
+        )
 
     @property
     def artifacts(self) -> Path:
@@ -62,47 +61,8 @@ class Operator:
     def start(self, **stage_env: str) -> Operator:
         if stage_env:
             self.env["KUBEDISTILL_STAGE_ENV"] = json.dumps(stage_env)
-        self.starts += 1
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "KUBEDISTILL_TRAINER_IMAGE": self.image,
-            "KUBEDISTILL_IMAGE_PULL_POLICY": "Never",
-            "KUBEDISTILL_ARTIFACT_ROOT": self.artifacts.as_uri(),
-            "KUBEDISTILL_DEFAULT_TRAIN_GPUS": "0",
-            "KUBEDISTILL_RETRY_BACKOFF_BASE_S": "0.5",
-            "KUBEDISTILL_PROGRESS_INTERVAL_S": "1",
-            **self.env,
-        }
-        log = (self.workdir / f"operator-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kubedistill.handlers", "-n", self.namespace],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        super().start()
         return self
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, as when a node dies under the operator."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("operator-*.log")))
 
 
 @pytest.fixture

@@ -4,9 +4,6 @@ comes back); deleting the alias takes its route out of the gateway's config."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,36 +17,21 @@ from conftest import wait_for
 from kubedistill.api.models import API_VERSION, GROUP, VERSION
 from kubedistill.builders import gateway as gw
 from kubedistill.settings import GATEWAY_NAME
+from kubedistill_testing.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture
-def operator_log(control_plane: Path, namespace: str, tmp_path: Path) -> Iterator[Path]:
-    log = tmp_path / "operator.log"
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(control_plane),
+def operator(control_plane: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    gateway = {
         "KUBEDISTILL_GATEWAY_ENABLED": "true",
         "KUBEDISTILL_GATEWAY_NAMESPACE": namespace,
         "KUBEDISTILL_ARTIFACT_ROOT": tmp_path.as_uri(),
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kubedistill.handlers", "-n", namespace],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield log
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    running = OperatorProcess(control_plane, namespace, tmp_path, gateway).start()
+    yield running
+    running.stop()
 
 
 def _servers(apps: client.AppsV1Api, namespace: str) -> list[str]:
@@ -58,7 +40,7 @@ def _servers(apps: client.AppsV1Api, namespace: str) -> list[str]:
 
 
 def test_the_operator_serves_an_alias_and_watches_its_servers(
-    k8s_api: client.ApiClient, namespace: str, operator_log: Path
+    k8s_api: client.ApiClient, namespace: str, operator: OperatorProcess
 ) -> None:
     custom, core, apps = (
         client.CustomObjectsApi(k8s_api),
@@ -75,7 +57,7 @@ def test_the_operator_serves_an_alias_and_watches_its_servers(
         },
     }
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", body)
-    logs = lambda: operator_log.read_text(errors="replace")[-3000:]  # noqa: E731
+    logs = lambda: operator.logs()[-3000:]  # noqa: E731
 
     (server,) = wait_for(lambda: _servers(apps, namespace), timeout=60, what=f"a model server\n{logs()}")
 
