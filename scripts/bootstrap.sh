@@ -24,18 +24,14 @@ step "torch 2.13.0 (a few GB where no local CPU wheel exists)"
 pip install -q torch==2.13.0
 done_step
 
-# llama-cpp-python has no wheel: build it once per machine without native CPU flags (the native
-# build dies with SIGILL on AMX hosts), and keep the sdist, whose vendor/llama.cpp holds the
-# GGUF converter that the export stage runs.
-mkdir -p "$CACHE/wheels" "$CACHE/sdist"
+# llama-cpp-python has no wheel, and llama-server is built from the same llama.cpp: compile llama.cpp once
+# per machine, from the sdist's vendor/llama.cpp (kept: it also holds the GGUF converter that the export
+# stage runs), as shared libraries plus llama-server, then build llama-cpp-python's bindings alone and give
+# its wheel those libraries (kubedistill_testing.servers; standard library only, so it runs before the
+# harness is installed).
+mkdir -p "$CACHE/sdist"
 sdist="$CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
 [ -f "$sdist" ] || pip download -q --no-deps --no-binary :all: -d "$CACHE/sdist" "llama-cpp-python==$LLAMA_VERSION"
-if ! ls "$CACHE/wheels"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
-  step "building llama-cpp-python $LLAMA_VERSION (once per machine, ~10 min on 2 cores)"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
-    pip wheel -q --no-deps --no-cache-dir -w "$CACHE/wheels" "$sdist"
-  done_step
-fi
 conv="$CACHE/llama.cpp-$LLAMA_VERSION"
 if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
   tmp=$(mktemp -d)
@@ -43,17 +39,20 @@ if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
   rm -rf "$conv" && mv "$tmp"/llama_cpp_python-"$LLAMA_VERSION"/vendor/llama.cpp "$conv"
   rm -rf "$tmp"
 fi
+step "llama.cpp $LLAMA_VERSION: llama-server and the libraries llama-cpp-python loads (once per machine, ~13 min on 2 idle cores)"
+wheel=$(KUBEDISTILL_CACHE="$CACHE" PYTHONPATH=tests/harness .venv/bin/python -m kubedistill_testing.servers wheel --sdist "$sdist")
+done_step
 
 step "the product and its pinned dependencies (editable)"
-pip install -q --find-links "$CACHE/wheels" -e ".[operator,trainer,gguf,dev]"
+pip install -q --find-links "$(dirname "$wheel")" -e ".[operator,trainer,gguf,dev]"
 done_step
 # The test harness is a distribution of its own (tests/harness), so the product's wheel never holds it.
 pip install -q --no-deps -e tests/harness
-# The real servers behind `model=<alias>`: llama.cpp's own llama-server, built from the sdist's source
-# extracted above (only that target, static), and the LiteLLM proxy in a virtualenv of its own (its many
-# pinned dependencies never meet this one's). Both are cached per pin in $CACHE; linked here so that local
-# mode (`kubedistill serve`) finds them on PATH, and mapped by the local kubelet for the serving tests.
-step "llama-server and the LiteLLM proxy (once per machine: llama-server ~26 CPU-minutes, ~13 min on 2 idle cores)"
+# The real servers behind `model=<alias>`: llama.cpp's own llama-server (built above) and the LiteLLM proxy
+# in a virtualenv of its own (its many pinned dependencies never meet this one's), cached per pin in $CACHE;
+# linked here so that local mode (`kubedistill serve`) finds them on PATH, and mapped by the local kubelet
+# for the serving tests.
+step "the LiteLLM proxy (once per machine)"
 KUBEDISTILL_CACHE="$CACHE" .venv/bin/python -m kubedistill_testing.servers build --link-into .venv/bin >/dev/null
 done_step
 # The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;

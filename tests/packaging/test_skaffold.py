@@ -18,14 +18,12 @@ import jsonschema
 import pytest
 import yaml
 
+from kubedistill_testing.cache import cache_root
+
 ROOT = Path(__file__).resolve().parents[2]
 SKAFFOLD_MODULE = "github.com/GoogleContainerTools/skaffold/v2"
 # v2.16.1 is the newest release of the module the proxy serves here; its newest schema is v4beta13.
 SKAFFOLD_VERSION = "v2.16.1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KUBEDISTILL_CACHE") or Path.home() / ".cache" / "kubedistill")
 
 
 def skaffold_schema(api_version: str) -> dict[str, Any]:

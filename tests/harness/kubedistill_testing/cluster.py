@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -33,13 +32,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from kubedistill.local.processes import free_port as any_free_port
+from kubedistill_testing.cache import cache_root, file_lock
 from kubedistill_testing.paths import repo_root
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
@@ -78,10 +78,6 @@ class ClusterError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 # Locations and versions
 # ---------------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KUBEDISTILL_CACHE") or Path.home() / ".cache" / "kubedistill")
 
 
 def tools_module_dir() -> Path:
@@ -181,7 +177,7 @@ def build(module_dir: Path | None = None) -> Path:
         )
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f"controlplane-{version}.lock"):
+    with file_lock(target.parent / f"controlplane-{version}.lock"):
         if all((target / name).is_file() for name in BINARIES):
             return target  # another process built it while we waited for the lock
         partial = target.with_name(target.name + ".partial")
@@ -209,16 +205,6 @@ def build(module_dir: Path | None = None) -> Path:
             shutil.rmtree(target)
         partial.rename(target)
     return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ The build goes to ``$KUBEDISTILL_CACHE/helm-<version>/helm`` (default ``~/.cache
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from kubedistill_testing.cache import cache_root, file_lock
 from kubedistill_testing.paths import repo_root
 
 HELM_MODULE = "helm.sh/helm/v3"
@@ -91,10 +91,6 @@ class HelmError(RuntimeError):
     """helm could not be built or run; the message says what is missing."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KUBEDISTILL_CACHE") or Path.home() / ".cache" / "kubedistill")
-
-
 def helm_path(version: str = HELM_VERSION) -> Path:
     return cache_root() / f"helm-{version}" / "helm"
 
@@ -148,8 +144,7 @@ def build(version: str = HELM_VERSION) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent.parent / f"helm-{version}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(target.parent.parent / f"helm-{version}.lock"):
         if target.is_file():
             return target  # another process built it while we waited
         partial = target.parent / "partial"

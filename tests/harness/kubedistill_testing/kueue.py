@@ -44,6 +44,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kubedistill_testing import cluster
+from kubedistill_testing.cache import cache_root, file_lock
 
 VERSION = "v0.17.0"
 MODULE = "sigs.k8s.io/kueue"
@@ -55,7 +56,7 @@ CONVERTED = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueue
 
 
 def cache_dir(version: str = VERSION) -> Path:
-    return cluster.cache_root() / f"kueue-{version}"
+    return cache_root() / f"kueue-{version}"
 
 
 def build(version: str = VERSION) -> Path:
@@ -65,7 +66,7 @@ def build(version: str = VERSION) -> Path:
         return target
     go = cluster.find_go()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with cluster._file_lock(target.parent / f"kueue-{version}.lock"):
+    with file_lock(target.parent / f"kueue-{version}.lock"):
         if (target / "kueue").is_file() and (target / "crds").is_dir():
             return target
         partial = target.with_name(target.name + ".partial")

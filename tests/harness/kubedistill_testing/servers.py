@@ -3,9 +3,12 @@
 Both are built once per machine and cached under ``$KUBEDISTILL_CACHE`` (default ``~/.cache/kubedistill``)
 in a directory named after what pins them, with a lock, like the control plane (:mod:`.cluster`):
 
-- ``llama-server-<llama-cpp-python pin>-<flags hash>/llama-server``: built with CMake from the llama.cpp
-  source that the llama-cpp-python sdist vendors (the bootstrap extracts it to ``llama.cpp-<pin>``), only
-  the ``llama-server`` target, Release, static, no network code (no curl, no OpenSSL, no web UI download);
+- ``llama-server-<llama-cpp-python pin>-<flags hash>/``: ``llama-server`` and llama.cpp's shared libraries,
+  built once with CMake from the llama.cpp source that the llama-cpp-python sdist vendors (the bootstrap
+  extracts it to ``llama.cpp-<pin>``): Release, no network code (no curl, no OpenSSL, no web UI download).
+  Its ``wheel/`` holds llama-cpp-python's wheel, built with its own compile of llama.cpp switched off and
+  given these libraries instead, so a cold machine compiles llama.cpp once, not twice (~13 CPU-minutes
+  saved);
 - ``litellm-<hash of scripts/litellm-requirements.txt>/``: a virtualenv of its own holding ``litellm[proxy]``
   with every dependency pinned, so the proxy's large dependency set never touches the product's ``.venv``.
 
@@ -15,12 +18,14 @@ The local kubelet maps the upstream images to these (``ghcr.io/ggml-org/llama.cp
 
 Command line::
 
+    python -m kubedistill_testing.servers wheel --sdist llama_cpp_python-<pin>.tar.gz   # prints its path
     python -m kubedistill_testing.servers build [--link-into .venv/bin]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import os
 import re
@@ -28,25 +33,29 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import venv
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kubedistill_testing.cluster import _file_lock, cache_root
+from kubedistill_testing.cache import cache_root, file_lock
 from kubedistill_testing.paths import RepoRootMissing, repo_root
 
 LLAMA_SERVER = "llama-server"
 LITELLM = "litellm"
 LITELLM_REQUIREMENTS = Path("scripts") / "litellm-requirements.txt"
 COMPLETE = ".complete"
-# Everything but the server is off: tests, examples, the other tools, the unified app, the web UI (and its
-# download), and every network client the server does not need to answer on loopback. Static, so the one
-# binary can be linked anywhere. No native CPU flags: a native build dies with SIGILL on AMX hosts (as the
-# llama-cpp-python wheel's, see scripts/bootstrap.sh); the AVX2/FMA/F16C baseline stays on.
+# Everything but the server and the libraries is off: tests, examples, the other tools, the unified app, the
+# web UI (and its download), and every network client the server does not need to answer on loopback.
+# Shared libraries, because llama-cpp-python loads these same ones (see llama_cpp_python_wheel); rpaths
+# relative to $ORIGIN, because they are copied out of the build tree. No native CPU flags: a native build
+# dies with SIGILL on AMX hosts; the AVX2/FMA/F16C baseline stays on.
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
     "-DGGML_NATIVE=OFF",
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
@@ -58,6 +67,9 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_BUILD_TOOLS=ON",
 )
+# llama-cpp-python's own CMake options: build its bindings without compiling llama.cpp (or its llava/mtmd).
+WHEEL_CMAKE_ARGS = "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
+WHEEL_LIBRARY_DIR = "llama_cpp/lib"
 
 
 class ServerBuildError(RuntimeError):
@@ -109,13 +121,18 @@ def _run_logged(cmd: Sequence[str], log: Path, what: str, **kwargs: object) -> N
         raise ServerBuildError(f"{what} failed: {tail[0].strip()} (full log: {log})")
 
 
-def build_llama_server(root: Path | None = None) -> Path:
-    """The path of a cached llama-server binary, building it first if needed (~26 CPU-minutes)."""
+def is_shared_library(name: str) -> bool:
+    return name.startswith("lib") and (name.endswith(".so") or ".so." in name)
+
+
+def build_llama_cpp(root: Path | None = None) -> Path:
+    """The cached directory of llama-server and llama.cpp's shared libraries, built first if needed.
+
+    ~26 CPU-minutes; the libraries' rpaths are $ORIGIN, so the directory can be linked to from anywhere."""
     pin = llama_cpp_pin(((root or repo_root()) / "pyproject.toml").read_text())
     target = llama_server_dir(pin)
-    binary = target / LLAMA_SERVER
-    if binary.is_file():
-        return binary
+    if (target / LLAMA_SERVER).is_file():
+        return target
     source = llama_source_dir(pin)
     if not (source / "tools" / "server").is_dir():
         raise ServerBuildError(
@@ -124,11 +141,11 @@ def build_llama_server(root: Path | None = None) -> Path:
         )
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise ServerBuildError("cmake is needed to build llama-server once per machine: install cmake")
+        raise ServerBuildError("cmake is needed to build llama.cpp once per machine: install cmake")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f"{target.name}.lock"):
-        if binary.is_file():
-            return binary  # another process built it while we waited for the lock
+    with file_lock(target.parent / f"{target.name}.lock"):
+        if (target / LLAMA_SERVER).is_file():
+            return target  # another process built it while we waited for the lock
         partial = target.with_name(target.name + ".partial")
         # An interrupted build resumes: its build tree has the same flags (they name the directory).
         build_dir = partial / "build"
@@ -137,7 +154,7 @@ def build_llama_server(root: Path | None = None) -> Path:
         jobs = str(os.cpu_count() or 2)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         _say(
-            f"building llama-server from llama.cpp {pin}'s source (once per machine, ~13 min on 2 idle cores)"
+            f"building llama.cpp {pin} (llama-server and its libraries; once per machine, ~13 min on 2 idle cores)"
         )
         started = time.monotonic()
         _run_logged([cmake, "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_FLAGS], log, "cmake")
@@ -146,15 +163,86 @@ def build_llama_server(root: Path | None = None) -> Path:
             log,
             "building llama-server",
         )
-        built = next(build_dir.rglob(LLAMA_SERVER), None)
-        if built is None or not built.is_file():
-            raise ServerBuildError(f"the build finished without a {LLAMA_SERVER} binary (log: {log})")
-        shutil.copy2(built, partial / LLAMA_SERVER)
+        built = build_dir / "bin"
+        if not (built / LLAMA_SERVER).is_file():
+            raise ServerBuildError(f"the build finished without bin/{LLAMA_SERVER} (log: {log})")
+        for item in built.iterdir():
+            if item.name == LLAMA_SERVER or is_shared_library(item.name):
+                shutil.copy2(item, partial / item.name, follow_symlinks=False)
         shutil.rmtree(build_dir)
-        _say(f"  llama-server built in {time.monotonic() - started:.0f} s ({_children_cpu_s():.0f} s of CPU)")
+        # With the build tree gone, only the $ORIGIN rpaths can find the libraries: prove they do.
+        _run_logged(
+            [str(partial / LLAMA_SERVER), "--version"], log, "running the built llama-server", timeout=60
+        )
+        _say(f"  llama.cpp built in {time.monotonic() - started:.0f} s ({_children_cpu_s():.0f} s of CPU)")
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-    return binary
+    return target
+
+
+def build_llama_server(root: Path | None = None) -> Path:
+    """The path of the cached llama-server binary, building llama.cpp first if needed."""
+    return build_llama_cpp(root) / LLAMA_SERVER
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def bundle_libraries(wheel: Path, libraries: Sequence[Path], out: Path) -> None:
+    """Write `wheel` to `out` with `libraries` added under llama_cpp/lib/ and its RECORD made anew.
+
+    A symlinked library is stored as a copy under each name (a wheel holds no links), as llama-cpp-python's
+    own wheels do."""
+    with zipfile.ZipFile(wheel) as source:
+        record = next((n for n in source.namelist() if n.endswith(".dist-info/RECORD")), None)
+        if record is None:
+            raise ServerBuildError(f"{wheel.name} has no RECORD")
+        entries = [(info, source.read(info)) for info in source.infolist() if info.filename != record]
+    for library in libraries:
+        info = zipfile.ZipInfo(f"{WHEEL_LIBRARY_DIR}/{library.name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0o755 << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        entries.append((info, library.read_bytes()))
+    rows = [f"{info.filename},{_record_hash(data)},{len(data)}" for info, data in entries]
+    rows.append(f"{record},,")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as bundled:
+        for info, data in entries:
+            bundled.writestr(info, data)
+        bundled.writestr(record, "\n".join(rows) + "\n")
+
+
+def llama_cpp_python_wheel(sdist: Path, root: Path | None = None) -> Path:
+    """llama-cpp-python's wheel for the product's .venv, carrying the libraries of :func:`build_llama_cpp`.
+
+    Its own build compiles only the bindings (seconds), so llama.cpp is compiled once per machine."""
+    libraries_dir = build_llama_cpp(root)
+    wheel_dir = libraries_dir / "wheel"
+    found = sorted(wheel_dir.glob("*.whl"))
+    if found:
+        return found[0]
+    with file_lock(libraries_dir.parent / f"{libraries_dir.name}.wheel.lock"):
+        found = sorted(wheel_dir.glob("*.whl"))
+        if found:
+            return found[0]
+        log = libraries_dir.with_name(libraries_dir.name + ".build.log")
+        partial = wheel_dir.with_name("wheel.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            plain_dir = Path(tmp)
+            pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "-q", "--no-deps"]
+            _run_logged(
+                [*pip, "--no-cache-dir", "-w", str(plain_dir), str(sdist)],
+                log,
+                "building the llama-cpp-python wheel",
+                env={**os.environ, "CMAKE_ARGS": WHEEL_CMAKE_ARGS},
+            )
+            plain = next(plain_dir.glob("*.whl"))
+            libraries = sorted(p for p in libraries_dir.iterdir() if is_shared_library(p.name))
+            bundle_libraries(plain, libraries, partial / plain.name)
+            partial.rename(wheel_dir)
+    return next(wheel_dir.glob("*.whl"))
 
 
 def build_litellm(root: Path | None = None) -> Path:
@@ -165,7 +253,7 @@ def build_litellm(root: Path | None = None) -> Path:
     if complete.is_file():
         return entry
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f"{target.name}.lock"):
+    with file_lock(target.parent / f"{target.name}.lock"):
         if complete.is_file():
             return entry
         # Built in place (a venv's scripts name its interpreter by absolute path); complete only once marked.
@@ -224,8 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     build_parser = sub.add_parser("build", help="build (or find cached) llama-server and the LiteLLM proxy")
     build_parser.add_argument("--link-into", type=Path, help="symlink both into this directory")
+    wheel_parser = sub.add_parser(
+        "wheel", help="build (or find cached) llama.cpp and llama-cpp-python's wheel"
+    )
+    wheel_parser.add_argument("--sdist", type=Path, required=True, help="the llama-cpp-python sdist")
     args = parser.parse_args(argv)
     try:
+        if args.command == "wheel":
+            print(llama_cpp_python_wheel(args.sdist))
+            return 0
         binaries = {LLAMA_SERVER: build_llama_server(), LITELLM: build_litellm()}
     except ServerBuildError as err:
         _say(str(err))

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from kubedistill.local.tiny_model import tiny_llama
-from kubedistill_testing.cluster import _file_lock
+from kubedistill_testing.cache import file_lock
 
 OUTTYPE = "q8_0"
 
@@ -25,7 +25,7 @@ def tiny_gguf() -> Path:
     from kubedistill_trainer.export import convert_to_gguf, converter_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.with_suffix(".lock")):
+    with file_lock(target.with_suffix(".lock")):
         if not target.is_file():
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 partial = Path(tmp) / target.name
