@@ -21,6 +21,7 @@ from kubedistill.api.models import (
     Quantization,
     ResourceRequirements,
     SecretKeyRef,
+    StatusModel,
     Uri,
 )
 from kubedistill.api.recording import RecordingSpec
@@ -106,7 +107,7 @@ class ModelAliasSpec(Model):
     )
 
 
-class Endpoint(Model):
+class Endpoint(StatusModel):
     url: Uri = Field(description="OpenAI-compatible base URL of the gateway, in-cluster.")
     model: ModelId = Field(description="The `model` to send.")
 
@@ -114,7 +115,7 @@ class Endpoint(Model):
 Role = Literal["primary", "canary", "fallback"]
 
 
-class ServedTarget(Model):
+class ServedTarget(StatusModel):
     role: Role = Field(description="primary, canary or fallback.")
     target: AliasTarget = Field(description="The target as the spec named it.")
     weight: int = Field(ge=0, le=100, description="Percent of requests (fallback: 0, only on failure).")
@@ -127,12 +128,12 @@ class ServedTarget(Model):
     )
 
 
-class AliasHistoryEntry(Model):
+class AliasHistoryEntry(StatusModel):
     target: AliasTarget = Field(description="A previous target.")
     replaced_at: str | None = Field(default=None, description="When it was replaced (RFC 3339).")
 
 
-class ModelAliasStatus(Model):
+class ModelAliasStatus(StatusModel):
     gguf_uri: Uri | None = Field(default=None, alias="ggufURI", description="Resolved GGUF.")
     adapter_uri: Uri | None = Field(default=None, alias="adapterURI", description="Resolved adapter.")
     model: ModelId | None = Field(default=None, description="Resolved base model.")

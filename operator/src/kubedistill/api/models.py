@@ -57,6 +57,16 @@ class Model(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class StatusModel(Model):
+    """What the operator and its stages write, not what users do: read leniently, so an operator rolled back
+    across an upgrade still reads a status that a newer one wrote (a field it does not know is dropped on
+    read, and left in the object by its merge patches) instead of failing every job as an invalid spec."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", validate_default=True
+    )
+
+
 # ---------------------------------------------------------------------------------------- spec
 
 
@@ -513,7 +523,7 @@ class StageState(StrEnum):
     SKIPPED = "Skipped"
 
 
-class Condition(Model):
+class Condition(StatusModel):
     type: Annotated[str, Field(max_length=316)] = Field(description="Condition type, e.g. Ready.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: Annotated[str, Field(max_length=1024)] = Field(default="", description="CamelCase reason.")
@@ -524,7 +534,7 @@ class Condition(Model):
     )
 
 
-class StageStatus(Model):
+class StageStatus(StatusModel):
     name: Stage = Field(description="Stage name.")
     job_name: Annotated[str, Field(max_length=63)] | None = Field(
         default=None, description="batch/v1 Job of the latest attempt."
@@ -538,7 +548,7 @@ class StageStatus(Model):
     message: Annotated[str, Field(max_length=4096)] | None = Field(default=None, description="Last outcome.")
 
 
-class Progress(Model):
+class Progress(StatusModel):
     stage: Stage | None = Field(default=None, description="Stage reporting progress.")
     percent: float = Field(default=0.0, ge=0.0, le=100.0, description="Whole-pipeline completion, 0-100.")
     detail: Annotated[str, Field(max_length=1024)] | None = Field(
@@ -547,7 +557,7 @@ class Progress(Model):
     updated_at: str | None = Field(default=None, description="When the stage last reported (RFC 3339).")
 
 
-class TrafficCounts(Model):
+class TrafficCounts(StatusModel):
     found: int = Field(default=0, ge=0, description="Recorded requests in the window.")
     kept: int = Field(default=0, ge=0, description="Requests that became dataset rows.")
     deduplicated: int = Field(default=0, ge=0, description="Requests dropped as repeats of a kept prompt.")
@@ -557,7 +567,7 @@ class TrafficCounts(Model):
     until: str | None = Field(default=None, description="End of the window read (RFC 3339, exclusive).")
 
 
-class Estimate(Model):
+class Estimate(StatusModel):
     prompts: int = Field(default=0, ge=0, description="Prompts that will be sent to the teacher.")
     teacher_calls: int = Field(default=0, ge=0, description="Teacher requests (n samples per prompt).")
     input_tokens: int = Field(default=0, ge=0, description="Teacher input tokens.")
@@ -586,7 +596,7 @@ class Estimate(Model):
     )
 
 
-class Artifacts(Model):
+class Artifacts(StatusModel):
     dataset_uri: Uri | None = Field(default=None, alias="datasetURI", description="Normalised dataset split.")
     candidates_uri: Uri | None = Field(default=None, alias="candidatesURI", description="Teacher candidates.")
     curated_uri: Uri | None = Field(
@@ -600,7 +610,7 @@ class Artifacts(Model):
     eval_uri: Uri | None = Field(default=None, alias="evalURI", description="Per-row evaluation.")
 
 
-class Metrics(Model):
+class Metrics(StatusModel):
     teacher_calls: int | None = Field(default=None, ge=0, description="Successful teacher requests.")
     teacher_input_tokens: int | None = Field(default=None, ge=0, description="Billed input tokens.")
     teacher_output_tokens: int | None = Field(default=None, ge=0, description="Billed output tokens.")
@@ -649,7 +659,7 @@ class Metrics(Model):
     )
 
 
-class DistillationJobStatus(Model):
+class DistillationJobStatus(StatusModel):
     phase: Phase | None = Field(default=None, description="Derived from observation of the stage Jobs.")
     conditions: list[Condition] = Field(default_factory=list, max_length=32, description="Ready, Complete...")
     observed_generation: int | None = Field(default=None, ge=0, description="Last generation acted on.")
