@@ -261,9 +261,11 @@ def test_a_traffic_dataset_reads_a_window_fixed_at_the_jobs_creation() -> None:
     job.metadata.model_extra["creationTimestamp"] = "2026-12-03T10:00:00Z"  # type: ignore[index]
     traffic = build_invocation(job, Stage.GENERATE, 1, SETTINGS).spec.dataset.from_traffic
     assert traffic is not None
+    # The end is exclusive and the timestamp has whole seconds: requests recorded within the creation's
+    # second are in the window.
     assert (traffic.uri, traffic.until) == (
         "s3://artifacts/kubedistill/recordings/team/smart",
-        "2026-12-03T10:00:00Z",
+        "2026-12-03T10:00:01Z",
     )
     assert (
         build_invocation(job, Stage.ESTIMATE, 2, SETTINGS).spec
