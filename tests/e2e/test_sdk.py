@@ -80,7 +80,7 @@ def test_create_wait_artifacts_register_model(distiller: Distiller) -> None:
     # Re-pointing keeps the previous target; rollback returns to it.
     d.register_model(id="smart", distillation_job=job["id"])
     repointed = wait_until(lambda: (a := d.alias("smart"))["history"] and a, "alias history")
-    assert repointed["history"][0]["ggufURI"] == arts["gguf_paths"]["q4_k_m"]
+    assert repointed["history"][0]["target"]["ggufURI"] == arts["gguf_paths"]["q4_k_m"]
     assert d.rollback_alias("smart")["target"]["ggufURI"] == arts["gguf_paths"]["q4_k_m"]
 
     assert [j["id"] for j in d.list()] == [job["id"]] and d.get(job["id"])["status"] == "succeeded"

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 import yaml
 from kubernetes import client
 
 from conftest import wait_for
+from kubedistill import Distiller
 from kubedistill.api.models import API_VERSION, GROUP, VERSION, DistillationJob
 from kubedistill.builders import gateway as gw
 from kubedistill.domain.actions import Promote
@@ -210,3 +212,37 @@ def test_canary_promotion_sets_the_canary_and_keeps_the_primary(
     asyncio.run(promote("fresh"))  # no alias yet: the student becomes its primary (no canary without one)
     fresh = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", "fresh")["spec"]
     assert fresh["target"]["distillationJob"] == "v2" and "canary" not in fresh
+
+
+def test_rollback_restores_the_previous_serving_state_canary_included(
+    control_plane: Path, k8s_api: client.ApiClient, namespace: str
+) -> None:
+    custom = client.CustomObjectsApi(k8s_api)
+    teacher = {"provider": {"model": "openai/gpt-4o"}}
+    student = {"ggufURI": "s3://models/v2.gguf"}
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "modelaliases", _alias("smart", {"target": teacher})
+    )
+
+    def step(patch: dict[str, Any]) -> dict[str, Any]:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "modelaliases", "smart", patch)
+        reconcile(control_plane, Settings(), namespace, "smart")
+        found: dict[str, Any] = custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "modelaliases", "smart"
+        )
+        return found
+
+    step({})  # the first resolution records the state it starts from
+    step({"spec": {"canary": {**student, "weight": 20}}})  # a canary rollout: the primary stays
+    promoted = step({"spec": {"target": student, "canary": None}})  # then the student takes every request
+    assert promoted["status"]["history"][0]["target"] == teacher
+    assert promoted["status"]["history"][0]["canary"] == {**student, "weight": 20}
+    assert promoted["status"]["history"][1] == {"target": teacher, "replacedAt": ANY}
+
+    with Distiller(namespace=namespace, kubeconfig=control_plane) as d:
+        view = d.rollback_alias("smart")
+        assert view["target"] == teacher and view["canary"] == {**student, "weight": 20}
+        # The rollback is a change like any other: rolling back again returns to the promoted state.
+        step({})
+        again = d.rollback_alias("smart")
+        assert again["target"] == student and again["canary"] is None

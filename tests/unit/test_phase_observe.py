@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
-from kubedistill.api.alias import AliasTarget, ModelAlias, ModelAliasStatus
+from kubedistill.api.alias import AliasHistoryEntry, AliasTarget, CanaryTarget, ModelAlias, ModelAliasStatus
 from kubedistill.api.models import DistillationJob, Phase, Stage
 from kubedistill.api.stage import StageResult
 from kubedistill.domain import conditions as cond
-from kubedistill.domain.alias import promoted_job, remember, resolve
+from kubedistill.domain.alias import (
+    promoted_job,
+    recorded_state,
+    remember,
+    resolve,
+    serving_state,
+    state_annotation,
+)
 from kubedistill.k8s.observe import summarise_job, summarise_pod
 
 NOW = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
@@ -148,11 +156,27 @@ def test_alias_explicit_target_and_history() -> None:
     assert status.gguf_uri == "file:///m.gguf" and cond.is_true(status.conditions, cond.READY)
     history = ModelAliasStatus()
     for i in range(12):
-        history = remember(history, AliasTarget(gguf_uri=f"file:///{i}.gguf"), NOW)
+        history = remember(history, AliasHistoryEntry(target=AliasTarget(gguf_uri=f"file:///{i}.gguf")), NOW)
     assert len(history.history) == 10
     assert history.history[0].target.gguf_uri == "file:///11.gguf"
-    again = remember(history, AliasTarget(gguf_uri="file:///11.gguf"), NOW)
+    again = remember(history, AliasHistoryEntry(target=AliasTarget(gguf_uri="file:///11.gguf")), NOW)
     assert again.history == history.history  # a retried resolution does not record the same change twice
+    canary = CanaryTarget(gguf_uri="file:///c.gguf", weight=10)
+    beside = remember(
+        history, AliasHistoryEntry(target=AliasTarget(gguf_uri="file:///11.gguf"), canary=canary), NOW
+    )
+    assert beside.history[0].canary == canary  # the same target with a canary is another serving state
+
+
+def test_the_recorded_serving_state_reads_both_annotation_formats() -> None:
+    target, canary = AliasTarget(gguf_uri="file:///m.gguf"), CanaryTarget(gguf_uri="file:///c.gguf", weight=5)
+    state = AliasHistoryEntry(target=target, canary=canary)
+    assert recorded_state(state_annotation(state), state) == state
+    alone = AliasHistoryEntry(target=target)
+    assert recorded_state(state_annotation(alone), state) == alone
+    # An operator before canaries recorded the bare target; its canary is taken as unchanged.
+    assert recorded_state(json.dumps(target.to_k8s()), state) == state
+    assert serving_state(make_alias(ggufURI="file:///m.gguf").spec) == alone
 
 
 def test_child_events_wake_the_owner_only_on_meaningful_changes() -> None:

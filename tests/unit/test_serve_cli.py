@@ -7,7 +7,7 @@ import pytest
 from kubedistill.cli.alias import alias_table
 from kubedistill.errors import DistillerError
 from kubedistill.sdk.chat import chat
-from kubedistill.sdk.mapping import alias_target, alias_view
+from kubedistill.sdk.mapping import alias_target, alias_view, rollback_patch
 from kubedistill_testing.fake_teacher import FakeTeacher
 
 
@@ -58,6 +58,14 @@ def test_provider_targets_and_the_served_view() -> None:
                     {"type": "Ready", "status": "True", "reason": "Serving", "message": "ok"},
                     {"type": "Progressing", "status": "False", "reason": "Complete", "message": "done"},
                 ],
+                "history": [
+                    {
+                        "target": {"ggufURI": "s3://a"},
+                        "canary": {"ggufURI": "s3://b", "weight": 5},
+                        "replacedAt": "2026-12-03T10:00:00Z",
+                    },
+                    {"target": {"ggufURI": "s3://a"}, "replacedAt": "2026-12-02T10:00:00Z"},
+                ],
             },
         }
     )
@@ -66,3 +74,27 @@ def test_provider_targets_and_the_served_view() -> None:
     rows = {str(r[0]): str(r[1]) for r in zip(*(c._cells for c in alias_table(view).columns), strict=True)}
     assert rows["served"] == "primary 80% → ns/smart-a (1 ready); canary 20% → ns/smart-b (2 ready)"
     assert rows["endpoint"].endswith("model=smart") and rows["progressing"] == "False Complete: done"
+    assert rows["history"] == (
+        '{"ggufURI": "s3://a"} + canary {"ggufURI": "s3://b", "weight": 5}; {"ggufURI": "s3://a"}'
+    )
+    assert view["history"][1] == {
+        "target": {"ggufURI": "s3://a"},
+        "canary": None,
+        "replaced_at": "2026-12-02T10:00:00Z",
+    }
+
+
+def test_a_rollback_patch_restores_the_target_and_the_canary_or_removes_it() -> None:
+    spec = {
+        "target": {"distillationJob": "v3", "quantization": "q8_0"},
+        "canary": {"ggufURI": "s3://c", "weight": 9},
+    }
+    with_canary = {"target": {"ggufURI": "s3://a"}, "canary": {"distillationJob": "v2", "weight": 20}}
+    assert rollback_patch(spec, with_canary) == {
+        "spec": {
+            # Merge-patch nulls remove what the restored target and canary lack.
+            "target": {"distillationJob": None, "quantization": None, "ggufURI": "s3://a"},
+            "canary": {"ggufURI": None, "weight": 20, "distillationJob": "v2"},
+        }
+    }
+    assert rollback_patch(spec, {"target": {"ggufURI": "s3://a"}})["spec"]["canary"] is None

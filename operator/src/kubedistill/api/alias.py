@@ -130,6 +130,7 @@ class ServedTarget(StatusModel):
 
 class AliasHistoryEntry(StatusModel):
     target: AliasTarget = Field(description="A previous target.")
+    canary: CanaryTarget | None = Field(default=None, description="The canary served beside it, if any.")
     replaced_at: str | None = Field(default=None, description="When it was replaced (RFC 3339).")
 
 
@@ -144,7 +145,11 @@ class ModelAliasStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list, max_length=16, description="Ready (routed and served), Progressing (a swap)."
     )
-    history: list[AliasHistoryEntry] = Field(default_factory=list, max_length=10, description="Last targets.")
+    history: list[AliasHistoryEntry] = Field(
+        default_factory=list,
+        max_length=10,
+        description="Previous serving states (target and canary), newest first: what `alias rollback` restores.",
+    )
     observed_generation: int | None = Field(default=None, ge=0, description="Last generation resolved.")
 
 

@@ -28,6 +28,13 @@ alias_app = typer.Typer(help="ModelAliases: what model=<alias> resolves to.", no
 app.add_typer(alias_app, name="alias")
 
 
+def _history_entry(state: Mapping[str, Any]) -> str:
+    """A serving state (a history entry, or the alias now) as one line: the target, and the canary if any."""
+    text = json.dumps(state["target"])
+    canary = state.get("canary")
+    return f"{text} + canary {json.dumps(canary)}" if canary else text
+
+
 def _served(view: Mapping[str, Any]) -> str:
     return "; ".join(
         f"{s['role']} {s['weight']}% → {s['deployment_id']} ({s['ready_replicas']} ready)"
@@ -52,7 +59,7 @@ def alias_table(view: Mapping[str, Any]) -> Table:
         ["model", view["model"] or ""],
         ["ready", f"{view['ready']} {view['message'] or ''}".strip()],
         ["progressing", f"{view.get('progressing', False)} {progress}".strip()],
-        ["history", "; ".join(json.dumps(h) for h in view["history"])],
+        ["history", "; ".join(_history_entry(h) for h in view["history"])],
     ]
     return table(["", ""], rows)
 
@@ -113,10 +120,10 @@ def alias_get(opts: ClusterOptions, name: str, output: Output = "table") -> None
 
 @cluster_command(alias_app, "rollback")
 def alias_rollback(opts: ClusterOptions, name: str) -> None:
-    """Point the alias back at its previous target."""
+    """Restore the alias's previous serving state: its target, and its canary or none."""
     with errors():
         view = opts.client().rollback_alias(name)
-    console.print(f"modelalias/{name} rolled back to {json.dumps(view['target'])}")
+    console.print(f"modelalias/{name} rolled back to {_history_entry(view)}")
 
 
 @cluster_command(app, "chat")

@@ -1,4 +1,4 @@
-"""ModelAlias, pure: resolve a target into concrete URIs, and keep the replaced targets for rollback."""
+"""ModelAlias, pure: resolve a target into concrete URIs, and keep the replaced serving states for rollback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import json
 from datetime import datetime
 from typing import Any
 
-from kubedistill.api.alias import AliasHistoryEntry, AliasTarget, ModelAlias, ModelAliasStatus
+from kubedistill.api.alias import (
+    AliasHistoryEntry,
+    AliasTarget,
+    CanaryTarget,
+    ModelAlias,
+    ModelAliasSpec,
+    ModelAliasStatus,
+)
 from kubedistill.api.models import GROUP, DistillationJob, Phase
 from kubedistill.domain import conditions as cond
 from kubedistill.domain.conditions import Reason, rfc3339
@@ -60,16 +67,39 @@ def resolve(alias: ModelAlias, job: DistillationJob | None, now: datetime) -> Mo
     return status
 
 
-def remember(status: ModelAliasStatus, previous: AliasTarget, now: datetime) -> ModelAliasStatus:
-    """Put the replaced target first in history (newest first, at most 10), once."""
-    if status.history and status.history[0].target == previous:
+def serving_state(spec: ModelAliasSpec) -> AliasHistoryEntry:
+    """What a rollback restores: the primary target and the canary beside it (fallback and server settings
+    are not versions of the model, and stay)."""
+    return AliasHistoryEntry(target=spec.target, canary=spec.canary)
+
+
+def state_annotation(state: AliasHistoryEntry) -> str:
+    data = {"target": state.target.to_k8s(), **({"canary": state.canary.to_k8s()} if state.canary else {})}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def recorded_state(annotation: str, current: AliasHistoryEntry) -> AliasHistoryEntry:
+    """The state an annotation recorded. Operators before canaries recorded the bare target: its canary
+    is taken as unchanged, since nothing says otherwise."""
+    data = json.loads(annotation)
+    if "target" not in data:
+        return AliasHistoryEntry(target=AliasTarget.model_validate(data), canary=current.canary)
+    canary = data.get("canary")
+    return AliasHistoryEntry(
+        target=AliasTarget.model_validate(data["target"]),
+        canary=CanaryTarget.model_validate(canary) if canary else None,
+    )
+
+
+def remember(status: ModelAliasStatus, previous: AliasHistoryEntry, now: datetime) -> ModelAliasStatus:
+    """Put the replaced serving state first in history (newest first, at most 10), once."""
+    if status.history and (status.history[0].target, status.history[0].canary) == (
+        previous.target,
+        previous.canary,
+    ):
         return status
-    entry = AliasHistoryEntry(target=previous, replaced_at=rfc3339(now))
+    entry = previous.model_copy(update={"replaced_at": rfc3339(now)})
     return status.model_copy(update={"history": [entry, *status.history][:MAX_HISTORY]})
-
-
-def target_annotation(target: AliasTarget) -> str:
-    return json.dumps(target.to_k8s(), sort_keys=True, separators=(",", ":"))
 
 
 def promoted_job(alias_spec: dict[str, Any], as_canary: bool) -> str | None:

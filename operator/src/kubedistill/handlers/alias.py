@@ -11,7 +11,14 @@ from kubedistill.api.alias import AliasTarget, Endpoint, ModelAlias, ModelAliasS
 from kubedistill.api.models import DistillationJob
 from kubedistill.builders.gateway import gateway_url
 from kubedistill.domain import conditions as cond
-from kubedistill.domain.alias import RESOLVED_TARGET_ANNOTATION, remember, resolve, target_annotation
+from kubedistill.domain.alias import (
+    RESOLVED_TARGET_ANNOTATION,
+    recorded_state,
+    remember,
+    resolve,
+    serving_state,
+    state_annotation,
+)
 from kubedistill.domain.serving import (
     PROGRESSING,
     Provider,
@@ -44,9 +51,10 @@ async def _job(kube: Kube, namespace: str, target: AliasTarget) -> DistillationJ
 async def reconcile_alias(
     kube: Kube, body: dict[str, Any], now: datetime, settings: Settings, gateway: Gateway | None = None
 ) -> ModelAliasStatus:
-    """Resolve the target; when it changed since the last resolution, remember the previous one.
+    """Resolve the target; when the serving state (target, canary) changed since the last resolution,
+    remember the previous one.
 
-    The last resolved target is kept in an annotation, so a change is noticed even if the operator
+    The last resolved state is kept in an annotation, so a change is noticed even if the operator
     was down when it happened (a diff of watch events would miss it). A target outside the namespace's
     storage scope is refused before anything is read, and whatever already serves keeps serving.
     """
@@ -58,10 +66,13 @@ async def reconcile_alias(
         return await _refuse(kube, alias, summary(violations), now)
     status = resolve(alias, await _job(kube, namespace, alias.spec.target), now)
     annotations = (body.get("metadata") or {}).get("annotations") or {}
-    current = target_annotation(alias.spec.target)
+    state = serving_state(alias.spec)
+    current = state_annotation(state)
     recorded = annotations.get(RESOLVED_TARGET_ANNOTATION)
     if recorded is not None and recorded != current:
-        status = remember(status, AliasTarget.model_validate_json(recorded), now)
+        previous = recorded_state(recorded, state)
+        if previous != state:  # else only the annotation's format changed
+            status = remember(status, previous, now)
     plan = None
     if gateway is not None and gateway.settings.gateway_enabled:
         plan = await _plan(kube, alias, gateway)

@@ -28,6 +28,7 @@ from kubedistill.sdk.mapping import (
     dataset_spec,
     job_body,
     job_id,
+    rollback_patch,
     summary,
 )
 from kubedistill.sdk.offline import Dicts
@@ -421,17 +422,16 @@ class Distiller:
         return alias_view(obj)
 
     def rollback_alias(self, id: str) -> dict[str, Any]:
-        """Point the alias back at its previous target (the newest entry of status.history)."""
+        """Restore the alias's previous serving state (the newest entry of status.history): its target, and
+        its canary or none."""
         with _translated():
             obj = self._objects.get_namespaced_custom_object(GROUP, VERSION, self.namespace, ALIASES, id)
         history = (obj.get("status") or {}).get("history") or []
         if not history:
             raise NotFound(f"ModelAlias {id} has no previous target to roll back to")
-        # A merge patch: null removes the current target's keys that the previous one lacks.
-        target = {**dict.fromkeys(obj["spec"]["target"]), **history[0]["target"]}
         with _translated():
             patched = self._objects.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, ALIASES, id, {"spec": {"target": target}}
+                GROUP, VERSION, self.namespace, ALIASES, id, rollback_patch(obj["spec"], history[0])
             )
         return alias_view(patched)
 

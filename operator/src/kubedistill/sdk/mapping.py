@@ -316,5 +316,24 @@ def alias_view(obj: Mapping[str, Any]) -> dict[str, Any]:
             }
             for s in status.get("served") or []
         ],
-        "history": [h.get("target") for h in status.get("history") or []],
+        "history": [
+            {"target": h.get("target"), "canary": h.get("canary"), "replaced_at": h.get("replacedAt")}
+            for h in status.get("history") or []
+        ],
+    }
+
+
+def _replacing(current: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch's value that turns `current` into `wanted`: null removes the keys `wanted` lacks."""
+    return {**dict.fromkeys(current or {}), **wanted}
+
+
+def rollback_patch(spec: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch that restores a history entry's serving state: its target, and its canary or none."""
+    canary = entry.get("canary")
+    return {
+        "spec": {
+            "target": _replacing(spec.get("target"), entry["target"]),
+            "canary": _replacing(spec.get("canary"), canary) if canary else None,
+        }
     }
