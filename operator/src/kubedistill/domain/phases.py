@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from kubedistill.api.models import (
@@ -31,6 +30,14 @@ from kubedistill.domain import queueing
 from kubedistill.domain.actions import CreateJob, Decision, DeleteJobs, Promote
 from kubedistill.domain.conditions import Reason, parse_time, rfc3339
 from kubedistill.domain.events import transition_events
+from kubedistill.domain.gates import (
+    BLOCKED_REQUEUE_S,
+    Pass,
+    budget_gate,
+    seconds_to_deadline,
+    secrets_gate,
+    suspension,
+)
 from kubedistill.domain.naming import child_job_name
 from kubedistill.domain.observation import (
     BENIGN_WAITING,
@@ -43,10 +50,6 @@ from kubedistill.domain.progress import overall_progress
 from kubedistill.domain.results import failure_message, merge_artifacts, merge_metrics
 from kubedistill.domain.scaling import settings_problem, stage_completions
 from kubedistill.settings import Settings
-
-# Secrets and unscheduled pods change without an event the operator watches: look again this often.
-BLOCKED_REQUEUE_S = 15.0
-
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -73,36 +76,12 @@ def _earliest(times: Sequence[datetime | None]) -> datetime | None:
 # ----------------------------------------------------------------------------------------- decide
 
 
-@dataclass
-class _Ctx:
-    job: DistillationJob
-    observed: Observed
-    now: datetime
-    settings: Settings
-    decision: Decision
-    generation: int | None
-
-    @property
-    def status(self) -> DistillationJobStatus:
-        return self.decision.status
-
-    def set(self, type_: str, status: cond.Status, reason: str, message: str) -> None:
-        self.status.conditions = cond.set_condition(
-            self.status.conditions, type_, status, reason, message, now=self.now, generation=self.generation
-        )
-
-    def clear(self, type_: str, reason: str, message: str) -> None:
-        self.status.conditions = cond.clear_condition(
-            self.status.conditions, type_, reason, message, now=self.now, generation=self.generation
-        )
-
-
 def decide(job: DistillationJob, observed: Observed, now: datetime, settings: Settings) -> Decision:
     """The next actions and the status to report; `settings` gives retry backoff and poll interval."""
     previous = job.status or DistillationJobStatus()
     status = previous.model_copy(deep=True)
     status.observed_generation = job.metadata.generation
-    ctx = _Ctx(
+    ctx = Pass(
         job=job,
         observed=observed,
         now=now,
@@ -118,7 +97,7 @@ def decide(job: DistillationJob, observed: Observed, now: datetime, settings: Se
     return ctx.decision
 
 
-def _finished(ctx: _Ctx) -> None:
+def _finished(ctx: Pass) -> None:
     """A finished job only stops leftovers and honours ttlSecondsAfterFinished."""
     status = ctx.status
     status.phase = Phase.SUCCEEDED if cond.is_true(status.conditions, cond.COMPLETE) else Phase.FAILED
@@ -136,7 +115,7 @@ def _finished(ctx: _Ctx) -> None:
         ctx.decision.requeue(remaining)
 
 
-def _reconcile(ctx: _Ctx) -> None:
+def _reconcile(ctx: Pass) -> None:
     job, status, observed = ctx.job, ctx.status, ctx.observed
     spec = job.spec
     grouped = _by_stage(observed.children)
@@ -147,8 +126,8 @@ def _reconcile(ctx: _Ctx) -> None:
     if problem is not None:
         _fail(ctx, stages, grouped, "InvalidSpec", problem)
         return
-    may_start = _secrets_gate(ctx)
-    deadline_left = _deadline_left(ctx)
+    may_start = secrets_gate(ctx)
+    deadline_left = seconds_to_deadline(ctx)
     if deadline_left is not None and deadline_left <= 0:
         _fail(
             ctx,
@@ -161,7 +140,7 @@ def _reconcile(ctx: _Ctx) -> None:
     if deadline_left is not None:
         ctx.decision.requeue(deadline_left)
 
-    suspended = _suspension(ctx, grouped)
+    suspended = suspension(ctx, grouped)
     may_start = may_start and not suspended
 
     skipped = skipped_stages(spec)
@@ -176,7 +155,7 @@ def _reconcile(ctx: _Ctx) -> None:
             continue
         if stage != Stage.ESTIMATE and not budget_checked:
             # Reached only with the estimate in hand: every later stage is gated on it.
-            may_start = _budget_gate(ctx) and may_start
+            may_start = budget_gate(ctx) and may_start
             budget_checked = True
         if stage in skipped:
             entry.state, entry.message = StageState.SKIPPED, skipped[stage]
@@ -216,7 +195,7 @@ def _start_time(children: Sequence[ChildJob]) -> str | None:
     return rfc3339(first) if first is not None else None
 
 
-def _take_estimate(ctx: _Ctx, winner: ChildJob) -> bool:
+def _take_estimate(ctx: Pass, winner: ChildJob) -> bool:
     """status.estimate from the estimate stage's result; False when it reported none."""
     if winner.result is None or winner.result.estimate is None:
         return False
@@ -224,79 +203,7 @@ def _take_estimate(ctx: _Ctx, winner: ChildJob) -> bool:
     return True
 
 
-def _secrets_gate(ctx: _Ctx) -> bool:
-    """Whether a stage Job may start as far as the Secrets it references go (names only)."""
-    missing = ctx.observed.missing_secrets
-    if missing:
-        message = "; ".join(missing)
-        ctx.set(cond.SECRET_MISSING, "True", Reason.SECRET_NOT_FOUND, message)
-        ctx.set(cond.READY, "False", Reason.SECRET_NOT_FOUND, message)
-        ctx.decision.requeue(BLOCKED_REQUEUE_S)
-        return False
-    ctx.clear(cond.SECRET_MISSING, Reason.SECRETS_FOUND, "all referenced Secrets exist")
-    return True
-
-
-def _budget_gate(ctx: _Ctx) -> bool:
-    """Whether the estimated teacher cost lets the stages after the estimate start."""
-    status, spec = ctx.status, ctx.job.spec
-    assert status.estimate is not None
-    cost = status.estimate.teacher_cost_usd
-    budget = spec.budget.max_teacher_cost_usd
-    fits = budget is None or cost <= budget
-    status.estimate = status.estimate.model_copy(update={"fits_budget": fits})
-    if budget is None:
-        ctx.clear(cond.BUDGET_EXCEEDED, Reason.WITHIN_BUDGET, "no budget set")
-        return True
-    if fits:
-        ctx.set(
-            cond.BUDGET_EXCEEDED,
-            "False",
-            Reason.WITHIN_BUDGET,
-            f"estimated {_usd(cost)} ≤ budget {_usd(budget)}",
-        )
-        return True
-    message = (
-        f"estimated teacher cost {_usd(cost)} exceeds budget.maxTeacherCostUSD {_usd(budget)}; "
-        "no stage starts until the budget is raised"
-    )
-    ctx.set(cond.BUDGET_EXCEEDED, "True", Reason.BUDGET_EXCEEDED, message)
-    ctx.set(cond.READY, "False", Reason.BUDGET_EXCEEDED, message)
-    return False
-
-
-def _usd(amount: float) -> str:
-    """Cents for real money, significant digits for tiny test budgets ($0.0003, not $0.00)."""
-    return (
-        f"${amount:,.2f}" if amount >= 0.01 or amount == 0 else "$" + f"{amount:.6f}".rstrip("0").rstrip(".")
-    )
-
-
-def _deadline_left(ctx: _Ctx) -> float | None:
-    limit = ctx.job.spec.active_deadline_seconds
-    started = parse_time(ctx.status.start_time)
-    if limit is None or started is None:
-        return None
-    return (started + timedelta(seconds=limit) - ctx.now).total_seconds()
-
-
-def _suspension(ctx: _Ctx, grouped: dict[Stage, list[ChildJob]]) -> bool:
-    active = [c for kids in grouped.values() for c in kids if not c.finished]
-    if ctx.job.spec.suspend:
-        for child in active:
-            ctx.decision.actions += queueing.stop_actions(child)
-        ctx.set(
-            cond.SUSPENDED, "True", Reason.SUSPENDED, "spec.suspend is true: the running stage is stopped"
-        )
-        ctx.set(cond.READY, "False", Reason.SUSPENDED, "suspended")
-        return True
-    for child in active:
-        ctx.decision.actions += queueing.resume_actions(child)
-    ctx.clear(cond.SUSPENDED, Reason.RESUMED, "spec.suspend is false")
-    return False
-
-
-def _stage_succeeded(ctx: _Ctx, entry: StageStatus, winner: ChildJob, kids: Sequence[ChildJob]) -> None:
+def _stage_succeeded(ctx: Pass, entry: StageStatus, winner: ChildJob, kids: Sequence[ChildJob]) -> None:
     status = ctx.status
     entry.state = StageState.SUCCEEDED
     entry.job_name = winner.name
@@ -316,7 +223,7 @@ def _rfc(moment: datetime | None) -> str | None:
 
 
 def _advance_stage(
-    ctx: _Ctx, entry: StageStatus, kids: Sequence[ChildJob], may_start: bool, deadline_left: float | None
+    ctx: Pass, entry: StageStatus, kids: Sequence[ChildJob], may_start: bool, deadline_left: float | None
 ) -> str | None:
     """Drive one unfinished stage; returns the failure message when its retries are spent."""
     latest = kids[-1] if kids else None
@@ -359,7 +266,7 @@ def _advance_stage(
     return None
 
 
-def _start(ctx: _Ctx, entry: StageStatus, attempt: int, deadline_left: float | None) -> None:
+def _start(ctx: Pass, entry: StageStatus, attempt: int, deadline_left: float | None) -> None:
     deadline = (
         max(1, math.ceil(deadline_left))
         if deadline_left is not None
@@ -378,7 +285,7 @@ def _start(ctx: _Ctx, entry: StageStatus, attempt: int, deadline_left: float | N
     ctx.decision.requeue(ctx.settings.progress_interval_s)
 
 
-def _observe_running(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> None:
+def _observe_running(ctx: Pass, entry: StageStatus, child: ChildJob) -> None:
     pod = child.pod
     if child.queue is not None and _queued(ctx, entry, child):
         return
@@ -403,7 +310,7 @@ def _observe_running(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> None:
     ctx.set(cond.READY, "True", Reason.RUNNING, f"{entry.name.value} attempt {child.attempt} running")
 
 
-def _queued(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> bool:
+def _queued(ctx: Pass, entry: StageStatus, child: ChildJob) -> bool:
     """Report whether Kueue holds this stage's Job; the phase stays at the stage meanwhile."""
     held = queueing.held(child)
     if held is None:
@@ -422,7 +329,7 @@ def _queued(ctx: _Ctx, entry: StageStatus, child: ChildJob) -> bool:
 
 
 def _fail(
-    ctx: _Ctx,
+    ctx: Pass,
     stages: dict[Stage, StageStatus],
     grouped: dict[Stage, list[ChildJob]],
     reason: str,
@@ -442,7 +349,7 @@ def _fail(
         ctx.decision.requeue(float(ttl))
 
 
-def _complete(ctx: _Ctx) -> None:
+def _complete(ctx: Pass) -> None:
     status, spec = ctx.status, ctx.job.spec
     alias = spec.promotion.alias
     if alias is not None and not cond.is_true(status.conditions, cond.PROMOTION_SKIPPED):
@@ -480,7 +387,7 @@ def _complete(ctx: _Ctx) -> None:
         ctx.decision.requeue(float(ttl))
 
 
-def _progress(ctx: _Ctx, stages: dict[Stage, StageStatus], current: Stage | None) -> None:
+def _progress(ctx: Pass, stages: dict[Stage, StageStatus], current: Stage | None) -> None:
     ctx.status.progress = overall_progress(
         stages, current, ctx.status.phase, ctx.status.progress, ctx.observed.progress
     )
