@@ -275,7 +275,9 @@ def test_retries_exhausted_fail_with_the_pods_message(
 def test_operator_killed_mid_stage_restarts_without_duplicates(
     operator: Operator, custom: client.CustomObjectsApi, batch: client.BatchV1Api
 ) -> None:
-    operator.start(KUBEDISTILL_FAKE_SLEEP="train:6")
+    # The train stage works until the test lets it finish: a slow restart cannot miss it running.
+    release = operator.workdir / "release-train"
+    operator.start(KUBEDISTILL_FAKE_HOLD=f"train:{release}")
     create_job(custom, operator.namespace, "restart")
     wait_until(
         lambda: running_stage(get_job(custom, operator.namespace, "restart")) == "train", "train to run"
@@ -294,6 +296,7 @@ def test_operator_killed_mid_stage_restarts_without_duplicates(
     # The restarted operator picks the running stage's progress.json up (generate + curate = 50%).
     progress = wait_until(train_progress, "train progress in the status")
     assert 50.0 <= progress["percent"] <= 85.0
+    release.touch()
     done = wait_phase(custom, operator, "restart", {"Succeeded", "Failed"})
     assert done["status"]["phase"] == "Succeeded"
     assert child_jobs(batch, operator.namespace, "restart") == sorted(
