@@ -140,6 +140,9 @@ def tenancy(k8s_api: client.ApiClient) -> Iterator[Tenancy]:
     for doc in policy:
         if doc["kind"] != "ConfigMap":
             _delete(running.dyn, doc)
+    # The policy is cluster-wide and its default binding refuses every namespace without a scope: the
+    # tests after this module share the API server, so wait until it has stopped enforcing it.
+    _wait_enforced(running, False)
     for name in labels:
         core.delete_namespace(name)
 

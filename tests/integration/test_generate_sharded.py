@@ -22,13 +22,14 @@ from kubedistill.domain.parts import merge_results
 from kubedistill_testing.fake_teacher import FakeTeacher
 
 SHARDS = 3
-PROMPTS = [f"sharded question {i}" for i in range(90)]
+# Enough that a pod cannot answer all of its ~80 before its first shard (1 s) is seen and it is killed.
+PROMPTS = [f"sharded question {i}" for i in range(240)]
 
 
 @pytest.fixture
 def teacher(tmp_path: Path) -> Iterator[tuple[FakeTeacher, dict[str, str]]]:
     with FakeTeacher(
-        api_key=KEY, latency=0.03, fail_rate=0.2, failures=("429", "500", "timeout"), hang_seconds=2.0
+        api_key=KEY, latency=0.05, fail_rate=0.2, failures=("429", "500", "timeout"), hang_seconds=2.0
     ) as fake:
         catalog = priced_catalog(tmp_path / "catalog", fake.base_url)
         yield fake, {"KUBEDISTILL_CATALOG_DIR": str(catalog), "KUBEDISTILL_TEACHER_API_KEY": KEY}

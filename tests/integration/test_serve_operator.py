@@ -18,19 +18,17 @@ from kubedistill.api.models import API_VERSION, GROUP, VERSION
 from kubedistill.builders import gateway as gw
 from kubedistill.settings import GATEWAY_NAME
 from kubedistill_testing.operator_process import OperatorProcess
+from serve_support import serve_operator
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture
 def operator(control_plane: Path, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
-    gateway = {
-        "KUBEDISTILL_GATEWAY_ENABLED": "true",
-        "KUBEDISTILL_GATEWAY_NAMESPACE": namespace,
-        "KUBEDISTILL_ARTIFACT_ROOT": tmp_path.as_uri(),
-    }
-    running = OperatorProcess(control_plane, namespace, tmp_path, gateway).start()
-    yield running
+    running = serve_operator(
+        control_plane, namespace, tmp_path, {"KUBEDISTILL_ARTIFACT_ROOT": tmp_path.as_uri()}
+    )
+    yield running.start()
     running.stop()
 
 

@@ -51,10 +51,12 @@ def test_config_maps_and_read_only_mounts_are_bound_read_only() -> None:
 
 def test_a_process_starts_in_its_working_dir_in_a_volume_else_in_the_images_root(tmp_path: Path) -> None:
     pod_dir, image_root = tmp_path / "pod", tmp_path / "pod" / "rootfs" / "main"
-    mounts = {"/tmp": pod_dir / "volumes" / "tmp"}
-    assert working_dir("/tmp/work", mounts, pod_dir, image_root) == str(pod_dir / "volumes" / "tmp" / "work")
-    assert (pod_dir / "volumes" / "tmp" / "work").is_dir()  # made, as a runtime makes it
-    here = str(Path(__file__).parent)  # a directory of this machine's, under no mount
+    # Not /tmp: the checkout (and tmp_path) may well be under /tmp on the machine running this.
+    mounts = {"/scratch": pod_dir / "volumes" / "scratch"}
+    volume_work = pod_dir / "volumes" / "scratch" / "work"
+    assert working_dir("/scratch/work", mounts, pod_dir, image_root) == str(volume_work)
+    assert volume_work.is_dir()  # made, as a runtime makes it
+    here = str(tmp_path)  # a directory of this machine's, under no mount
     assert working_dir(here, mounts, pod_dir, image_root) == here
     assert working_dir("/no/such/dir", mounts, pod_dir, image_root) == str(image_root)
     assert working_dir(None, mounts, pod_dir, image_root) == str(image_root)
