@@ -9,7 +9,7 @@ PY="${PYTHON:-python3}"
 stamp=.venv/.bootstrap-$(cat pyproject.toml tests/harness/pyproject.toml scripts/bootstrap.sh scripts/litellm-requirements.txt | sha256sum | cut -c1-16)
 [ -f "$stamp" ] && exit 0
 
-# Each step says what it does and how long it took, so a cold start (~20 min) never looks hung.
+# Each step says what it does and how long it took, so a cold start (~15 min) never looks hung.
 step_start=0
 step() { step_start=$SECONDS; echo "bootstrap: $*…"; }
 done_step() { echo "bootstrap:   done in $((SECONDS - step_start)) s"; }
@@ -39,7 +39,7 @@ if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
   rm -rf "$conv" && mv "$tmp"/llama_cpp_python-"$LLAMA_VERSION"/vendor/llama.cpp "$conv"
   rm -rf "$tmp"
 fi
-step "llama.cpp $LLAMA_VERSION: llama-server and the libraries llama-cpp-python loads (once per machine, ~13 min on 2 idle cores)"
+step "llama.cpp $LLAMA_VERSION: llama-server and the libraries llama-cpp-python loads (once per machine, ~10 min on 2 idle cores)"
 wheel=$(KUBEDISTILL_CACHE="$CACHE" PYTHONPATH=tests/harness .venv/bin/python -m kubedistill_testing.servers wheel --sdist "$sdist")
 done_step
 

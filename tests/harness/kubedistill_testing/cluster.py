@@ -184,7 +184,7 @@ def build(module_dir: Path | None = None) -> Path:
         partial.mkdir(exist_ok=True)
         log = target.with_name(target.name + ".build.log")
         print(
-            f"kubedistill: building the test control plane {version} (once per machine, ~20 min on 2 cores)",
+            f"kubedistill: building the test control plane {version} (once per machine, ~11 min on 2 idle cores)",
             file=sys.stderr,
         )
         env = {

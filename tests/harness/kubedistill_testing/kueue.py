@@ -74,7 +74,7 @@ def build(version: str = VERSION) -> Path:
         partial.mkdir()
         log = target.with_name(target.name + ".build.log")
         print(
-            f"kubedistill: building Kueue {version} (once per machine, ~7 min on 2 idle cores)",
+            f"kubedistill: building Kueue {version} (once per machine, ~5 min on 2 idle cores)",
             file=sys.stderr,
         )
         env = {

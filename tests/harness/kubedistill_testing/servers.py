@@ -7,8 +7,8 @@ in a directory named after what pins them, with a lock, like the control plane (
   built once with CMake from the llama.cpp source that the llama-cpp-python sdist vendors (the bootstrap
   extracts it to ``llama.cpp-<pin>``): Release, no network code (no curl, no OpenSSL, no web UI download).
   Its ``wheel/`` holds llama-cpp-python's wheel, built with its own compile of llama.cpp switched off and
-  given these libraries instead, so a cold machine compiles llama.cpp once, not twice (~13 CPU-minutes
-  saved);
+  given these libraries instead, so a cold machine compiles llama.cpp once, not twice (19–22 CPU-minutes
+  instead of about twice that);
 - ``litellm-<hash of scripts/litellm-requirements.txt>/``: a virtualenv of its own holding ``litellm[proxy]``
   with every dependency pinned, so the proxy's large dependency set never touches the product's ``.venv``.
 
@@ -128,7 +128,7 @@ def is_shared_library(name: str) -> bool:
 def build_llama_cpp(root: Path | None = None) -> Path:
     """The cached directory of llama-server and llama.cpp's shared libraries, built first if needed.
 
-    ~26 CPU-minutes; the libraries' rpaths are $ORIGIN, so the directory can be linked to from anywhere."""
+    ~20 CPU-minutes; the libraries' rpaths are $ORIGIN, so the directory can be linked to from anywhere."""
     pin = llama_cpp_pin(((root or repo_root()) / "pyproject.toml").read_text())
     target = llama_server_dir(pin)
     if (target / LLAMA_SERVER).is_file():
@@ -154,7 +154,7 @@ def build_llama_cpp(root: Path | None = None) -> Path:
         jobs = str(os.cpu_count() or 2)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         _say(
-            f"building llama.cpp {pin} (llama-server and its libraries; once per machine, ~13 min on 2 idle cores)"
+            f"building llama.cpp {pin} (llama-server and its libraries; once per machine, ~10 min on 2 idle cores)"
         )
         started = time.monotonic()
         _run_logged([cmake, "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_FLAGS], log, "cmake")
