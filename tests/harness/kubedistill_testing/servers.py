@@ -19,6 +19,7 @@ The local kubelet maps the upstream images to these (``ghcr.io/ggml-org/llama.cp
 Command line::
 
     python -m kubedistill_testing.servers wheel --sdist llama_cpp_python-<pin>.tar.gz   # prints its path
+    python -m kubedistill_testing.servers litellm                                        # prints its entry
     python -m kubedistill_testing.servers build [--link-into .venv/bin]
 """
 
@@ -316,10 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wheel", help="build (or find cached) llama.cpp and llama-cpp-python's wheel"
     )
     wheel_parser.add_argument("--sdist", type=Path, required=True, help="the llama-cpp-python sdist")
+    sub.add_parser("litellm", help="install (or find cached) the LiteLLM proxy's virtualenv")
     args = parser.parse_args(argv)
     try:
         if args.command == "wheel":
             print(llama_cpp_python_wheel(args.sdist))
+            return 0
+        if args.command == "litellm":
+            print(build_litellm())
             return 0
         binaries = {LLAMA_SERVER: build_llama_server(), LITELLM: build_litellm()}
     except ServerBuildError as err:
