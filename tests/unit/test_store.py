@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,19 @@ def test_file_writes_are_atomic_and_leave_no_temp_files(tmp_path: Path) -> None:
     uri = (tmp_path / "d" / "f.jsonl").as_uri()
     store.write_jsonl(uri, [{"a": 1}])
     assert sorted(os.listdir(tmp_path / "d")) == ["f.jsonl"]
+
+
+def test_processes_putting_the_same_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """The pods of a sharded stage write the same dataset files into one file:// store at once."""
+    source = tmp_path / "dataset.jsonl"
+    source.write_bytes(b'{"prompt": "p"}\n' * 50_000)
+    uri = (tmp_path / "store" / "dataset" / "test.jsonl").as_uri()
+
+    def put_many() -> None:
+        for _ in range(20):
+            store.put_file(source, uri)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for done in [pool.submit(put_many) for _ in range(4)]:
+            done.result()
+    assert store.read_bytes(uri) == source.read_bytes()

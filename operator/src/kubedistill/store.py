@@ -157,7 +157,9 @@ class FileBackend(Backend):
         dest = _local_path(uri)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.part")
+            # A temp name of its own: the pods of a sharded stage write the same dataset files at once.
+            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+            os.close(fd)
             shutil.copyfile(path, tmp)
             os.replace(tmp, dest)
         except OSError as exc:
