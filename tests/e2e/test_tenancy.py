@@ -27,6 +27,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 from sdk_cli_support import job_body
+from test_helm import delete
 
 from conftest import wait_for
 from kubedistill_testing import helm
@@ -139,7 +140,7 @@ def tenancy(k8s_api: client.ApiClient) -> Iterator[Tenancy]:
     store.close()
     for doc in policy:
         if doc["kind"] != "ConfigMap":
-            _delete(running.dyn, doc)
+            delete(running.dyn, doc)
     # The policy is cluster-wide and its default binding refuses every namespace without a scope: the
     # tests after this module share the API server, so wait until it has stopped enforcing it.
     _wait_enforced(running, False)
@@ -170,15 +171,6 @@ def _has_default_account(core: client.CoreV1Api, namespace: str) -> bool:
             return False
         raise
     return True
-
-
-def _delete(dyn: DynamicClient, doc: dict[str, Any]) -> None:
-    resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
-    try:
-        resource.delete(name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace"))
-    except ApiException as err:
-        if err.status != 404:
-            raise
 
 
 def _alias(name: str, **target: str) -> dict[str, Any]:
@@ -284,7 +276,7 @@ def _ready(tenancy: Tenancy, namespace: str, body: dict[str, Any]) -> dict[str, 
 def test_without_the_policy_the_operator_refuses_and_reads_nothing(tenancy: Tenancy, operator: Path) -> None:
     bindings = [d for d in tenancy.docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
     for doc in bindings:
-        _delete(tenancy.dyn, doc)
+        delete(tenancy.dyn, doc)
     _wait_enforced(tenancy, False)
     try:
         created = [(namespace, body(), field) for namespace, body, field in ESCAPES]
